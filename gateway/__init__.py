@@ -1,0 +1,1 @@
+"""loragate gateway: supervises vLLM engines, hot-loads registry adapters, routes OpenAI requests."""

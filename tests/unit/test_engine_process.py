@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.engine_process import EngineProcess, EngineSpec, EngineStartError, engine_command, engine_env
+
+
+def test_command_carries_lora_flags() -> None:
+    spec = EngineSpec(model="/m", served_model_name="tiny", port=8001, max_loras=3, max_lora_rank=32)
+    cmd = engine_command(spec)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    assert "--enable-lora --max-loras 3 --max-lora-rank 32 --max-cpu-loras 3" in joined
+    assert "--host 127.0.0.1 --port 8001" in joined
+
+
+def test_command_without_lora() -> None:
+    cmd = engine_command(EngineSpec(model="/m", served_model_name="m", port=1, enable_lora=False))
+    assert "--enable-lora" not in cmd and "--max-loras" not in cmd
+
+
+def test_runtime_updating_only_in_child_env() -> None:
+    env = engine_env(EngineSpec(model="/m", served_model_name="m", port=1), {"PATH": "/bin"})
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["PATH"] == "/bin"
+    off = engine_env(EngineSpec(model="/m", served_model_name="m", port=1, enable_lora=False), {})
+    assert off["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
+
+
+def _script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "fake-python"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_wait_ready_fails_fast_with_log_tail_when_process_exits(tmp_path: Path) -> None:
+    spec = EngineSpec(model="/m", served_model_name="m", port=1, python=_script(tmp_path, "echo boom-42; exit 3"))
+    engine = EngineProcess(spec, tmp_path / "log")
+    engine.start()
+    started = time.monotonic()
+    with pytest.raises(EngineStartError, match="exited with status 3") as info:
+        engine.wait_ready(timeout_s=60)
+    assert "boom-42" in str(info.value)
+    assert time.monotonic() - started < 30
+
+
+def test_wait_ready_deadline_stops_the_process(tmp_path: Path) -> None:
+    spec = EngineSpec(model="/m", served_model_name="m", port=1, python=_script(tmp_path, "exec sleep 600"))
+    engine = EngineProcess(spec, tmp_path / "log")
+    engine.start()
+    with pytest.raises(EngineStartError, match="not healthy after 1s"):
+        engine.wait_ready(timeout_s=1, poll_s=0.1)
+    assert not engine.running()
+
+
+def test_stop_kills_the_whole_group(tmp_path: Path) -> None:
+    from gateway.engine_process import group_alive, group_members
+
+    # The child ignores SIGTERM and leaves a grandchild behind: stop must escalate and sweep the group.
+    body = "trap '' TERM; sleep 600 & sleep 600"
+    engine = EngineProcess(
+        EngineSpec(model="/m", served_model_name="m", port=1, python=_script(tmp_path, body)),
+        tmp_path / "log",
+    )
+    engine.start()
+    time.sleep(0.3)
+    pgid = engine.pid
+    assert pgid is not None and len(group_members(pgid)) == 3  # sh and two sleeps
+    engine.stop(grace_s=0.5)
+    assert not group_alive(pgid)
