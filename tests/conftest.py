@@ -18,6 +18,9 @@ from tests.harness import make_lora_adapter, running_engine
 
 BASE_NAME = "tiny"
 
+# Shared fixtures of each area live in tests/fixtures/<area>.py; list each module here once it exists.
+pytest_plugins: list[str] = []
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:

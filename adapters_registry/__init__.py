@@ -1,0 +1,1 @@
+"""loragate adapter registry: immutable, verified adapter versions bound to their base model."""
