@@ -16,6 +16,7 @@ from pathlib import Path
 # (module, function) pairs that add subcommands to the root parser, in help order.
 SUBCOMMAND_MODULES = (
     "training.cli",
+    "training.merge_cli",
     "adapters_registry.cli",
     "gateway.cli",
     "loragate.demo",
