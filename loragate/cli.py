@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "training.merge_cli",
     "adapters_registry.cli",
     "gateway.cli",
+    "gateway.keys_cli",
     "loragate.demo",
     "loragate.dev",
 )
