@@ -391,8 +391,8 @@ class GatewayMetrics:
 
     # -- usage events ---------------------------------------------------------------------------------------------
 
-    def usage_event_dropped(self, reason: str) -> None:
-        self.usage_dropped.labels(slug(reason)).inc()
+    def usage_event_dropped(self, reason: str, count: int = 1) -> None:
+        self.usage_dropped.labels(slug(reason)).inc(count)
 
     def usage_webhook_posted(self, ok: bool) -> None:
         self.usage_posts.labels("ok" if ok else "error").inc()
