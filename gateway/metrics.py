@@ -321,6 +321,10 @@ class GatewayMetrics:
         self.usage_posts = Counter(
             "loragate_usage_webhook_posts", "Usage webhook POSTs by result.", ["result"], registry=r
         )
+        self.rate_limited_requests = Counter(
+            "loragate_rate_limited", "Requests refused by a rate limit.", ["scope", "limit"], registry=r
+        )
+        self.auth_failures = Counter("loragate_auth_failures", "Rejected credentials.", ["reason"], registry=r)
         self._state = _StateCollector(self)
         r.register(self._state)
 
@@ -388,6 +392,16 @@ class GatewayMetrics:
 
     def add_state_collector(self, source: StateSource) -> None:
         self._state.sources.append(source)
+
+    # -- auth and limits (called by gateway/auth.py) ---------------------------------------------------------------
+
+    def rate_limited(self, scope: str, limit: str) -> None:
+        with self._lock:
+            self.rate_limited_requests.labels(self._reasons(scope), self._reasons(limit)).inc()
+
+    def auth_failed(self, reason: str) -> None:
+        with self._lock:
+            self.auth_failures.labels(self._reasons(reason)).inc()
 
     # -- usage events ---------------------------------------------------------------------------------------------
 

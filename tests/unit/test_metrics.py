@@ -257,6 +257,16 @@ def test_engine_up_and_restarts(m: GatewayMetrics) -> None:
     assert value(m, "loragate_engine_restarts_total", engine="e1", reason="exited") == 2
 
 
+def test_auth_and_rate_limit_counters(m: GatewayMetrics) -> None:
+    m.rate_limited("key", "rpm")
+    m.rate_limited("key", "rpm")
+    m.rate_limited("adapter", "concurrency")
+    m.auth_failed("revoked")
+    assert value(m, "loragate_rate_limited_total", scope="key", limit="rpm") == 2
+    assert value(m, "loragate_rate_limited_total", scope="adapter", limit="concurrency") == 1
+    assert value(m, "loragate_auth_failures_total", reason="revoked") == 1
+
+
 def test_state_collector_reads_ledgers_at_scrape_time(m: GatewayMetrics) -> None:
     ledger = [ResidentAdapter("a", "1", "gpu")]
     m.observe_request(outcome(adapter="a", version="1"))
