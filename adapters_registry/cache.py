@@ -1,0 +1,85 @@
+"""Local, content-addressed copies of blobs and assembled version folders, for reading without trusting the store.
+
+`BlobCache.blob_path(hex)` returns a local file whose sha256 was checked: on a local store the blob itself, on a
+remote store a download kept under `<cache>/blobs`. `assemble(files, key)` builds a folder of named files from blobs
+(hard links when possible) in a temporary folder and renames it into place, so a folder that exists is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from adapters_registry.errors import IntegrityError, NotFoundError
+from adapters_registry.store import ObjectStore, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def blob_key(hex_digest: str) -> str:
+    return f"blobs/sha256/{hex_digest[:2]}/{hex_digest}"
+
+
+class BlobCache:
+    def __init__(self, store: ObjectStore, root: Path) -> None:
+        self.store = store
+        self.root = root
+        self._tmp = root / ".tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, hex_digest: str, *, verify: bool = True) -> Path:
+        key = blob_key(hex_digest)
+        in_place = self.store.local_path(key)
+        if in_place is not None:
+            if not in_place.is_file():
+                raise NotFoundError(f"blob sha256:{hex_digest} is missing from the store")
+            if verify and sha256_file(in_place) != hex_digest:
+                raise IntegrityError(f"blob sha256:{hex_digest} is corrupted in the store (content hash differs)")
+            return in_place
+        cached = self.root / "blobs" / hex_digest[:2] / hex_digest
+        if cached.is_file():
+            return cached  # verified before it was renamed into place
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self._tmp)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            if not self.store.get_file(key, tmp):
+                raise NotFoundError(f"blob sha256:{hex_digest} is missing from the store")
+            if (actual := sha256_file(tmp)) != hex_digest:
+                raise IntegrityError(f"blob sha256:{hex_digest} downloaded with sha256:{actual}: refusing it")
+            os.replace(tmp, cached)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return cached
+
+    def assemble(self, files: dict[str, str], folder: str) -> Path:
+        """A folder `<cache>/<folder>` holding `files` (relpath -> sha256), each verified."""
+        target = self.root / folder
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self._tmp))
+        try:
+            for rel, hex_digest in sorted(files.items()):
+                src = self.blob_path(hex_digest)
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, dest)
+                except OSError:
+                    shutil.copyfile(src, dest)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # otherwise another process assembled the same content first
+                    raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(staging)
+        log.debug("assembled %s", target)
+        return target

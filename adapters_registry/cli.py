@@ -1,0 +1,271 @@
+"""`loragate registry ...`: push, list, show, promote, rollback, rm, verify, and `base add|list|show`.
+
+The location comes from `--registry DIR|s3://bucket/prefix`, else $LORAGATE_REGISTRY, else ~/.loragate/registry.
+Every read command takes `--json`. This module imports only argparse at load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loragate.cli import CLIError
+
+if TYPE_CHECKING:
+    from adapters_registry.manifest import AdapterManifest
+    from adapters_registry.registry import Registry
+
+
+def _open(args: argparse.Namespace) -> Registry:
+    from adapters_registry.errors import RegistryError
+    from adapters_registry.registry import open_registry
+
+    try:
+        return open_registry(getattr(args, "registry", None))
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _run(args: argparse.Namespace) -> int:
+    from adapters_registry.errors import RegistryError
+
+    try:
+        code: int = args.action(_open(args), args)
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from exc
+    return code
+
+
+def _emit(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--label {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _read_contract(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: a contract is a JSON object")
+    return data
+
+
+def _describe(m: AdapterManifest) -> dict[str, Any]:
+    return {"ref": m.ref, "engine_name": m.engine_name, **m.model_dump(mode="json")}
+
+
+def _push(reg: Registry, args: argparse.Namespace) -> int:
+    manifest = reg.push(
+        Path(args.dir),
+        args.name,
+        args.base,
+        contract=_read_contract(args.contract),
+        description=args.description,
+        labels=_labels(args.label),
+        check_effect=args.check_effect,
+    )
+    if args.json:
+        _emit(_describe(manifest))
+    else:
+        note = f" (merge-only: {manifest.serving_reason})" if manifest.serving == "merge-only" else ""
+        print(f"{manifest.ref} {manifest.digest}{note}")
+    return 0
+
+
+def _list(reg: Registry, args: argparse.Namespace) -> int:
+    manifests = reg.list_adapters(args.name)
+    aliases: dict[str, dict[int, list[str]]] = {}
+    for name in sorted({m.name for m in manifests}):
+        for alias, version in reg.aliases(name).items():
+            aliases.setdefault(name, {}).setdefault(version, []).append(alias)
+    if args.json:
+        _emit([{**_describe(m), "aliases": aliases.get(m.name, {}).get(m.version, [])} for m in manifests])
+        return 0
+    rows = [
+        [
+            m.ref,
+            m.digest_hex[:12],
+            m.base,
+            str(m.r),
+            m.serving,
+            ",".join(sorted(aliases.get(m.name, {}).get(m.version, []))),
+            m.created_at,
+        ]
+        for m in manifests
+    ]
+    _table(rows, ["REF", "DIGEST", "BASE", "RANK", "SERVING", "ALIASES", "CREATED"])
+    return 0
+
+
+def _show(reg: Registry, args: argparse.Namespace) -> int:
+    manifest = reg.resolve(args.ref)
+    described = _describe(manifest)
+    described["aliases"] = sorted(a for a, v in reg.aliases(manifest.name).items() if v == manifest.version)
+    if args.json:
+        _emit(described)
+        return 0
+    for key, value in described.items():
+        if key == "files":
+            for rel, sha in value.items():
+                print(f"file: {rel} sha256:{sha}")
+        elif value not in (None, {}, []):
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    return 0
+
+
+def _aliases(reg: Registry, args: argparse.Namespace) -> int:
+    current = reg.aliases(args.name)
+    history = {a: [m.model_dump(mode="json") for m in reg.alias_history(args.name, a)] for a in current}
+    if args.json:
+        _emit({a: {"version": v, "history": history[a]} for a, v in current.items()})
+        return 0
+    for alias, version in current.items():
+        print(f"{args.name}:{alias} -> {args.name}@{version}")
+        for move in history[alias]:
+            print(f"  {move['when']} {move['action']} {move['from_version']} -> {move['to_version']} by {move['who']}")
+    return 0
+
+
+def _promote(reg: Registry, args: argparse.Namespace) -> int:
+    manifest = reg.promote(args.ref, args.alias, who=args.who)
+    print(f"{manifest.name}:{args.alias} -> {manifest.ref}")
+    return 0
+
+
+def _rollback(reg: Registry, args: argparse.Namespace) -> int:
+    manifest = reg.rollback(args.name, args.alias, who=args.who)
+    print(f"{manifest.name}:{args.alias} -> {manifest.ref}")
+    return 0
+
+
+def _rm(reg: Registry, args: argparse.Namespace) -> int:
+    print(f"removed {reg.remove(args.ref).ref}")
+    return 0
+
+
+def _verify(reg: Registry, args: argparse.Namespace) -> int:
+    problems = reg.verify(args.ref)
+    if args.json:
+        _emit({"ok": not problems, "problems": problems})
+    else:
+        for problem in problems:
+            print(problem)
+        print("ok" if not problems else f"{len(problems)} problem(s)", file=sys.stderr)
+    return 0 if not problems else 1
+
+
+def _base_add(reg: Registry, args: argparse.Namespace) -> int:
+    base = reg.add_base(Path(args.dir), args.name, copy=args.copy)
+    if args.json:
+        _emit(base.model_dump(mode="json"))
+    else:
+        print(f"{base.name} {base.fingerprint}")
+    return 0
+
+
+def _base_list(reg: Registry, args: argparse.Namespace) -> int:
+    bases = reg.list_bases()
+    if args.json:
+        _emit([b.model_dump(mode="json", exclude={"linear_shapes", "embedding_shapes"}) for b in bases])
+        return 0
+    rows = [
+        [
+            b.name,
+            b.fingerprint.removeprefix("sha256:")[:12],
+            b.architecture,
+            str(b.num_hidden_layers),
+            b.path or "(copied)",
+        ]
+        for b in bases
+    ]
+    _table(rows, ["NAME", "FINGERPRINT", "ARCHITECTURE", "LAYERS", "WEIGHTS"])
+    return 0
+
+
+def _base_show(reg: Registry, args: argparse.Namespace) -> int:
+    base = reg.get_base(args.name)
+    _emit(base.model_dump(mode="json")) if args.json else print(base.model_dump_json(indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry", default=argparse.SUPPRESS, metavar="DIR|s3://BUCKET/PREFIX", help="registry location"
+    )
+    reads = argparse.ArgumentParser(add_help=False)
+    reads.add_argument("--json", action="store_true", help="print JSON")
+
+    parser = sub.add_parser("registry", parents=[common], help="adapter registry: push, list, promote, verify")
+    cmds = parser.add_subparsers(dest="registry_command", metavar="SUBCOMMAND", required=True)
+
+    def add(name: str, action: Any, help_: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = cmds.add_parser(name, parents=[common, *parents], help=help_)
+        p.set_defaults(handler=_run, action=action)
+        return p
+
+    p = add("push", _push, "validate an adapter directory and store it as a new version", reads)
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--name", required=True)
+    p.add_argument("--base", required=True, help="registered base model name")
+    p.add_argument("--contract", metavar="FILE", help="output contract (JSON schema, regex or choice) as JSON")
+    p.add_argument("--description")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--check-effect", action="store_true", help="refuse an adapter that does not change the logits")
+
+    p = add("list", _list, "list versions", reads)
+    p.add_argument("name", nargs="?")
+    p = add("show", _show, "show one version's manifest", reads)
+    p.add_argument("ref", metavar="REF")
+    p = add("aliases", _aliases, "show an adapter's aliases and their history", reads)
+    p.add_argument("name")
+    for name, action, help_ in (("promote", _promote, "point an alias at a version"),):
+        p = add(name, action, help_)
+        p.add_argument("ref", metavar="REF")
+        p.add_argument("--alias", required=True)
+        p.add_argument("--who")
+    p = add("rollback", _rollback, "move an alias back to its previous version")
+    p.add_argument("name")
+    p.add_argument("--alias", required=True)
+    p.add_argument("--who")
+    p = add("rm", _rm, "remove a version (refused while an alias points at it)")
+    p.add_argument("ref", metavar="REF")
+    p = add("verify", _verify, "re-hash stored content and report corruption", reads)
+    p.add_argument("ref", metavar="REF", nargs="?")
+
+    base = cmds.add_parser("base", parents=[common], help="base models")
+    base_cmds = base.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)
+    p = base_cmds.add_parser("add", parents=[common, reads], help="register a base model directory")
+    p.set_defaults(handler=_run, action=_base_add)
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--name", required=True)
+    p.add_argument("--copy", action="store_true", help="copy the weights into the registry")
+    p = base_cmds.add_parser("list", parents=[common, reads], help="list base models")
+    p.set_defaults(handler=_run, action=_base_list)
+    p = base_cmds.add_parser("show", parents=[common, reads], help="show a base model")
+    p.set_defaults(handler=_run, action=_base_show)
+    p.add_argument("name")

@@ -1,0 +1,144 @@
+"""The local-directory backend: one file per key under a root directory.
+
+Every write goes to a temporary file in `<root>/.tmp` first. Plain writes then `os.replace` it; create-only writes
+`os.link` it (which fails when the target exists, so two writers cannot both win); compare-and-swap writes hold an
+exclusive `flock` on a per-key lock file in `<root>/.locks` while they compare and replace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from adapters_registry.errors import StorageError
+from adapters_registry.store import ObjectStore, check_key
+
+_PRIVATE = (".tmp", ".locks", ".cache")
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().absolute()
+        self.location = str(self.root)
+        try:
+            for sub in _PRIVATE:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.root}: cannot create the registry directory: {exc.strerror}") from exc
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"{self._path(key)}: {exc.strerror}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    @contextlib.contextmanager
+    def _staged(self, write: object) -> Iterator[Path]:
+        """A temporary file in the store (same filesystem), removed afterwards whatever happens."""
+        fd, name = tempfile.mkstemp(dir=self.root / ".tmp")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if isinstance(write, bytes):
+                    fh.write(write)
+                else:
+                    assert isinstance(write, Path)
+                    with write.open("rb") as src:
+                        shutil.copyfileobj(src, fh, 1 << 20)
+                fh.flush()
+                os.fsync(fh.fileno())
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write(self, key: str, content: bytes | Path, if_absent: bool) -> bool:
+        target = self._path(key)
+        if if_absent and target.exists():
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._staged(content) as tmp:
+            if not if_absent:
+                os.replace(tmp, target)
+                return True
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    return False
+                raise StorageError(f"{target}: {exc.strerror}") from exc
+        return True
+
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        return self._write(key, data, if_absent)
+
+    def put_file(self, key: str, path: Path, if_absent: bool = False) -> bool:
+        return self._write(key, path, if_absent)
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        try:
+            shutil.copyfile(self._path(key), dest)
+        except FileNotFoundError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        lock = self.root / ".locks" / hashlib.sha256(key.encode()).hexdigest()
+        with lock.open("a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def get_with_token(self, key: str) -> tuple[bytes, str] | None:
+        data = self.get_bytes(key)
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
+        with self._locked(key):
+            current = self.get_with_token(key)
+            if (current[1] if current else None) != token:
+                return False
+            return self._write(key, data, if_absent=False)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        directory, _, partial = prefix.rpartition("/")
+        base = self.root / directory if directory else self.root
+        if not base.is_dir():
+            return []
+        keys: list[str] = []
+        with os.scandir(base) as entries:
+            tops = [e for e in entries if e.name.startswith(partial) and not (not directory and e.name in _PRIVATE)]
+        for entry in tops:
+            rel = f"{directory}/{entry.name}" if directory else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                for dirpath, _dirs, files in os.walk(entry.path):
+                    reldir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+                    keys.extend(f"{reldir}/{f}" for f in files)
+            else:
+                keys.append(rel)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)

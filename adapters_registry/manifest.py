@@ -1,0 +1,112 @@
+"""The records the registry stores: one `AdapterManifest` per version, one `BaseManifest` per base, alias records.
+
+Every record carries `schema_version`; readers accept versions up to `SCHEMA_VERSION` and ignore unknown keys so an
+older reader can still read a newer record's known fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+Serving = Literal["lora", "merge-only"]
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode() + b"\n"
+
+
+class AdapterManifest(_Record):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: int
+    digest: str  # "sha256:<hex>" over the sorted (relpath, file sha256) pairs
+    files: dict[str, str]  # relpath -> sha256 hex
+    file_sizes: dict[str, int] = Field(default_factory=dict)
+    base: str
+    base_fingerprint: str
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    target_modules: list[str]  # expanded leaf names, sorted (e.g. "q_proj")
+    dtype: str
+    size_bytes: int
+    created_at: str = Field(default_factory=utc_now)
+    source: str | None = None
+    training: dict[str, Any] | None = None
+    description: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    contract: dict[str, Any] | None = None
+    serving: Serving = "lora"
+    serving_reason: str | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def digest_hex(self) -> str:
+        return self.digest.removeprefix("sha256:")
+
+    @property
+    def engine_name(self) -> str:
+        return f"{self.name}@{self.digest_hex[:12]}"
+
+
+class BaseManifest(_Record):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    fingerprint: str
+    architecture: str
+    model_type: str | None = None
+    hidden_size: int
+    intermediate_size: int | None = None
+    num_hidden_layers: int
+    vocab_size: int
+    config_hash: str
+    tokenizer_hash: str | None = None
+    chat_template_hash: str | None = None
+    weights_hash: str | None = None
+    path: str | None = None  # where the weights were when registered (not copied)
+    files: dict[str, str] | None = None  # relpath -> sha256 when the weights were copied into the store
+    linear_shapes: dict[str, tuple[int, int]] = Field(default_factory=dict)  # module -> (out_features, in_features)
+    embedding_shapes: dict[str, tuple[int, int]] = Field(default_factory=dict)  # module -> (num, dim)
+    created_at: str = Field(default_factory=utc_now)
+    merged_from: dict[str, Any] | None = None
+
+
+class AliasMove(_Record):
+    action: Literal["promote", "rollback"]
+    who: str
+    when: str
+    from_version: int | None
+    to_version: int
+
+
+class AliasRecord(_Record):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    alias: str
+    version: int
+    history: list[AliasMove] = Field(default_factory=list)
+
+
+class Tombstone(_Record):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: int
+    removed: Literal[True] = True
+    removed_at: str = Field(default_factory=utc_now)
+    digest: str

@@ -1,0 +1,495 @@
+"""The registry: immutable adapter versions bound to registered base models, on any `ObjectStore`.
+
+Storage layout (keys):
+    bases/<base>.json                              BaseManifest (create-only)
+    blobs/sha256/<hex[:2]>/<hex>                   file contents, content-addressed
+    adapters/<name>/versions/<000000003>.json      AdapterManifest, written last and create-only: the commit point
+    adapters/<name>/digests/<hex>/<000000003>      index for name@sha256:<prefix> and re-push detection
+    adapters/<name>/head.json                      hint of the newest version (readers probe past it)
+    adapters/<name>/aliases/<alias>.json           AliasRecord with its history, replaced by compare-and-swap
+
+A push uploads blobs first and creates the version record last, so a push killed half-way leaves unreferenced blobs
+and no visible version; two concurrent pushes race on the create-only record and the loser takes the next number.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError as PydanticValidationError
+
+from adapters_registry.cache import BlobCache, blob_key
+from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, RegistryError, ValidationError
+from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, BaseManifest, Tombstone, utc_now
+from adapters_registry.naming import Ref, check_alias, check_name, parse_ref
+from adapters_registry.store import ObjectStore, sha256_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCATION = "~/.loragate/registry"
+PAUSE_ENV = "LORAGATE_REGISTRY_PAUSE_AT"  # test hook: "<stage>" makes push stop there (see _pause_point)
+MAX_CAS_ATTEMPTS = 50
+
+
+def _vkey(name: str, version: int) -> str:
+    return f"adapters/{name}/versions/{version:09d}.json"
+
+
+def _files_digest(files: dict[str, str]) -> str:
+    listing = json.dumps(sorted(files.items()), separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(listing).hexdigest()
+
+
+def _pause_point(stage: str) -> None:
+    """Fault-injection hook for tests: stop at `stage` so a test can kill the process there."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return
+    if marker := os.environ.get("LORAGATE_REGISTRY_PAUSE_FILE"):
+        Path(marker).write_text(str(os.getpid()))
+    time.sleep(float(os.environ.get("LORAGATE_REGISTRY_PAUSE_SECONDS", "3600")))
+
+
+def _who(who: str | None) -> str:
+    if who:
+        return who
+    try:
+        return os.environ.get("LORAGATE_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+class Registry:
+    def __init__(self, store: ObjectStore, cache_dir: Path) -> None:
+        self.store = store
+        self.cache = BlobCache(store, cache_dir)
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    # ---- records -------------------------------------------------------------------------------------------------
+    def _load_json(self, key: str) -> dict[str, Any] | None:
+        data = self.store.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{self.location}/{key}: corrupted record ({exc})") from exc
+        if not isinstance(obj, dict):
+            raise IntegrityError(f"{self.location}/{key}: corrupted record (not an object)")
+        return obj
+
+    def _record(self, name: str, version: int) -> AdapterManifest | Tombstone | None:
+        obj = self._load_json(_vkey(name, version))
+        if obj is None:
+            return None
+        try:
+            return Tombstone.model_validate(obj) if obj.get("removed") else AdapterManifest.model_validate(obj)
+        except PydanticValidationError as exc:
+            raise IntegrityError(f"{name}@{version}: unreadable manifest ({exc.error_count()} errors)") from exc
+
+    def _version_numbers(self, name: str) -> list[int]:
+        prefix = f"adapters/{name}/versions/"
+        return sorted(int(k[len(prefix) :].removesuffix(".json")) for k in self.store.list_keys(prefix))
+
+    def _head_hint(self, name: str) -> int:
+        obj = self._load_json(f"adapters/{name}/head.json")
+        return int(obj.get("version", 0)) if obj else 0
+
+    def _newest_number(self, name: str) -> int:
+        """The highest allocated version number (live or removed); 0 when the name has none."""
+        n = self._head_hint(name)
+        while self.store.exists(_vkey(name, n + 1)):
+            n += 1
+        while n > 0 and not self.store.exists(_vkey(name, n)):  # only if the hint ran ahead of a lost record
+            n -= 1
+        return n
+
+    # ---- bases ---------------------------------------------------------------------------------------------------
+    def add_base(
+        self, model_dir: Path, name: str, *, copy: bool = False, merged_from: dict[str, Any] | None = None
+    ) -> BaseManifest:
+        from adapters_registry.fingerprint import describe_base, module_shapes
+
+        check_name(name, "base name")
+        if self.store.list_keys(f"adapters/{name}/versions/"):
+            raise ValidationError(f"base name {name!r} is already an adapter name; pick another")
+        if not model_dir.is_dir():
+            raise ValidationError("not a directory", path=str(model_dir))
+        facts = describe_base(model_dir)
+        linear, embedding = module_shapes(model_dir)
+        files: dict[str, str] | None = None
+        if copy:
+            files = {}
+            for path in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+                files[path.name] = sha256_file(path)
+                self.store.put_file(blob_key(files[path.name]), path, if_absent=True)
+        manifest = BaseManifest(
+            name=name,
+            fingerprint=facts.fingerprint,
+            architecture=facts.architecture,
+            model_type=facts.model_type,
+            hidden_size=facts.hidden_size,
+            intermediate_size=facts.intermediate_size,
+            num_hidden_layers=facts.num_hidden_layers,
+            vocab_size=facts.vocab_size,
+            config_hash=facts.config_hash,
+            tokenizer_hash=facts.tokenizer_hash,
+            chat_template_hash=facts.chat_template_hash,
+            weights_hash=facts.weights_hash,
+            path=None if copy else str(model_dir.resolve()),
+            files=files,
+            linear_shapes=linear,
+            embedding_shapes=embedding,
+            merged_from=merged_from,
+        )
+        if self.store.put_bytes(f"bases/{name}.json", manifest.to_json(), if_absent=True):
+            log.info("registered base %s (%s)", name, facts.fingerprint)
+            return manifest
+        existing = self.get_base(name)
+        if existing.fingerprint != manifest.fingerprint:
+            raise ConflictError(
+                f"base {name!r} is already registered with another fingerprint ({existing.fingerprint[:19]}...)"
+            )
+        return existing
+
+    def get_base(self, name: str) -> BaseManifest:
+        obj = self._load_json(f"bases/{check_name(name, 'base name')}.json")
+        if obj is None:
+            raise NotFoundError(f"base model {name!r} is not registered (loragate registry base add DIR --name {name})")
+        return BaseManifest.model_validate(obj)
+
+    def list_bases(self) -> list[BaseManifest]:
+        names = [k.removeprefix("bases/").removesuffix(".json") for k in self.store.list_keys("bases/")]
+        return [self.get_base(n) for n in names]
+
+    def base_dir(self, name: str) -> Path:
+        base = self.get_base(name)
+        if base.files:
+            return self.cache.assemble(base.files, f"bases/{base.fingerprint.removeprefix('sha256:')}")
+        if base.path and (Path(base.path) / "config.json").is_file():
+            return Path(base.path)
+        raise NotFoundError(f"base {name!r}: weights are not available here (registered from {base.path})")
+
+    # ---- push ----------------------------------------------------------------------------------------------------
+    def push(
+        self,
+        adapter_dir: Path,
+        name: str,
+        base: str,
+        *,
+        contract: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        source: str | None = None,
+        description: str | None = None,
+        labels: dict[str, str] | None = None,
+        check_effect: bool = False,
+    ) -> AdapterManifest:
+        from adapters_registry.validate import inspect_adapter
+
+        check_name(name)
+        base_manifest = self.get_base(base)
+        if self.store.exists(f"bases/{name}.json"):
+            raise ValidationError(f"adapter name {name!r} is the name of a registered base model; pick another")
+        for key, value in (labels or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key:
+                raise ValidationError(f"label {key!r}={value!r}: labels are non-empty string keys to string values")
+        normalized = self._normalize_contract(contract)
+        facts = inspect_adapter(adapter_dir, base_manifest)
+        files = {f: sha256_file(adapter_dir / f) for f in facts.files}
+        sizes = {f: (adapter_dir / f).stat().st_size for f in facts.files}
+        digest = _files_digest(files)
+        if same := self._same_content(name, digest, base_manifest.fingerprint, normalized):
+            log.info("%s: identical content already registered as %s", adapter_dir, same.ref)
+            return same
+        if check_effect:
+            from adapters_registry.effect import check_effect as run_effect_check
+
+            run_effect_check(self.base_dir(base), adapter_dir)
+
+        for rel, hex_digest in files.items():
+            self.store.put_file(blob_key(hex_digest), adapter_dir / rel, if_absent=True)
+        _pause_point("blobs-written")
+        fields: dict[str, Any] = dict(
+            name=name,
+            digest=digest,
+            files=files,
+            file_sizes=sizes,
+            base=base,
+            base_fingerprint=base_manifest.fingerprint,
+            peft_type=facts.peft_type,
+            r=facts.r,
+            lora_alpha=facts.lora_alpha,
+            use_rslora=facts.use_rslora,
+            target_modules=facts.target_modules,
+            dtype=facts.dtype,
+            size_bytes=sum(sizes.values()),
+            source=source or str(adapter_dir.resolve()),
+            training=training,
+            description=description,
+            labels=labels or {},
+            contract=normalized,
+            serving=facts.serving,
+            serving_reason=facts.serving_reason,
+        )
+        version = self._newest_number(name) + 1
+        while True:
+            manifest = AdapterManifest(version=version, created_at=utc_now(), **fields)
+            if self.store.put_bytes(_vkey(name, version), manifest.to_json(), if_absent=True):
+                break
+            version += 1  # a concurrent push took this number
+        _pause_point("version-written")
+        self.store.put_bytes(f"adapters/{name}/digests/{manifest.digest_hex}/{version:09d}", b"", if_absent=True)
+        if self._head_hint(name) < version:
+            self.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": version}).encode())
+        log.info("pushed %s (%s, serving=%s)", manifest.ref, digest, manifest.serving)
+        return manifest
+
+    @staticmethod
+    def _normalize_contract(contract: dict[str, Any] | None) -> dict[str, Any] | None:
+        if contract is None:
+            return None
+        from adapters_registry.contract import normalize_contract
+
+        try:
+            return normalize_contract(contract)
+        except ValueError as exc:
+            raise ValidationError(f"output contract refused: {exc}") from exc
+
+    def _same_content(
+        self, name: str, digest: str, fingerprint: str, contract: dict[str, Any] | None
+    ) -> AdapterManifest | None:
+        prefix = f"adapters/{name}/digests/{digest.removeprefix('sha256:')}/"
+        for key in reversed(self.store.list_keys(prefix)):
+            record = self._record(name, int(key[len(prefix) :]))
+            if (
+                isinstance(record, AdapterManifest)
+                and record.base_fingerprint == fingerprint
+                and record.contract == contract
+            ):
+                return record
+        return None
+
+    # ---- read ----------------------------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> AdapterManifest:
+        parsed = parse_ref(ref)
+        version = self._resolve_number(parsed, ref)
+        record = self._record(parsed.name, version)
+        if record is None:
+            raise NotFoundError(f"{parsed.name}@{version} does not exist")
+        if isinstance(record, Tombstone):
+            raise NotFoundError(f"{parsed.name}@{version} was removed at {record.removed_at}")
+        return record
+
+    def _resolve_number(self, parsed: Ref, ref: str) -> int:
+        name = parsed.name
+        if parsed.kind == "version":
+            assert parsed.version is not None
+            return parsed.version
+        if parsed.kind == "alias":
+            record = self._alias(name, str(parsed.alias))
+            if record is None:
+                raise NotFoundError(f"{ref}: {name!r} has no alias {parsed.alias!r}")
+            return record[0].version
+        if parsed.kind == "digest":
+            return self._by_digest(name, str(parsed.digest_prefix), ref)
+        n = self._newest_number(name)
+        while n > 0 and not isinstance(self._record(name, n), AdapterManifest):
+            n -= 1
+        if n == 0:
+            raise NotFoundError(f"adapter {name!r} not found in {self.location}")
+        return n
+
+    def _by_digest(self, name: str, hex_prefix: str, ref: str) -> int:
+        base = f"adapters/{name}/digests/"
+        hits: dict[str, list[int]] = {}
+        for key in self.store.list_keys(base + hex_prefix):
+            hex_digest, _, number = key[len(base) :].partition("/")
+            hits.setdefault(hex_digest, []).append(int(number))
+        if not hits:  # the index entry is written just after the record: fall back to a scan
+            for m in self.list_adapters(name):
+                if m.digest_hex.startswith(hex_prefix):
+                    hits.setdefault(m.digest_hex, []).append(m.version)
+        if len(hits) > 1:
+            raise ConflictError(f"{ref}: ambiguous, {len(hits)} digests start with {hex_prefix}; give more characters")
+        for candidate in sorted(next(iter(hits.values()), []), reverse=True):
+            if isinstance(self._record(name, candidate), AdapterManifest):
+                return candidate
+        raise NotFoundError(f"{ref}: no version of {name!r} has that digest")
+
+    def adapter_names(self) -> list[str]:
+        return sorted({k.split("/")[1] for k in self.store.list_keys("adapters/") if "/versions/" in k})
+
+    def list_adapters(self, name: str | None = None) -> list[AdapterManifest]:
+        out: list[AdapterManifest] = []
+        for n in [check_name(name)] if name else self.adapter_names():
+            for v in self._version_numbers(n):
+                record = self._record(n, v)
+                if isinstance(record, AdapterManifest):
+                    out.append(record)
+        return out
+
+    def materialize(self, manifest: AdapterManifest) -> Path:
+        """A local folder holding the version's files, each checked against its sha256."""
+        return self.cache.assemble(manifest.files, f"adapters/{manifest.digest_hex}")
+
+    # ---- aliases -------------------------------------------------------------------------------------------------
+    def _alias(self, name: str, alias: str) -> tuple[AliasRecord, str] | None:
+        got = self.store.get_with_token(f"adapters/{name}/aliases/{alias}.json")
+        if got is None:
+            return None
+        return AliasRecord.model_validate_json(got[0]), got[1]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        prefix = f"adapters/{check_name(name)}/aliases/"
+        out: dict[str, int] = {}
+        for key in self.store.list_keys(prefix):
+            alias = key[len(prefix) :].removesuffix(".json")
+            if (record := self._alias(name, alias)) is not None:
+                out[alias] = record[0].version
+        return out
+
+    def alias_history(self, name: str, alias: str) -> list[AliasMove]:
+        record = self._alias(check_name(name), check_alias(alias))
+        return list(record[0].history) if record else []
+
+    def _move_alias(self, name: str, alias: str, who: str | None, pick: Any) -> AdapterManifest:
+        """Compare-and-swap loop; `pick(record|None) -> (action, target manifest)`."""
+        key = f"adapters/{name}/aliases/{alias}.json"
+        for _ in range(MAX_CAS_ATTEMPTS):
+            current = self._alias(name, alias)
+            record, token = current if current else (None, None)
+            action, target = pick(record)
+            move = AliasMove(
+                action=action,
+                who=_who(who),
+                when=utc_now(),
+                from_version=record.version if record else None,
+                to_version=target.version,
+            )
+            history = [*(record.history if record else []), move]
+            new = AliasRecord(name=name, alias=alias, version=target.version, history=history)
+            if self.store.put_if_match(key, new.to_json(), token):
+                log.info("%s:%s %s -> %s by %s", name, alias, move.from_version, target.version, move.who)
+                return target  # type: ignore[no-any-return]
+        raise ConflictError(f"{name}:{alias} is being moved by others; try again")
+
+    def promote(self, ref: str, alias: str, who: str | None = None) -> AdapterManifest:
+        check_alias(alias)
+        target = self.resolve(ref)
+        return self._move_alias(target.name, alias, who, lambda _record: ("promote", target))
+
+    def rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
+        check_name(name)
+        check_alias(alias)
+
+        def pick(record: AliasRecord | None) -> tuple[str, AdapterManifest]:
+            if record is None:
+                raise NotFoundError(f"{name!r} has no alias {alias!r}")
+            previous = rollback_target(record.history)
+            if previous is None:
+                raise ConflictError(f"{name}:{alias} has no earlier version to roll back to")
+            return "rollback", self.resolve(f"{name}@{previous}")
+
+        return self._move_alias(name, alias, who, pick)
+
+    # ---- remove / verify -----------------------------------------------------------------------------------------
+    def remove(self, ref: str) -> AdapterManifest:
+        manifest = self.resolve(ref)
+        pinned = sorted(a for a, v in self.aliases(manifest.name).items() if v == manifest.version)
+        if pinned:
+            raise ConflictError(
+                f"{manifest.ref} is the target of alias {', '.join(pinned)}; promote another version there first"
+            )
+        tomb = Tombstone(name=manifest.name, version=manifest.version, digest=manifest.digest)
+        self.store.put_bytes(_vkey(manifest.name, manifest.version), tomb.to_json())
+        log.info("removed %s", manifest.ref)
+        return manifest
+
+    def verify(self, ref: str | None = None) -> list[str]:
+        """Re-hash stored content; one line per problem (empty: all good)."""
+        problems: list[str] = []
+        manifests = [self.resolve(ref)] if ref else self.list_adapters()
+        for m in manifests:
+            if _files_digest(m.files) != m.digest:
+                problems.append(f"{m.ref}: manifest digest does not match its file list")
+            for rel, hex_digest in sorted(m.files.items()):
+                problems.extend(f"{m.ref}: {rel}: {p}" for p in self._check_blob(hex_digest))
+                problems.extend(self._check_materialized(m, rel, hex_digest))
+        if ref is None:
+            for base in self.list_bases():
+                problems.extend(f"base {base.name}: {p}" for p in self._check_base(base))
+        return problems
+
+    def _check_blob(self, hex_digest: str) -> list[str]:
+        key = blob_key(hex_digest)
+        path = self.store.local_path(key)
+        if path is not None:
+            if not path.is_file():
+                return [f"blob sha256:{hex_digest[:12]}... is missing"]
+            actual = sha256_file(path)
+        else:
+            data = self.store.get_bytes(key)
+            if data is None:
+                return [f"blob sha256:{hex_digest[:12]}... is missing"]
+            actual = hashlib.sha256(data).hexdigest()
+        return [] if actual == hex_digest else [f"corrupted: sha256 is {actual[:12]}..., expected {hex_digest[:12]}..."]
+
+    def _check_materialized(self, m: AdapterManifest, rel: str, hex_digest: str) -> list[str]:
+        path = self.cache.root / "adapters" / m.digest_hex / rel
+        if self.store.local_path(blob_key(hex_digest)) is not None or not path.is_file():
+            return []  # local stores hard-link the blob itself, already checked
+        return [] if sha256_file(path) == hex_digest else [f"{m.ref}: {rel}: corrupted in the local cache at {path}"]
+
+    def _check_base(self, base: BaseManifest) -> list[str]:
+        from adapters_registry.fingerprint import describe_base
+
+        if base.files:
+            return [f"{rel}: {p}" for rel, h in sorted(base.files.items()) for p in self._check_blob(h)]
+        if not base.path or not (Path(base.path) / "config.json").is_file():
+            return []  # weights live elsewhere (another machine); nothing to check here
+        try:
+            facts = describe_base(Path(base.path))
+        except RegistryError as exc:
+            return [str(exc)]
+        return [] if facts.fingerprint == base.fingerprint else [f"{base.path} no longer matches its fingerprint"]
+
+
+def rollback_target(history: list[AliasMove]) -> int | None:
+    """The version before the newest promote not yet undone by a rollback (rollbacks pop promotes like a stack)."""
+    undone = 0
+    for move in reversed(history):
+        if move.action == "rollback":
+            undone += 1
+        elif undone:
+            undone -= 1
+        else:
+            return move.from_version
+    return None
+
+
+def default_cache_dir(location: str) -> Path:
+    root = os.environ.get("LORAGATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loragate")
+    return Path(root) / "registry" / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
+def open_registry(location: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None) -> Registry:
+    """Open a registry: a directory or `s3://bucket/prefix`; None means $LORAGATE_REGISTRY or ~/.loragate/registry."""
+    where = str(location) if location is not None else os.environ.get("LORAGATE_REGISTRY") or DEFAULT_LOCATION
+    if where.startswith("s3://"):
+        from adapters_registry.s3 import S3Store
+
+        s3 = S3Store.from_url(where)
+        return Registry(s3, cache_dir or default_cache_dir(s3.location))
+    from adapters_registry.local import LocalStore
+
+    local = LocalStore(Path(where))
+    return Registry(local, cache_dir or local.root / ".cache")

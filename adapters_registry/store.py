@@ -1,0 +1,76 @@
+"""The storage interface every backend implements: a flat key -> bytes map with atomic writes.
+
+Keys are '/'-separated relative paths (`blobs/sha256/ab/abcd...`). Writes are all-or-nothing: a reader never sees a
+partial object. `put_bytes(..., if_absent=True)` is a create-only write (False when the key exists), and
+`put_if_match` is a compare-and-swap on the token that `get_with_token` returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from adapters_registry.errors import StorageError
+
+_KEY_RE = re.compile(r"[A-Za-z0-9._@:+=-]+(/[A-Za-z0-9._@:+=-]+)*")
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class ObjectStore(ABC):
+    """Backend interface. `location` is what `open_registry` was given (a directory or an s3:// URL)."""
+
+    location: str
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        """Write atomically; with `if_absent` only when the key does not exist. True when written."""
+
+    @abstractmethod
+    def get_with_token(self, key: str) -> tuple[bytes, str] | None:
+        """The bytes and an opaque change token for `put_if_match`, or None when absent."""
+
+    @abstractmethod
+    def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
+        """Replace the object only if it still has `token` (None: only if absent). True when written."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key starting with `prefix`, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the key; no error when it is already gone."""
+
+    def exists(self, key: str) -> bool:
+        return self.get_bytes(key) is not None
+
+    def put_file(self, key: str, path: Path, if_absent: bool = False) -> bool:
+        return self.put_bytes(key, path.read_bytes(), if_absent=if_absent)
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        """Download the object to `dest` (overwritten). False when absent."""
+        data = self.get_bytes(key)
+        if data is None:
+            return False
+        dest.write_bytes(data)
+        return True
+
+    def local_path(self, key: str) -> Path | None:
+        """A path to read the object in place, for backends on the local filesystem; None otherwise."""
+        return None
