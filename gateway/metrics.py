@@ -75,6 +75,7 @@ class EngineSnapshot:
     adapter_slots: int
     resident: Sequence[ResidentAdapter] = field(default_factory=tuple)
     waiting: int = 0
+    inflight: int | None = None  # None: use the count kept by `track_inflight`
 
 
 StateSource = Callable[[], Iterable[EngineSnapshot]]
@@ -211,6 +212,10 @@ class _StateCollector(Collector):
             "Requests admitted for an engine that it has not started yet.",
             labels=["engine"],
         )
+        inflight = GaugeMetricFamily(
+            "loragate_engine_inflight_requests", "Requests forwarded to an engine and not finished.", labels=["engine"]
+        )
+        tracked = self._metrics.tracked_inflight()
         for snap in snapshots:
             counts: dict[tuple[str, str, str], int] = {}
             for item in snap.resident:
@@ -222,7 +227,11 @@ class _StateCollector(Collector):
             slots.add_metric([snap.engine], snap.adapter_slots)
             free.add_metric([snap.engine], max(snap.adapter_slots - len(snap.resident), 0))
             waiting.add_metric([snap.engine], snap.waiting)
-        return [resident, slots, free, waiting]
+            count = tracked.pop(snap.engine, 0)
+            inflight.add_metric([snap.engine], count if snap.inflight is None else snap.inflight)
+        for engine, count in sorted(tracked.items()):
+            inflight.add_metric([engine], count)
+        return [resident, slots, free, waiting, inflight]
 
 
 class GatewayMetrics:
@@ -244,6 +253,7 @@ class GatewayMetrics:
         self._reasons = _BoundedSlugs(MAX_REASON_LABELS)
         # series created per labelled adapter, so that a demoted adapter's series can be removed
         self._series: dict[str, set[tuple[Counter | Histogram, tuple[str, ...]]]] = {}
+        self._inflight: dict[str, int] = {}
         r = self.registry
         av = ["adapter", "version"]
         self.requests = Counter(
@@ -309,12 +319,6 @@ class GatewayMetrics:
         self.engine_restarts = Counter(
             "loragate_engine_restarts", "Engine restarts by the supervisor.", ["engine", "reason"], registry=r
         )
-        self.inflight = Gauge(
-            "loragate_engine_inflight_requests",
-            "Requests forwarded to an engine and not finished.",
-            ["engine"],
-            registry=r,
-        )
         self.usage_dropped = Counter(
             "loragate_usage_events_dropped", "Usage events not delivered.", ["reason"], registry=r
         )
@@ -354,12 +358,18 @@ class GatewayMetrics:
 
     @contextmanager
     def track_inflight(self, engine: str) -> Iterator[None]:
-        gauge = self.inflight.labels(engine)
-        gauge.inc()
+        """Counts a request in flight on `engine`, for engines whose snapshot does not report `inflight`."""
+        with self._lock:
+            self._inflight[engine] = self._inflight.get(engine, 0) + 1
         try:
             yield
         finally:
-            gauge.dec()
+            with self._lock:
+                self._inflight[engine] -= 1
+
+    def tracked_inflight(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._inflight)
 
     # -- adapter lifecycle ----------------------------------------------------------------------------------------
 

@@ -283,6 +283,15 @@ def test_state_collector_reads_ledgers_at_scrape_time(m: GatewayMetrics) -> None
     assert value(m, "loragate_engine_free_adapter_slots", engine="e0") == 1
 
 
+def test_inflight_comes_from_the_snapshot_when_it_reports_one(m: GatewayMetrics) -> None:
+    m.add_state_collector(lambda: [EngineSnapshot("e0", adapter_slots=2, inflight=7), EngineSnapshot("e1", 2)])
+    with m.track_inflight("e0"), m.track_inflight("e1"), m.track_inflight("e2"):
+        assert value(m, "loragate_engine_inflight_requests", engine="e0") == 7
+        assert value(m, "loragate_engine_inflight_requests", engine="e1") == 1
+        assert value(m, "loragate_engine_inflight_requests", engine="e2") == 1
+    assert value(m, "loragate_engine_inflight_requests", engine="e1") == 0
+
+
 def test_a_failing_state_source_does_not_break_the_scrape(m: GatewayMetrics) -> None:
     def broken() -> list[EngineSnapshot]:
         raise RuntimeError("ledger gone")
