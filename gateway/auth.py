@@ -1,0 +1,466 @@
+"""Authentication, access and the admin surface: the gateway's security layer.
+
+`SecurityMiddleware` (pure ASGI, outermost) bounds headers, body size and JSON depth, checks generation limits on
+the OpenAI routes, authenticates ``Authorization: Bearer <key>`` in keyed mode, requires an admin key on the admin
+surface, and writes an audit line for every admin request. The routes call `Security` for what needs the resolved
+model: `check_model` (a key sees only the adapters and bases it allows; others are 404, exactly like a model that
+does not exist), `visible` (filtering /v1/models), `admit` (quotas, 429 with Retry-After) and `check_load_path`.
+
+Modes: keyed when the registry's store holds at least one key (``security.auth = "auto"``) or when
+``auth = "required"``; otherwise local mode, where every request is allowed and `bind_host` keeps the gateway on
+loopback unless ``allow_open_bind`` is set. Once a key exists, a running gateway in ``auto`` mode turns keyed
+within ``key_cache_ttl_s``; it never turns back while key records (even revoked ones) remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, Request
+from pydantic import BaseModel, Field
+
+from gateway.audit import AuditLog
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, ObjectStore, may_use, parse_bearer
+from gateway.limits import (
+    LimitSettings,
+    LimitViolation,
+    check_body_size,
+    check_generation,
+    check_headers,
+    check_json_depth,
+)
+from gateway.quotas import Lease, Limits, QuotaExceeded, QuotaManager, QuotaSettings, Refusal
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+ADMIN_PREFIX = "/admin"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+TARGET_FIELDS = ("lora_name", "name", "ref", "adapter", "alias", "base")
+
+
+class SecuritySettings(BaseModel):
+    auth: Literal["auto", "required", "off"] = "auto"
+    key_cache_ttl_s: float = Field(default=5.0, ge=0)
+    allow_open_bind: bool = Field(default=False, description="local mode: bind a non-loopback host anyway")
+    path_roots: list[Path] = Field(default_factory=list, description="keyed mode: adapters load by path only here")
+    metrics_auth: Literal["none", "key", "admin"] = "admin"
+    open_paths: list[str] = ["/healthz", "/readyz", "/health", "/openapi.json", "/docs", "/redoc"]
+    audit_file: Path | None = None
+    limits: LimitSettings = LimitSettings()
+    quotas: QuotaSettings = QuotaSettings()
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "admin_required"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": self.refusal.retry_after_header}
+
+
+class LimitExceeded(GatewayError):
+    type = "invalid_request_error"
+    code = "limit_exceeded"
+
+    def __init__(self, violation: LimitViolation) -> None:
+        super().__init__(violation.message, param=violation.param)
+        self.status = violation.status
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who makes a request: an API key, or ``key=None`` in local mode (allowed everything)."""
+
+    key: ApiKey | None
+
+    @property
+    def who(self) -> str:
+        return f"key:{self.key.key_id}:{self.key.name}" if self.key else "local"
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.key_id if self.key else None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.key is None or self.key.admin
+
+
+LOCAL = Principal(None)
+
+
+# --- pure decisions ------------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_host(host: str, keyed: bool, allow_open_bind: bool) -> tuple[str, str | None]:
+    """The host to bind and a warning to log: local mode stays on loopback unless told otherwise."""
+    if keyed:
+        return host, None
+    if is_loopback(host):
+        return host, "no API keys configured: local mode, requests are not authenticated (loopback only)"
+    if allow_open_bind:
+        return host, f"no API keys configured: serving WITHOUT authentication on {host} (allow_open_bind is set)"
+    return "127.0.0.1", (
+        f"no API keys configured: binding 127.0.0.1 instead of {host}; create a key (`loragate keys create`) "
+        "or set security.allow_open_bind=true"
+    )
+
+
+def path_within_roots(raw: str, roots: list[Path]) -> Path | None:
+    """The resolved path when ``raw`` names a place inside one of ``roots`` (no ``..``, symlinks followed)."""
+    if not raw or "\x00" in raw:
+        return None
+    candidate = Path(raw)
+    if ".." in candidate.parts or not candidate.is_absolute():
+        return None
+    try:
+        resolved = candidate.resolve(strict=False)
+        resolved_roots = [root.resolve(strict=False) for root in roots]
+    except (OSError, RuntimeError):
+        return None
+    return resolved if any(resolved.is_relative_to(root) for root in resolved_roots) else None
+
+
+def route_class(method: str, path: str, settings: SecuritySettings) -> Literal["open", "metrics", "admin", "user"]:
+    if path in settings.open_paths:
+        return "open"
+    if path == "/metrics" or path.startswith("/metrics/"):
+        return "metrics"
+    if path in ADMIN_PATHS or path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+        return "admin"
+    return "user"
+
+
+def audit_target(body: Any) -> str | None:
+    if isinstance(body, dict):
+        for name in TARGET_FIELDS:
+            value = body.get(name)
+            if isinstance(value, str) and len(value) <= 200:
+                return value
+    return None
+
+
+# --- the runtime object --------------------------------------------------------------------------------------------
+
+
+class Security:
+    def __init__(
+        self,
+        settings: SecuritySettings,
+        keys: KeyStore | None,
+        audit: AuditLog,
+        quotas: QuotaManager,
+        metrics: object | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.audit = audit
+        self.quotas = quotas
+        self.metrics = metrics
+        self._clock = clock
+        self._keyed_at: tuple[float, bool] | None = None
+
+    def keyed(self) -> bool:
+        if self.settings.auth == "off":
+            return False
+        if self.settings.auth == "required":
+            return True
+        if self.keys is None:
+            return False
+        now = self._clock()
+        if self._keyed_at is not None and (
+            self._keyed_at[1] or now - self._keyed_at[0] < self.settings.key_cache_ttl_s
+        ):
+            return self._keyed_at[1]
+        keyed = self.keys.has_keys()
+        self._keyed_at = (now, keyed)
+        return keyed
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not self.keyed():
+            return LOCAL
+        if self.keys is None:
+            self._count("auth_failed", "unknown")
+            raise Unauthorized(AUTH_MESSAGES[AuthOutcome.UNKNOWN])
+        outcome, record = self.keys.authenticate(parse_bearer(authorization))
+        if outcome is not AuthOutcome.OK or record is None:
+            self._count("auth_failed", outcome.value)
+            raise Unauthorized(AUTH_MESSAGES[outcome])
+        return Principal(record)
+
+    def require_admin(self, principal: Principal, action: str) -> None:
+        if not principal.is_admin:
+            self._count("auth_failed", "forbidden")
+            raise Forbidden(f"{action} needs an admin API key")
+
+    def visible(self, principal: Principal, adapter: str | None, base: str) -> bool:
+        return may_use(principal.key, adapter=adapter, base=base)
+
+    def check_model(self, principal: Principal, model: str, adapter: str | None, base: str) -> None:
+        """Raise the same 404 as for a missing model when the key may not use it."""
+        if not may_use(principal.key, adapter=adapter, base=base):
+            raise ModelNotFound(model)
+
+    def admit(self, principal: Principal, adapter: str | None) -> Lease:
+        key_limits = None
+        if principal.key is not None:
+            key = principal.key
+            key_limits = Limits(rpm=key.rpm, tpm=key.tpm, max_concurrency=key.max_concurrency)
+        scopes = self.quotas.scopes_for(principal.key_id, key_limits, adapter)
+        try:
+            return self.quotas.admit(scopes)
+        except QuotaExceeded as exc:
+            self._count("rate_limited", exc.refusal.scope, exc.refusal.limit)
+            raise RateLimited(exc.refusal) from None
+
+    def check_load_path(self, raw: str) -> Path:
+        """A filesystem path an adapter may be loaded from; in keyed mode only inside ``path_roots``."""
+        if not self.keyed() and not self.settings.path_roots:
+            return Path(raw)
+        resolved = path_within_roots(raw, self.settings.path_roots)
+        if resolved is None:
+            raise Forbidden(
+                "loading an adapter by path is allowed only inside the configured roots", code="path_refused"
+            )
+        return resolved
+
+    def _count(self, method: str, *labels: str) -> None:
+        hook = getattr(self.metrics, method, None)
+        if callable(hook):
+            hook(*labels)
+
+
+def build_security(settings: SecuritySettings, store: ObjectStore | None, metrics: object | None = None) -> Security:
+    keys = KeyStore(store, cache_ttl_s=settings.key_cache_ttl_s) if store is not None else None
+    if settings.auth == "required" and keys is None:
+        raise ValueError("security.auth=required needs a registry (API keys live in its store)")
+    return Security(
+        settings,
+        keys,
+        AuditLog(store=store, path=settings.audit_file),
+        QuotaManager(settings.quotas),
+        metrics,
+    )
+
+
+# --- FastAPI dependencies ------------------------------------------------------------------------------------------
+
+
+def get_security(request: Request) -> Security:
+    security: Security = request.app.state.security
+    return security
+
+
+def get_principal(request: Request) -> Principal:
+    """The principal the middleware authenticated; authenticates here when the middleware is not installed."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal
+    principal = get_security(request).authenticate(request.headers.get("authorization"))
+    request.state.principal = principal
+    return principal
+
+
+def get_admin(request: Request) -> Principal:
+    principal = get_principal(request)
+    get_security(request).require_admin(principal, f"{request.method} {request.url.path}")
+    return principal
+
+
+SecurityDep = Annotated[Security, Depends(get_security)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+# --- middleware ----------------------------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, list[Message]]:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), [message]
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), []
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    body = json.dumps(error.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in error.headers().items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class SecurityMiddleware:
+    def __init__(self, app: ASGIApp, security: Security) -> None:
+        self.app = app
+        self.security = security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = self.security.settings
+        limits = settings.limits
+        method: str = scope["method"]
+        path: str = scope["path"]
+        try:
+            violation = check_headers(scope.get("headers", []), limits)
+            if violation:
+                raise LimitExceeded(violation)
+            kind = route_class(method, path, settings)
+            principal = await self._authenticate(scope, kind, method, path)
+            body: bytes | None = None
+            pending: list[Message] = []
+            if method in BODY_METHODS:
+                body, pending = await self._checked_body(scope, receive, path, limits)
+        except GatewayError as error:
+            await _send_error(send, error)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        if body is not None:
+            receive = _replay(body, pending, receive)
+        if kind == "admin":
+            await self._audited(scope, receive, send, principal, body)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _authenticate(self, scope: Scope, kind: str, method: str, path: str) -> Principal:
+        security = self.security
+        if kind == "open" or (kind == "metrics" and security.settings.metrics_auth == "none"):
+            return _anonymous() if security.keyed() else LOCAL
+        authorization = None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        principal = security.authenticate(authorization)
+        needs_admin = kind == "admin" or (kind == "metrics" and security.settings.metrics_auth == "admin")
+        if needs_admin and not principal.is_admin:
+            if kind == "admin":
+                security.audit.record(principal.who, f"admin.{method} {path}", None, "denied")
+            security.require_admin(principal, f"{method} {path}")
+        return principal
+
+    async def _checked_body(
+        self, scope: Scope, receive: Receive, path: str, limits: LimitSettings
+    ) -> tuple[bytes, list[Message]]:
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit():
+                violation = check_body_size(int(value), limits)
+                if violation:
+                    raise LimitExceeded(violation)
+        try:
+            body, pending = await _read_body(receive, limits.max_body_bytes)
+        except _TooLarge:
+            raise LimitExceeded(LimitViolation("max_body_bytes", limits.max_body_bytes, None, status=413)) from None
+        violation = check_json_depth(body, limits)
+        if violation:
+            raise LimitExceeded(violation)
+        if path in GENERATION_PATHS:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None  # the route's validation answers malformed JSON
+            if isinstance(parsed, dict):
+                violation = check_generation(parsed, limits)
+                if violation:
+                    raise LimitExceeded(violation)
+        return body, pending
+
+    async def _audited(self, scope: Scope, receive: Receive, send: Send, who: Principal, body: bytes | None) -> None:
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            method, path = scope["method"], scope["path"]
+            if method in BODY_METHODS or method == "DELETE":
+                try:
+                    parsed = json.loads(body) if body else None
+                except ValueError:
+                    parsed = None
+                result = "ok" if status < 400 else "denied" if status in (401, 403) else "error"
+                self.security.audit.record(
+                    who.who, f"admin.{method} {path}", audit_target(parsed), result, details={"status": status}
+                )
+
+
+def _anonymous() -> Principal:
+    """A request on an open path in keyed mode: no key, and no rights beyond the open path itself."""
+    return Principal(ApiKey(key_id="anonymous", name="anonymous", key_hash="", adapters=(), bases=()))
+
+
+def _replay(body: bytes, pending: list[Message], receive: Receive) -> Receive:
+    messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}, *pending]
+
+    async def replay() -> Message:
+        if messages:
+            return messages.pop(0)
+        return await receive()
+
+    return replay
