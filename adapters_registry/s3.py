@@ -1,0 +1,140 @@
+"""The S3 backend (any S3-compatible server): keys under `s3://bucket/prefix/`.
+
+Create-only writes use a conditional put (`IfNoneMatch="*"`), alias updates a conditional put on the ETag
+(`IfMatch`), so no lock service is needed. Blobs are content-addressed, so they are uploaded with an existence check
+and a plain (multipart-capable) upload: two writers of one blob write the same bytes. The endpoint comes from
+$LORAGATE_S3_ENDPOINT_URL or $AWS_ENDPOINT_URL; credentials from the usual AWS variables or files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from adapters_registry.errors import StorageError
+from adapters_registry.store import ObjectStore, check_key
+
+log = logging.getLogger(__name__)
+
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def _code(exc: Exception) -> str:
+    response: dict[str, Any] = getattr(exc, "response", {}) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+class S3Store(ObjectStore):
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None, endpoint_url: str | None = None) -> None:
+        import boto3
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        endpoint = endpoint_url or os.environ.get("LORAGATE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        self.client = client or boto3.client("s3", endpoint_url=endpoint or None)
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Store:
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise StorageError(f"{url}: expected s3://BUCKET[/PREFIX]")
+        return cls(bucket, prefix)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    @contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            raise StorageError(f"{self.location}/{key}: {_code(exc) or 'error'}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{self.location}/{key}: {exc}") from exc
+
+    def get_with_token(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(key):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return None
+                raise
+            return obj["Body"].read(), str(obj["ETag"])
+
+    def get_bytes(self, key: str) -> bytes | None:
+        got = self.get_with_token(key)
+        return None if got is None else got[0]
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return False
+                raise
+            return True
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(key):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            except ClientError as exc:
+                if condition and _code(exc) in _PRECONDITION:
+                    return False
+                raise
+            return True
+
+    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        return self._conditional_put(key, data, **({"IfNoneMatch": "*"} if if_absent else {}))
+
+    def put_if_match(self, key: str, data: bytes, token: str | None) -> bool:
+        return self._conditional_put(key, data, **({"IfMatch": token} if token else {"IfNoneMatch": "*"}))
+
+    def put_file(self, key: str, path: Path, if_absent: bool = False) -> bool:
+        if if_absent and self.exists(key):
+            return False
+        with self._errors(key):
+            self.client.upload_file(str(path), self.bucket, self._key(key))
+        return True
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._errors(key):
+            try:
+                self.client.download_file(self.bucket, self._key(key), str(dest))
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return False
+                raise
+        return True
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        with self._errors(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
