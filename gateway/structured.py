@@ -27,6 +27,7 @@ from jsonschema.protocols import Validator
 
 from adapters_registry.contract import canonical_json, choice_error, regex_error, schema_error
 from gateway.errors import InvalidRequest
+from gateway.hooks import CallContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ _LEGACY_OPTIONS: dict[str, str | None] = {
     "guided_decoding_backend": None,
 }
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *_LEGACY_KINDS, *_LEGACY_OPTIONS)
+_CONSTRAINT_NOTE = "structured.constraint"  # keys of CallContext.notes
+_ATTEMPT_NOTE = "structured.attempt"
 
 
 class InvalidConstraint(InvalidRequest):
@@ -290,3 +293,27 @@ def should_retry(valid: bool | None, constraint: Constraint | None, attempt: int
 def validity_header(valid: bool | None) -> dict[str, str]:
     """The `x-loragate-output-valid` response header; absent when nothing was checked."""
     return {} if valid is None else {"x-loragate-output-valid": "true" if valid else "false"}
+
+
+class StructuredOutputs:
+    """The completion hook (gateway.hooks.CompletionHook): applies constraints and contracts, judges answers.
+
+    When an answer breaks the adapter's contract and its `contract_retry` allows it, `finish` sets
+    `call.notes["retry"]`, and the proxy sends the request once more.
+    """
+
+    def prepare(self, call: CallContext, body: dict[str, Any]) -> dict[str, Any]:
+        contract = call.manifest.contract if call.manifest is not None else None
+        prepared = prepare_request(body, contract)
+        call.notes[_CONSTRAINT_NOTE] = prepared.constraint
+        return prepared.body
+
+    def finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None:
+        constraint: Constraint | None = call.notes.get(_CONSTRAINT_NOTE)
+        valid = check_output(answer, constraint)
+        attempt: int = call.notes.get(_ATTEMPT_NOTE, 0)
+        if not call.stream and should_retry(valid, constraint, attempt):
+            logger.info("%s: answer broke the adapter's output contract; retrying (%s)", call.request_id, attempt + 1)
+            call.notes[_ATTEMPT_NOTE] = attempt + 1
+            call.notes["retry"] = True
+        return valid
