@@ -36,6 +36,7 @@ from gateway.limits import (
     check_generation,
     check_headers,
     check_json_depth,
+    prompt_length,
 )
 from gateway.quotas import Lease, Limits, QuotaExceeded, QuotaManager, QuotaSettings, Refusal
 
@@ -197,6 +198,7 @@ class Security:
         quotas: QuotaManager,
         metrics: object | None = None,
         clock: Callable[[], float] = time.monotonic,
+        base_name: str = "",
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -205,6 +207,24 @@ class Security:
         self.metrics = metrics
         self._clock = clock
         self._keyed_at: tuple[float, bool] | None = None
+        self.base_name = base_name
+
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter name a requested model refers to (``acme@3``, ``acme:prod`` -> ``acme``); None for the base."""
+        if model == self.base_name:
+            return None
+        return model.split("@", 1)[0].split(":", 1)[0]
+
+    def card_visible(self, principal: Principal, card: Any) -> bool:
+        """Whether a /v1/models entry may be shown to this principal."""
+        if not isinstance(card, dict):
+            return False
+        model = str(card.get("id", ""))
+        adapter = card.get("adapter")
+        name = adapter if isinstance(adapter, str) else self.adapter_of(model)
+        root = card.get("root")
+        base = root if card.get("parent") is None and isinstance(root, str) else self.base_name
+        return may_use(principal.key, adapter=name, base=base or model)
 
     def keyed(self) -> bool:
         if self.settings.auth == "off":
@@ -276,7 +296,9 @@ class Security:
             hook(*labels)
 
 
-def build_security(settings: SecuritySettings, store: ObjectStore | None, metrics: object | None = None) -> Security:
+def build_security(
+    settings: SecuritySettings, store: ObjectStore | None, metrics: object | None = None, *, base_name: str = ""
+) -> Security:
     keys = KeyStore(store, cache_ttl_s=settings.key_cache_ttl_s) if store is not None else None
     if settings.auth == "required" and keys is None:
         raise ValueError("security.auth=required needs a registry (API keys live in its store)")
@@ -286,6 +308,7 @@ def build_security(settings: SecuritySettings, store: ObjectStore | None, metric
         AuditLog(store=store, path=settings.audit_file),
         QuotaManager(settings.quotas),
         metrics,
+        base_name=base_name,
     )
 
 
@@ -349,8 +372,39 @@ async def _send_error(send: Send, error: GatewayError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _json_object(body: bytes | None) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+@dataclass
+class _Call:
+    """One admitted completion: its quota lease and what the response said about tokens."""
+
+    lease: Lease
+    prompt_estimate: int
+    usage_tokens: int | None = None
+    chunks: int = 0
+    tail: bytes = b""
+    json_body: bytearray | None = None
+
+
 class SecurityMiddleware:
-    def __init__(self, app: ASGIApp, security: Security) -> None:
+    """Outermost security checks; reads `Security` from ``app.state.security`` (set in the lifespan) if not given."""
+
+    def __init__(self, app: ASGIApp, security: Security | None = None) -> None:
         self.app = app
         self.security = security
 
@@ -358,56 +412,71 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        settings = self.security.settings
-        limits = settings.limits
+        security = self.security or getattr(getattr(scope.get("app"), "state", None), "security", None)
+        if not isinstance(security, Security):
+            await _send_error(send, GatewayError("the gateway is starting", code="starting"))
+            return
+        settings = security.settings
         method: str = scope["method"]
         path: str = scope["path"]
+        call: _Call | None = None
+        kind = route_class(method, path, settings)
         try:
-            violation = check_headers(scope.get("headers", []), limits)
+            violation = check_headers(scope.get("headers", []), settings.limits)
             if violation:
                 raise LimitExceeded(violation)
-            kind = route_class(method, path, settings)
-            principal = await self._authenticate(scope, kind, method, path)
+            principal = self._authenticate(security, scope, kind, method, path)
             body: bytes | None = None
             pending: list[Message] = []
             if method in BODY_METHODS:
-                body, pending = await self._checked_body(scope, receive, path, limits)
+                body, pending = await self._checked_body(security, scope, receive, path)
+            parsed = _json_object(body)
+            if path in GENERATION_PATHS and parsed is not None and isinstance(parsed.get("model"), str):
+                model = parsed["model"]
+                adapter = security.adapter_of(model)
+                security.check_model(principal, model, adapter, security.base_name)
+                call = _Call(security.admit(principal, adapter), prompt_length(parsed) // 4 + 1)
+            if path == "/v1/load_lora_adapter" and parsed is not None and isinstance(parsed.get("lora_path"), str):
+                security.check_load_path(parsed["lora_path"])
         except GatewayError as error:
+            if isinstance(error, Forbidden) and kind == "admin":
+                security.audit.record(
+                    principal_who(scope), f"admin.{method} {path}", None, "denied", error=error.message
+                )
             await _send_error(send, error)
             return
         scope.setdefault("state", {})["principal"] = principal
         if body is not None:
             receive = _replay(body, pending, receive)
-        if kind == "admin":
-            await self._audited(scope, receive, send, principal, body)
+        if call is not None:
+            await self._metered(scope, receive, send, call)
+        elif kind == "admin":
+            await self._audited(security, scope, receive, send, principal, parsed)
+        elif method == "GET" and path == "/v1/models" and principal.key is not None:
+            await self._filtered_models(security, scope, receive, send, principal)
         else:
             await self.app(scope, receive, send)
 
-    async def _authenticate(self, scope: Scope, kind: str, method: str, path: str) -> Principal:
-        security = self.security
+    @staticmethod
+    def _authenticate(security: Security, scope: Scope, kind: str, method: str, path: str) -> Principal:
         if kind == "open" or (kind == "metrics" and security.settings.metrics_auth == "none"):
-            return _anonymous() if security.keyed() else LOCAL
-        authorization = None
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        principal = security.authenticate(authorization)
-        needs_admin = kind == "admin" or (kind == "metrics" and security.settings.metrics_auth == "admin")
-        if needs_admin and not principal.is_admin:
-            if kind == "admin":
-                security.audit.record(principal.who, f"admin.{method} {path}", None, "denied")
+            return ANONYMOUS if security.keyed() else LOCAL
+        principal = security.authenticate(_header(scope, b"authorization"))
+        scope.setdefault("state", {})["principal"] = principal
+        if kind == "admin" or (kind == "metrics" and security.settings.metrics_auth == "admin"):
             security.require_admin(principal, f"{method} {path}")
         return principal
 
+    @staticmethod
     async def _checked_body(
-        self, scope: Scope, receive: Receive, path: str, limits: LimitSettings
+        security: Security, scope: Scope, receive: Receive, path: str
     ) -> tuple[bytes, list[Message]]:
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit():
-                violation = check_body_size(int(value), limits)
-                if violation:
-                    raise LimitExceeded(violation)
+        limits = security.settings.limits
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit():
+            violation = check_body_size(int(length), limits)
+            if violation:
+                raise LimitExceeded(violation)
         try:
             body, pending = await _read_body(receive, limits.max_body_bytes)
         except _TooLarge:
@@ -415,18 +484,52 @@ class SecurityMiddleware:
         violation = check_json_depth(body, limits)
         if violation:
             raise LimitExceeded(violation)
-        if path in GENERATION_PATHS:
-            try:
-                parsed = json.loads(body)
-            except ValueError:
-                parsed = None  # the route's validation answers malformed JSON
-            if isinstance(parsed, dict):
-                violation = check_generation(parsed, limits)
-                if violation:
-                    raise LimitExceeded(violation)
+        parsed = _json_object(body) if path in GENERATION_PATHS else None
+        if parsed is not None:
+            violation = check_generation(parsed, limits)
+            if violation:
+                raise LimitExceeded(violation)
         return body, pending
 
-    async def _audited(self, scope: Scope, receive: Receive, send: Send, who: Principal, body: bytes | None) -> None:
+    async def _metered(self, scope: Scope, receive: Receive, send: Send, call: _Call) -> None:
+        """Forward an admitted completion; afterwards pay its tokens and free its concurrency slot."""
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if content_type.startswith(b"application/json"):
+                    call.json_body = bytearray()
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if call.json_body is not None:
+                    if len(call.json_body) < 4 * 1024 * 1024:
+                        call.json_body += chunk
+                else:
+                    call.chunks += chunk.count(b"data: ")
+                    found = usage_total(call.tail + chunk)
+                    if found is not None:
+                        call.usage_tokens = found
+                    call.tail = chunk[-4096:]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if call.json_body is not None:
+                call.usage_tokens = usage_total(bytes(call.json_body))
+            tokens = call.usage_tokens if call.usage_tokens is not None else call.prompt_estimate + call.chunks
+            call.lease.charge(tokens)
+            call.lease.release()
+
+    async def _audited(
+        self,
+        security: Security,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        body: dict[str, Any] | None,
+    ) -> None:
         status = 500
 
         async def capture(message: Message) -> None:
@@ -440,19 +543,68 @@ class SecurityMiddleware:
         finally:
             method, path = scope["method"], scope["path"]
             if method in BODY_METHODS or method == "DELETE":
-                try:
-                    parsed = json.loads(body) if body else None
-                except ValueError:
-                    parsed = None
                 result = "ok" if status < 400 else "denied" if status in (401, 403) else "error"
-                self.security.audit.record(
-                    who.who, f"admin.{method} {path}", audit_target(parsed), result, details={"status": status}
+                security.audit.record(
+                    principal.who, f"admin.{method} {path}", audit_target(body), result, details={"status": status}
                 )
 
+    async def _filtered_models(
+        self, security: Security, scope: Scope, receive: Receive, send: Send, principal: Principal
+    ) -> None:
+        """Drop from the model list every model this key may not use (it must not learn their names)."""
+        start: Message | None = None
+        chunks: list[bytes] = []
 
-def _anonymous() -> Principal:
-    """A request on an open path in keyed mode: no key, and no rights beyond the open path itself."""
-    return Principal(ApiKey(key_id="anonymous", name="anonymous", key_hash="", adapters=(), bases=()))
+        async def hold(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await self._send_filtered(security, principal, start, b"".join(chunks), send)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, hold)
+
+    @staticmethod
+    async def _send_filtered(
+        security: Security, principal: Principal, start: Message | None, body: bytes, send: Send
+    ) -> None:
+        assert start is not None
+        listing = _json_object(body)
+        if start["status"] == 200 and listing is not None and isinstance(listing.get("data"), list):
+            listing["data"] = [card for card in listing["data"] if security.card_visible(principal, card)]
+            body = json.dumps(listing).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def usage_total(raw: bytes) -> int | None:
+    """prompt + completion tokens of the last ``"usage"`` object in a JSON body or a piece of an SSE stream."""
+    total = None
+    candidates = raw.split(b"\n") if raw.lstrip().startswith(b"data:") or b"\ndata:" in raw else [raw]
+    for line in candidates:
+        if b'"usage"' not in line:
+            continue
+        text = line[5:] if line.startswith(b"data:") else line
+        parsed = _json_object(text.strip())
+        usage = parsed.get("usage") if parsed else None
+        if isinstance(usage, dict):
+            counts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+            total = sum(c for c in counts if isinstance(c, int))
+    return total
+
+
+def principal_who(scope: Scope) -> str:
+    principal = scope.get("state", {}).get("principal")
+    return principal.who if isinstance(principal, Principal) else "unknown"
+
+
+ANONYMOUS = Principal(ApiKey(key_id="anonymous", name="anonymous", key_hash="", adapters=(), bases=()))
 
 
 def _replay(body: bytes, pending: list[Message], receive: Receive) -> Receive:

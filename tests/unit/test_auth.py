@@ -22,6 +22,7 @@ from gateway.auth import (
     build_security,
     path_within_roots,
     route_class,
+    usage_total,
 )
 from gateway.errors import GatewayError
 from gateway.keys import KeyStore
@@ -106,10 +107,14 @@ def test_route_class(path: str, kind: str) -> None:
 # --- the middleware over a tiny app ---------------------------------------------------------------------------------
 
 
+def card(model_id: str, adapter: str | None) -> dict[str, Any]:
+    return {"id": model_id, "root": "tiny", "parent": None if adapter is None else "tiny", "adapter": adapter}
+
+
 def make_app(store: LocalStore, settings: SecuritySettings) -> FastAPI:
+    """Routes shaped like the gateway's: the middleware does access, quotas and model filtering around them."""
     app = FastAPI()
-    security = build_security(settings, store)
-    app.state.security = security
+    app.state.security = build_security(settings, store, base_name="tiny")
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -118,17 +123,16 @@ def make_app(store: LocalStore, settings: SecuritySettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request, principal: PrincipalDep) -> dict[str, Any]:
         body = await request.json()
-        adapter = None if body["model"] == "tiny" else body["model"]
-        security.check_model(principal, body["model"], adapter, "tiny")
-        lease = security.admit(principal, adapter)
-        lease.release()
-        return {"who": principal.who, "model": body["model"]}
+        return {"who": principal.who, "model": body["model"], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
 
     @app.get("/v1/models")
-    async def models(principal: PrincipalDep) -> list[str]:
-        return [
-            m for m in ("tiny", "acme-bot", "globex") if security.visible(principal, None if m == "tiny" else m, "tiny")
-        ]
+    async def models() -> dict[str, Any]:
+        data = [card("tiny", None), card("acme-bot", "acme-bot"), card("acme-bot@2", "acme-bot")]
+        return {"object": "list", "data": [*data, card("globex:prod", "globex")]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request) -> dict[str, Any]:
+        return {"loaded": (await request.json())["lora_name"]}
 
     @app.post("/admin/promote")
     async def promote(principal: AdminDep) -> dict[str, str]:
@@ -142,7 +146,7 @@ def make_app(store: LocalStore, settings: SecuritySettings) -> FastAPI:
     async def metrics() -> str:
         return "m 1"
 
-    app.add_middleware(SecurityMiddleware, security=security)
+    app.add_middleware(SecurityMiddleware)
     return app
 
 
@@ -162,9 +166,10 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 async def test_local_mode_allows_everything(store: LocalStore) -> None:
     async with client_for(make_app(store, SecuritySettings())) as client:
         reply = await client.post("/v1/chat/completions", json={**CHAT, "model": "globex"})
-        assert reply.json() == {"who": "local", "model": "globex"}
+        assert reply.json()["who"] == "local"
         assert (await client.post("/admin/promote")).json() == {"done": "local"}
-        assert (await client.get("/v1/models")).json() == ["tiny", "acme-bot", "globex"]
+        listed = (await client.get("/v1/models")).json()["data"]
+        assert [c["id"] for c in listed] == ["tiny", "acme-bot", "acme-bot@2", "globex:prod"]
 
 
 async def test_keyed_mode_access_admin_and_audit(store: LocalStore) -> None:
@@ -182,13 +187,16 @@ async def test_keyed_mode_access_admin_and_audit(store: LocalStore) -> None:
     async with client_for(app, "lg-000000000000-" + "A" * 43) as wrong:
         assert (await wrong.get("/v1/models")).json()["error"]["message"] == "Invalid API key."
     async with client_for(app, acme.secret) as client:
-        assert (await client.get("/v1/models")).json() == ["tiny", "acme-bot"]
+        listed = await client.get("/v1/models")
+        assert [c["id"] for c in listed.json()["data"]] == ["tiny", "acme-bot", "acme-bot@2"]
+        assert listed.headers["content-length"] == str(len(listed.content))
         ok = await client.post("/v1/chat/completions", json={**CHAT, "model": "acme-bot"})
         assert ok.json()["who"] == f"key:{acme.record.key_id}:acme"
-        hidden = await client.post("/v1/chat/completions", json={**CHAT, "model": "globex"})
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "acme-bot:prod"})).status_code == 200
+        hidden = await client.post("/v1/chat/completions", json={**CHAT, "model": "globex:prod"})
         assert hidden.status_code == 404
         assert hidden.json()["error"] == {
-            "message": "The model 'globex' does not exist",
+            "message": "The model 'globex:prod' does not exist",
             "type": "invalid_request_error",
             "param": "model",
             "code": "model_not_found",
@@ -260,9 +268,56 @@ async def test_limits_answer_400_413_431_before_the_app(store: LocalStore) -> No
         many = await client.get("/healthz", headers={f"x-h{i}": "1" for i in range(25)})
         assert many.status_code == 431
         fine = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
-        assert fine.json() == {"who": "local", "model": "tiny"}
+        assert fine.json()["who"] == "local"
 
 
 def test_required_auth_needs_a_store() -> None:
     with pytest.raises(ValueError, match=r"security\.auth=required needs a registry"):
         build_security(SecuritySettings(auth="required"), None)
+
+
+async def test_tokens_per_minute_are_paid_from_the_response_usage(store: LocalStore) -> None:
+    keys = KeyStore(store, cache_ttl_s=0)
+    limited = keys.create("acme", tpm=10)  # a call costs 5 + 7 = 12 tokens: 2 overdrawn, 12 s to pay back
+    app = make_app(store, SecuritySettings())
+    async with client_for(app, limited.secret) as client:
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})).status_code == 200
+        refused = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["message"] == "Rate limit exceeded: tpm=10 for this API key; retry after 12s."
+
+
+async def test_load_by_path_only_inside_roots(store: LocalStore, tmp_path: Path) -> None:
+    root = tmp_path / "adapters"
+    (root / "acme").mkdir(parents=True)
+    keys = KeyStore(store, cache_ttl_s=0)
+    ops = keys.create("ops", admin=True)
+    app = make_app(store, SecuritySettings(path_roots=[root]))
+    async with client_for(app, ops.secret) as admin:
+        inside = await admin.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(root / "acme")})
+        assert inside.json() == {"loaded": "a"}
+        for bad in (str(tmp_path), str(root / ".." / "adapters" / "acme"), "relative/acme"):
+            refused = await admin.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": bad})
+            assert refused.status_code == 403, bad
+            assert refused.json()["error"]["code"] == "path_refused"
+    results = [(e["action"], e["result"]) for e in app.state.security.audit.read()]
+    assert (
+        results == [("admin.POST /v1/load_lora_adapter", "ok")] + [("admin.POST /v1/load_lora_adapter", "denied")] * 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "total"),
+    [
+        (b'{"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}', 7),
+        (b'{"id": "x"}', None),
+        (
+            b'data: {"choices": []}\n\ndata: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\n',
+            11,
+        ),
+        (b"data: [DONE]\n\n", None),
+        (b'{"usage": "lots"}', None),
+    ],
+)
+def test_usage_total(raw: bytes, total: int | None) -> None:
+    assert usage_total(raw) == total
