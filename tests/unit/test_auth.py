@@ -312,7 +312,7 @@ async def test_load_by_path_only_inside_roots(store: LocalStore, tmp_path: Path)
         (b'{"id": "x", "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}', 7),
         (b'{"id": "x"}', None),
         (
-            b'data: {"choices": []}\n\ndata: {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\n',
+            b'data: {"choices": []}\n\ndata: {"usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\n',
             11,
         ),
         (b"data: [DONE]\n\n", None),
