@@ -27,7 +27,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, Field
 
 from gateway.audit import AuditLog
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, ModelNotFound, Unavailable
 from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, ObjectStore, may_use, parse_bearer
 from gateway.limits import (
     LimitSettings,
@@ -150,6 +150,14 @@ def bind_host(host: str, keyed: bool, allow_open_bind: bool) -> tuple[str, str |
         f"no API keys configured: binding 127.0.0.1 instead of {host}; create a key (`loragate keys create`) "
         "or set security.allow_open_bind=true"
     )
+
+
+def choose_bind(settings: SecuritySettings, store: ObjectStore | None, host: str) -> tuple[str, str | None]:
+    """At startup: the host to bind (loopback in local mode unless told otherwise) and a warning to log."""
+    if settings.auth == "required":
+        return host, None
+    keyed = settings.auth == "auto" and store is not None and KeyStore(store, cache_ttl_s=0).has_keys()
+    return bind_host(host, keyed, settings.allow_open_bind)
 
 
 def path_within_roots(raw: str, roots: list[Path]) -> Path | None:
@@ -414,7 +422,7 @@ class SecurityMiddleware:
             return
         security = self.security or getattr(getattr(scope.get("app"), "state", None), "security", None)
         if not isinstance(security, Security):
-            await _send_error(send, GatewayError("the gateway is starting", code="starting"))
+            await _send_error(send, Unavailable("the gateway is starting", retry_after_s=1, code="starting"))
             return
         settings = security.settings
         method: str = scope["method"]

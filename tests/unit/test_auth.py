@@ -20,6 +20,7 @@ from gateway.auth import (
     SecuritySettings,
     bind_host,
     build_security,
+    choose_bind,
     path_within_roots,
     route_class,
     usage_total,
@@ -321,3 +322,21 @@ async def test_load_by_path_only_inside_roots(store: LocalStore, tmp_path: Path)
 )
 def test_usage_total(raw: bytes, total: int | None) -> None:
     assert usage_total(raw) == total
+
+
+def test_choose_bind_reads_the_store(store: LocalStore) -> None:
+    assert choose_bind(SecuritySettings(), store, "0.0.0.0")[0] == "127.0.0.1"
+    assert choose_bind(SecuritySettings(auth="off"), store, "0.0.0.0")[0] == "127.0.0.1"
+    assert choose_bind(SecuritySettings(auth="required"), None, "0.0.0.0") == ("0.0.0.0", None)
+    KeyStore(store, cache_ttl_s=0).create("acme")
+    assert choose_bind(SecuritySettings(), store, "0.0.0.0") == ("0.0.0.0", None)
+
+
+async def test_middleware_before_startup_answers_503(store: LocalStore) -> None:
+    app = FastAPI()
+    app.add_middleware(SecurityMiddleware)
+    async with client_for(app) as client:
+        reply = await client.get("/v1/models")
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "1"
+    assert reply.json()["error"]["code"] == "starting"
