@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 CONTRACT_TYPES = ("json_schema", "regex", "choice")
@@ -113,6 +114,24 @@ def schema_error(schema: dict[str, Any]) -> str | None:
     except (ValueError, TypeError, RuntimeError) as exc:
         return f"schema is not supported by the structured-generation backend: {_first_line(exc)}"
     return None
+
+
+def contract_satisfied(contract: Mapping[str, Any], text: str) -> bool:
+    """Whether an answer `text` keeps to a normalised contract (training's evaluation, benchmarks)."""
+    kind = contract["type"]
+    if kind == "regex":
+        return re.fullmatch(contract["regex"], text) is not None
+    if kind == "choice":
+        return text in contract["choice"]
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    schema = contract["schema"]
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    return bool(validator.is_valid(value))
 
 
 def canonical_json(value: Any) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from adapters_registry.contract import canonical_json, normalize_contract
+from adapters_registry.contract import canonical_json, contract_satisfied, normalize_contract
 
 OBJ = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
 
@@ -120,3 +120,19 @@ def test_schema_too_large_is_refused() -> None:
 def test_canonical_json_is_key_order_independent() -> None:
     assert canonical_json({"b": 1, "a": [1, {"d": 2, "c": 3}]}) == '{"a":[1,{"c":3,"d":2}],"b":1}'
     assert canonical_json({"a": "é"}) == '{"a":"é"}'
+
+
+SATISFIED: list[tuple[str, dict[str, Any], str, bool]] = [
+    ("schema ok", {"type": "json_schema", "schema": OBJ}, '{"code": "A1"}', True),
+    ("schema missing key", {"type": "json_schema", "schema": OBJ}, '{"kode": "A1"}', False),
+    ("schema not json", {"type": "json_schema", "schema": OBJ}, '{"code": "A1"', False),
+    ("regex ok", {"type": "regex", "regex": "[A-Z][0-9]{2}"}, "B12", True),
+    ("regex partial", {"type": "regex", "regex": "[A-Z][0-9]{2}"}, "B123", False),
+    ("choice ok", {"type": "choice", "choice": ["yes", "no"]}, "yes", True),
+    ("choice other", {"type": "choice", "choice": ["yes", "no"]}, "yes ", False),
+]
+
+
+@pytest.mark.parametrize(("contract", "text", "expected"), [c[1:] for c in SATISFIED], ids=[c[0] for c in SATISFIED])
+def test_contract_satisfied(contract: dict[str, Any], text: str, expected: bool) -> None:
+    assert contract_satisfied(contract, text) is expected
