@@ -1,0 +1,180 @@
+"""`loragate merge REF --out DIR`: merge a registered adapter version into its base and export it, checked.
+
+    loragate merge support-bot@3 --out merged/support-bot
+    loragate merge support-bot:prod --out merged/support-bot --register support-bot-merged   # + gateway/Helm snippets
+
+With `--register NAME` the merged model becomes a registry base, and two files are written next to `--out`:
+`NAME.gateway.yaml` (for `loragate serve --config`) and `NAME.helm-values.yaml` (for `helm install -f`), both serving
+it as a dedicated deployment without LoRA under the adapter's public name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.merge import MergeResult
+
+HELM_MODEL_MOUNT = "/models"
+
+
+def register(sub: Any) -> None:
+    merge = sub.add_parser("merge", help="merge an adapter version into its base model and export it (checked)")
+    merge.add_argument("ref", help="adapter reference: name, name@N, name@sha256:<prefix> or name:alias")
+    merge.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
+    merge.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="export dtype")
+    merge.add_argument(
+        "--qlora-base",
+        choices=("dequantized", "original"),
+        default="dequantized",
+        help="QLoRA adapters: merge into the dequantized 4-bit base (what was trained; default) or the original",
+    )
+    merge.add_argument(
+        "--min-agreement",
+        type=_fraction,
+        default=None,
+        help="greedy agreement with base + adapter needed to export (default 0.95)",
+    )
+    merge.add_argument("--force", action="store_true", help="export even when the equivalence check fails")
+    merge.add_argument("--probes", type=Path, default=None, help="probe prompts, one per line (default: built in)")
+    merge.add_argument("--register", metavar="NAME", default=None, help="register the merged model as base NAME")
+    merge.add_argument(
+        "--registry", default=None, help="registry location (default: $LORAGATE_REGISTRY or ~/.loragate)"
+    )
+    merge.set_defaults(handler=run)
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: not a number") from exc
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: must be between 0 and 1")
+    return number
+
+
+def gateway_config(*, base: str, public_name: str, registry: str | None) -> dict[str, Any]:
+    """`loragate serve --config` settings for a dedicated deployment of a merged model (no LoRA)."""
+    config: dict[str, Any] = {"base": base, "base_name": public_name, "engines": {"enable_lora": False}}
+    if registry:
+        config["registry"] = registry
+    return config
+
+
+def helm_values(*, public_name: str, model_dir_name: str) -> dict[str, Any]:
+    """Values for helm/loragate serving the merged model under the adapter's public name, engines without LoRA."""
+    return {
+        "baseModel": {"servedName": public_name},
+        "engine": {"model": f"{HELM_MODEL_MOUNT}/{model_dir_name}", "lora": {"enabled": False}},
+    }
+
+
+def _read_probes(path: Path) -> list[str]:
+    from loragate.cli import CLIError
+
+    try:
+        probes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot read probes ({exc.strerror})") from exc
+    if not probes:
+        raise CLIError(f"{path}: no probe prompts (one per line)")
+    return probes
+
+
+def run(args: argparse.Namespace) -> int:
+    from adapters_registry import open_registry
+    from adapters_registry.errors import NotFoundError, RegistryError
+    from loragate.cli import CLIError
+    from training.merge import (
+        DEFAULT_MIN_AGREEMENT,
+        DEFAULT_PROBES,
+        MergeError,
+        MergeOptions,
+        MergeRefused,
+        merge_adapter,
+    )
+
+    options = MergeOptions(
+        precision=args.precision,
+        qlora_base=args.qlora_base,
+        min_agreement=DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement,
+        force=args.force,
+        probes=_read_probes(args.probes) if args.probes else DEFAULT_PROBES,
+    )
+    try:
+        reg = open_registry(args.registry)
+        adapter = reg.resolve(args.ref)
+        base = reg.get_base(adapter.base)
+        if adapter.base_fingerprint != base.fingerprint:
+            raise CLIError(
+                f"{adapter.ref}: bound to base fingerprint {adapter.base_fingerprint}, registry has {base.fingerprint}"
+            )
+        if args.register:
+            try:
+                reg.get_base(args.register)
+            except NotFoundError:
+                pass
+            else:
+                raise CLIError(f"base {args.register!r} already exists in the registry")
+        base_dir = reg.base_dir(base.name)
+        adapter_dir = reg.materialize(adapter)
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from exc
+
+    provenance = {
+        "adapter": adapter.name,
+        "version": adapter.version,
+        "ref": adapter.ref,
+        "digest": adapter.digest,
+        "serving": adapter.serving,
+        "base": base.name,
+        "base_fingerprint": base.fingerprint,
+    }
+    print(f"merging {adapter.ref} ({adapter.digest[:19]}, {adapter.serving}) into base {base.name!r}", flush=True)
+    try:
+        result = merge_adapter(
+            base_dir, adapter_dir, args.out, options, training=adapter.training, provenance=provenance
+        )
+    except MergeRefused as exc:
+        print(exc.report.summary(), file=sys.stderr)
+        raise CLIError(str(exc)) from exc
+    except MergeError as exc:
+        raise CLIError(str(exc)) from exc
+    _print_result(result)
+
+    if args.register:
+        merged_from = {**provenance, "equivalence": result.manifest["equivalence"], "merge": result.manifest["merge"]}
+        try:
+            registered = reg.add_base(args.out, args.register, merged_from=merged_from)
+        except RegistryError as exc:
+            raise CLIError(f"merged model written to {args.out} but not registered: {exc}") from exc
+        print(f"registered base {registered.name!r} ({registered.fingerprint[:19]})")
+        for path in write_snippets(args.out, args.register, adapter.name, args.registry):
+            print(f"wrote {path}")
+    return 0
+
+
+def _print_result(result: MergeResult) -> None:
+    print(result.report.summary())
+    print(f"merged into the {result.merge_base} base -> {result.out} ({result.seconds:.1f}s)")
+
+
+def write_snippets(out: Path, base_name: str, public_name: str, registry: str | None) -> list[Path]:
+    import yaml
+
+    gateway_path = out.parent / f"{base_name}.gateway.yaml"
+    helm_path = out.parent / f"{base_name}.helm-values.yaml"
+    gateway_path.write_text(
+        f"# loragate serve --config {gateway_path.name}: serves {base_name} (merged) as {public_name!r}, no LoRA\n"
+        + yaml.safe_dump(gateway_config(base=base_name, public_name=public_name, registry=registry), sort_keys=False)
+    )
+    helm_path.write_text(
+        f"# helm install {public_name} helm/loragate -f {helm_path.name}\n"
+        f"# copy {out} to the engines' model volume as {HELM_MODEL_MOUNT}/{out.name}\n"
+        + yaml.safe_dump(helm_values(public_name=public_name, model_dir_name=out.name), sort_keys=False)
+    )
+    return [gateway_path, helm_path]
