@@ -105,7 +105,7 @@ def test_report_summary_says_verdict() -> None:
 
 
 def test_read_adapter_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(MergeError, match="no adapter_config.json"):
+    with pytest.raises(MergeError, match=r"no adapter_config\.json"):
         read_adapter_config(tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(MergeError, match="invalid JSON"):

@@ -139,9 +139,7 @@ def test_merge_only_adapters_merge(tiny_model: Path, adapters: dict[str, Path], 
 def test_refuses_qlora_into_original_base(tiny_model: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "nope"
     with pytest.raises(MergeRefused, match="nothing written") as info:
-        merge_adapter(
-            tiny_model, adapters["qlora"], out, MergeOptions(qlora_base="original"), training=QLORA_TRAINING
-        )
+        merge_adapter(tiny_model, adapters["qlora"], out, MergeOptions(qlora_base="original"), training=QLORA_TRAINING)
     assert info.value.report.greedy_agreement == 112 / 128
     assert _leftovers(tmp_path) == []
 
