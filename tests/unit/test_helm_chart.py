@@ -187,6 +187,7 @@ def test_cpu_engines_request_no_gpu(chart: Any) -> None:
     assert "nvidia.com/gpu" not in vllm["resources"]["limits"]
     assert "--gpu-memory-utilization" not in vllm["args"]
     assert env_of(vllm)["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert vllm["image"] == "ghcr.io/loragate/engine-cpu:0.1.0"
     assert "tolerations" not in pod
 
 
@@ -216,7 +217,10 @@ def test_engine_pods_have_a_local_adapter_cache_shared_with_the_sync_sidecar(cha
     # The gateway sends vLLM paths under its cache dir; the sidecar fills the same path on the engine pod.
     assert mounts["vllm"]["adapter-cache"] == mounts["adapter-sync"]["adapter-cache"] == gateway_mounts["cache"]
     sync_env = env_of(next(c for c in pod["containers"] if c["name"] == "adapter-sync"))
-    assert sync_env["LORAGATE_REGISTRY"] == "s3://loragate/registry"
+    gateway_env = env_of(container(objs, f"{FULL}-gateway", "gateway"))
+    # Same registry location and cache root: registry.materialize() names the same folder in both pods.
+    assert sync_env["LORAGATE_REGISTRY"] == gateway_env["LORAGATE_REGISTRY"] == "s3://loragate/registry"
+    assert sync_env["LORAGATE_CACHE"] == gateway_env["LORAGATE_CACHE"] == mounts["vllm"]["adapter-cache"]
     disabled = render(chart, {"engine": {"adapterSync": {"enabled": False}}})
     names = [c["name"] for c in disabled[("Deployment", f"{FULL}-engine")]["spec"]["template"]["spec"]["containers"]]
     assert names == ["vllm"]
@@ -362,6 +366,9 @@ def test_pvc_registry_is_shared_by_gateway_and_engines(chart: Any) -> None:
     assert env_of(container(objs, f"{FULL}-gateway", "gateway"))["LORAGATE_REGISTRY"] == "/registry"
     vllm_mount = next(m for m in container(objs, f"{FULL}-engine", "vllm")["volumeMounts"] if m["name"] == "registry")
     assert vllm_mount == {"name": "registry", "mountPath": "/registry", "readOnly": True}
+    # The gateway materialises onto the shared volume itself: no sync sidecar.
+    engine_pod = objs[("Deployment", f"{FULL}-engine")]["spec"]["template"]["spec"]
+    assert [c["name"] for c in engine_pod["containers"]] == ["vllm"]
     existing = render(chart, {"registry": {"mode": "pvc", "pvc": {"existingClaim": "team-registry"}}})
     assert not any(kind == "PersistentVolumeClaim" for kind, _ in existing)
     pod = existing[("Deployment", f"{FULL}-gateway")]["spec"]["template"]["spec"]
@@ -419,7 +426,7 @@ def test_service_monitors_and_alert_rules_are_optional(chart: Any) -> None:
 
 def test_alert_rules_match_deploy_prometheus(chart: Any) -> None:
     """The chart's PrometheusRule carries exactly the alerts of deploy/prometheus/ (no drift between the two)."""
-    rule_files = sorted((REPO / "deploy" / "prometheus").glob("*rules*.y*ml"))
+    rule_files = sorted((REPO / "deploy" / "prometheus").glob("alerts.y*ml"))
     if not rule_files:
         pytest.skip("deploy/prometheus/ has no alert rules file yet")
     expected = [group for path in rule_files for group in yaml.safe_load(path.read_text())["groups"]]

