@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, Field
@@ -53,6 +53,14 @@ ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 ADMIN_PREFIX = "/admin"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 TARGET_FIELDS = ("lora_name", "name", "ref", "adapter", "alias", "base")
+
+
+class SecurityMetrics(Protocol):
+    """What the security layer counts (gateway.metrics.GatewayMetrics provides it)."""
+
+    def rate_limited(self, scope: str, limit: str) -> None: ...
+
+    def auth_failed(self, reason: str) -> None: ...
 
 
 class SecuritySettings(BaseModel):
@@ -204,7 +212,7 @@ class Security:
         keys: KeyStore | None,
         audit: AuditLog,
         quotas: QuotaManager,
-        metrics: object | None = None,
+        metrics: SecurityMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         base_name: str = "",
     ) -> None:
@@ -254,17 +262,17 @@ class Security:
         if not self.keyed():
             return LOCAL
         if self.keys is None:
-            self._count("auth_failed", "unknown")
+            self._auth_failed("unknown")
             raise Unauthorized(AUTH_MESSAGES[AuthOutcome.UNKNOWN])
         outcome, record = self.keys.authenticate(parse_bearer(authorization))
         if outcome is not AuthOutcome.OK or record is None:
-            self._count("auth_failed", outcome.value)
+            self._auth_failed(outcome.value)
             raise Unauthorized(AUTH_MESSAGES[outcome])
         return Principal(record)
 
     def require_admin(self, principal: Principal, action: str) -> None:
         if not principal.is_admin:
-            self._count("auth_failed", "forbidden")
+            self._auth_failed("forbidden")
             raise Forbidden(f"{action} needs an admin API key")
 
     def visible(self, principal: Principal, adapter: str | None, base: str) -> bool:
@@ -284,7 +292,8 @@ class Security:
         try:
             return self.quotas.admit(scopes)
         except QuotaExceeded as exc:
-            self._count("rate_limited", exc.refusal.scope, exc.refusal.limit)
+            if self.metrics is not None:
+                self.metrics.rate_limited(exc.refusal.scope, exc.refusal.limit)
             raise RateLimited(exc.refusal) from None
 
     def check_load_path(self, raw: str) -> Path:
@@ -298,14 +307,17 @@ class Security:
             )
         return resolved
 
-    def _count(self, method: str, *labels: str) -> None:
-        hook = getattr(self.metrics, method, None)
-        if callable(hook):
-            hook(*labels)
+    def _auth_failed(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_failed(reason)
 
 
 def build_security(
-    settings: SecuritySettings, store: ObjectStore | None, metrics: object | None = None, *, base_name: str = ""
+    settings: SecuritySettings,
+    store: ObjectStore | None,
+    metrics: SecurityMetrics | None = None,
+    *,
+    base_name: str = "",
 ) -> Security:
     keys = KeyStore(store, cache_ttl_s=settings.key_cache_ttl_s) if store is not None else None
     if settings.auth == "required" and keys is None:
@@ -488,7 +500,7 @@ class SecurityMiddleware:
         try:
             body, pending = await _read_body(receive, limits.max_body_bytes)
         except _TooLarge:
-            raise LimitExceeded(LimitViolation("max_body_bytes", limits.max_body_bytes, None, status=413)) from None
+            raise LimitExceeded(LimitViolation("max_body_bytes", limits.max_body_bytes, None)) from None
         violation = check_json_depth(body, limits)
         if violation:
             raise LimitExceeded(violation)

@@ -66,7 +66,7 @@ def check_headers(headers: Iterable[tuple[bytes, bytes]], limits: LimitSettings)
 
 def check_body_size(size: int, limits: LimitSettings) -> LimitViolation | None:
     if size > limits.max_body_bytes:
-        return LimitViolation("max_body_bytes", limits.max_body_bytes, None, status=413)
+        return LimitViolation("max_body_bytes", limits.max_body_bytes, None)
     return None
 
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 
 from adapters_registry.local import LocalStore
 from gateway.auth import (
@@ -28,6 +29,7 @@ from gateway.auth import (
 from gateway.errors import GatewayError
 from gateway.keys import KeyStore
 from gateway.limits import LimitSettings
+from gateway.metrics import GatewayMetrics
 from gateway.quotas import Limits, QuotaSettings
 
 pytestmark = pytest.mark.anyio
@@ -112,10 +114,10 @@ def card(model_id: str, adapter: str | None) -> dict[str, Any]:
     return {"id": model_id, "root": "tiny", "parent": None if adapter is None else "tiny", "adapter": adapter}
 
 
-def make_app(store: LocalStore, settings: SecuritySettings) -> FastAPI:
+def make_app(store: LocalStore, settings: SecuritySettings, metrics: GatewayMetrics | None = None) -> FastAPI:
     """Routes shaped like the gateway's: the middleware does access, quotas and model filtering around them."""
     app = FastAPI()
-    app.state.security = build_security(settings, store, base_name="tiny")
+    app.state.security = build_security(settings, store, metrics, base_name="tiny")
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -220,7 +222,8 @@ async def test_key_and_adapter_rate_limits_answer_429(store: LocalStore) -> None
     keys = KeyStore(store, cache_ttl_s=0)
     limited = keys.create("acme", rpm=1)
     other = keys.create("other")
-    app = make_app(store, SecuritySettings(quotas=QuotaSettings(adapters={"glob*": Limits(rpm=1)})))
+    metrics = GatewayMetrics(registry=CollectorRegistry())
+    app = make_app(store, SecuritySettings(quotas=QuotaSettings(adapters={"glob*": Limits(rpm=1)})), metrics)
     async with client_for(app, limited.secret) as client:
         assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})).status_code == 200
         refused = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
@@ -238,9 +241,15 @@ async def test_key_and_adapter_rate_limits_answer_429(store: LocalStore) -> None
         assert shared.status_code == 429
         assert shared.json()["error"]["message"].startswith("Rate limit exceeded: rpm=1 for this model")
         assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})).status_code == 200
+    async with client_for(app, "lg-000000000000-" + "A" * 43) as wrong:
+        assert (await wrong.get("/v1/models")).status_code == 401
+    exposition = metrics.render()[0].decode()
+    assert 'loragate_rate_limited_total{limit="rpm",scope="key"} 1.0' in exposition
+    assert 'loragate_rate_limited_total{limit="rpm",scope="adapter"} 1.0' in exposition
+    assert 'loragate_auth_failures_total{reason="unknown"} 1.0' in exposition
 
 
-async def test_limits_answer_400_413_431_before_the_app(store: LocalStore) -> None:
+async def test_limits_answer_400_and_431_before_the_app(store: LocalStore) -> None:
     settings = SecuritySettings(
         limits=LimitSettings(max_body_bytes=2000, max_tokens=16, max_json_depth=4, max_headers=20)
     )
@@ -254,7 +263,7 @@ async def test_limits_answer_400_413_431_before_the_app(store: LocalStore) -> No
             "code": "limit_exceeded",
         }
         big = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny", "pad": "x" * 3000})
-        assert big.status_code == 413
+        assert big.status_code == 400
         assert "max_body_bytes=2000" in big.json()["error"]["message"]
 
         async def chunks() -> Any:
@@ -262,7 +271,7 @@ async def test_limits_answer_400_413_431_before_the_app(store: LocalStore) -> No
                 yield b" " * 1000
 
         streamed = await client.post("/v1/chat/completions", content=chunks())  # no content-length
-        assert streamed.status_code == 413
+        assert streamed.status_code == 400
         deep = await client.post("/v1/chat/completions", content=json.dumps({"model": [[[[["x"]]]]]}))
         assert deep.status_code == 400
         assert "max_json_depth=4" in deep.json()["error"]["message"]

@@ -60,7 +60,7 @@ def test_check_headers(headers: list[tuple[bytes, bytes]], violation: LimitViola
 def test_check_body_size() -> None:
     assert check_body_size(100, LIMITS) is None
     violation = check_body_size(101, LIMITS)
-    assert violation == LimitViolation("max_body_bytes", 100, None, status=413)
+    assert violation == LimitViolation("max_body_bytes", 100, None)
     assert violation.message == "request body is larger than the gateway limit max_body_bytes=100"
 
 
