@@ -169,7 +169,7 @@ class Registry:
 
     def list_bases(self) -> list[BaseManifest]:
         names = [k.removeprefix("bases/").removesuffix(".json") for k in self.store.list_keys("bases/")]
-        return [self.get_base(n) for n in names]
+        return [self.get_base(n) for n in sorted(names)]
 
     def base_dir(self, name: str) -> Path:
         base = self.get_base(name)
@@ -268,10 +268,14 @@ class Registry:
         self, name: str, digest: str, fingerprint: str, contract: dict[str, Any] | None
     ) -> AdapterManifest | None:
         prefix = f"adapters/{name}/digests/{digest.removeprefix('sha256:')}/"
-        for key in reversed(self.store.list_keys(prefix)):
-            record = self._record(name, int(key[len(prefix) :]))
+        indexed = [int(key[len(prefix) :]) for key in self.store.list_keys(prefix)]
+        # versions above the head hint may lack their index entry (a push killed just after its record)
+        unindexed = range(self._head_hint(name) + 1, self._newest_number(name) + 1)
+        for version in sorted({*indexed, *unindexed}, reverse=True):
+            record = self._record(name, version)
             if (
                 isinstance(record, AdapterManifest)
+                and record.digest == digest
                 and record.base_fingerprint == fingerprint
                 and record.contract == contract
             ):

@@ -37,7 +37,7 @@ class S3Store(ObjectStore):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         endpoint = endpoint_url or os.environ.get("LORAGATE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        self.client = client or boto3.client("s3", endpoint_url=endpoint or None)
+        self.client: Any = client or boto3.client("s3", endpoint_url=endpoint or None)
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
