@@ -395,7 +395,8 @@ def test_keda_scales_engines_on_the_gateway_queue(chart: Any) -> None:
     assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (2, 6)
     [trigger] = scaled["triggers"]
     assert trigger["type"] == "prometheus"
-    assert trigger["metadata"]["query"] == f'sum(loragate_engine_waiting_requests{{namespace="{NAMESPACE}"}})'
+    query = f'sum(max by (engine) (loragate_engine_waiting_requests{{namespace="{NAMESPACE}"}}))'
+    assert trigger["metadata"]["query"] == query
     assert trigger["metadata"]["threshold"] == "4"
     assert "replicas" not in objs[("Deployment", f"{FULL}-engine")]["spec"]
 
