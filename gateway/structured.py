@@ -20,14 +20,16 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
 from jsonschema.protocols import Validator
 
 from adapters_registry.contract import canonical_json, choice_error, regex_error, schema_error
 from gateway.errors import InvalidRequest
-from gateway.hooks import CallContext
+
+if TYPE_CHECKING:
+    from gateway.hooks import CallContext
 
 logger = logging.getLogger(__name__)
 
