@@ -38,6 +38,8 @@ class EngineSpec:
     max_model_len: int = 512
     dtype: str = "bfloat16"
     kv_cache_gib: int = 1
+    # Without a named backend and no free whitespace, a weak model under a JSON schema pads whitespace forever.
+    structured_outputs_config: str | None = '{"backend": "xgrammar", "disable_any_whitespace": true}'
     extra_args: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
     python: str = sys.executable
@@ -75,6 +77,8 @@ def engine_command(spec: EngineSpec) -> list[str]:
             str(spec.max_lora_rank),
         ]
         cmd += ["--max-cpu-loras", str(spec.max_cpu_loras or spec.max_loras)]
+    if spec.structured_outputs_config:
+        cmd += ["--structured-outputs-config", spec.structured_outputs_config]
     return cmd + list(spec.extra_args)
 
 

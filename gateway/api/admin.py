@@ -1,0 +1,154 @@
+"""Admin routes under /admin (engines, adapter load/unload/pin, registry reload) and the /healthz, /readyz probes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from adapters_registry import open_registry
+from adapters_registry.errors import RegistryError
+from gateway.deps import Gateway, GatewayDep
+from gateway.errors import InvalidRequest, ModelNotFound, Unavailable
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+probes = APIRouter(tags=["probes"])
+
+
+class AdapterAction(BaseModel):
+    model: str
+    engine: str | None = None
+
+
+def engine_view(gateway: Gateway, engine_id: str) -> dict[str, Any]:
+    engine = gateway.supervisor.engines[engine_id]
+    ledger = gateway.adapters.ledger
+    resident = []
+    for key in ledger.resident(engine_id) if engine_id in ledger.engines() else []:
+        manifest = gateway.adapters.manifests.get(key)
+        resident.append({"engine_name": key, "ref": manifest.ref if manifest else None, "pinned": key in ledger.pinned})
+    return {
+        "id": engine.id,
+        "url": engine.url,
+        "healthy": engine.healthy,
+        "pid": engine.process.pid if engine.process else None,
+        "restarts": engine.restarts,
+        "gave_up": engine.gave_up,
+        "last_error": engine.last_error,
+        "inflight": engine.inflight,
+        "running": engine.running,
+        "waiting": engine.waiting,
+        "max_loras": engine.max_loras,
+        "slots": engine.slots,
+        "resident": resident,
+    }
+
+
+@router.get("/engines")
+async def list_engines(gateway: GatewayDep) -> dict[str, Any]:
+    return {"engines": [engine_view(gateway, engine_id) for engine_id in gateway.supervisor.engines]}
+
+
+def _engine(gateway: Gateway, engine_id: str) -> Any:
+    engine = gateway.supervisor.engines.get(engine_id)
+    if engine is None:
+        raise InvalidRequest(f"no engine '{engine_id}'", param="engine")
+    if not engine.healthy:
+        raise Unavailable(f"engine '{engine_id}' is not healthy", code="engine_unhealthy")
+    return engine
+
+
+@router.post("/adapters/load")
+async def load_adapter(action: AdapterAction, request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    target = await gateway.adapters.resolve(action.model)
+    request.state.adapter = target.label
+    if target.manifest is None:
+        raise InvalidRequest("the base model is always loaded", param="model")
+    if action.engine:
+        engine = _engine(gateway, action.engine)
+        if not await gateway.adapters.ensure_loaded(engine, target.manifest):
+            raise Unavailable(f"engine '{engine.id}' has no free or evictable slot", code="no_adapter_slot")
+        engine_id = engine.id
+    else:
+        lease = await gateway.adapters.acquire(target, request.state.request_id)
+        lease.release()
+        engine_id = lease.engine.id
+    return {"model": action.model, "ref": target.manifest.ref, "engine_name": target.key, "engine": engine_id}
+
+
+@router.post("/adapters/unload")
+async def unload_adapter(action: AdapterAction, request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    target = await gateway.adapters.resolve(action.model)
+    request.state.adapter = target.label
+    key = target.key
+    if key is None:
+        raise InvalidRequest("the base model cannot be unloaded", param="model")
+    if key in gateway.adapters.ledger.pinned:
+        raise InvalidRequest(f"{target.label} is pinned; unpin it first", param="model")
+    holders = [action.engine] if action.engine else gateway.adapters.ledger.holders(key)
+    holders = [engine_id for engine_id in holders if gateway.adapters.ledger.has(engine_id, key)]
+    if not holders:
+        raise ModelNotFound(action.model)
+    for engine_id in holders:
+        await gateway.adapters.unload(_engine(gateway, engine_id), key)
+    return {"model": action.model, "ref": target.label, "unloaded_from": holders}
+
+
+@router.post("/adapters/pin")
+async def pin_adapter(action: AdapterAction, request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    manifest = await gateway.adapters.pin(action.model)
+    request.state.adapter = manifest.ref
+    return {"model": action.model, "ref": manifest.ref, "engine_name": manifest.engine_name, "pinned": True}
+
+
+@router.post("/adapters/unpin")
+async def unpin_adapter(action: AdapterAction, request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    target = await gateway.adapters.resolve(action.model)
+    request.state.adapter = target.label
+    if target.key is None or target.key not in gateway.adapters.ledger.pinned:
+        raise InvalidRequest(f"{target.label} is not pinned", param="model")
+    gateway.adapters.unpin(target.key)
+    return {"model": action.model, "ref": target.label, "pinned": False}
+
+
+@router.post("/registry/reload")
+async def reload_registry(gateway: GatewayDep) -> dict[str, Any]:
+    try:
+        registry = await asyncio.to_thread(open_registry, gateway.settings.registry)
+        adapters = await asyncio.to_thread(registry.list_adapters)
+    except RegistryError as exc:
+        raise Unavailable(f"registry unreachable: {exc}", code="registry_unavailable") from exc
+    gateway.registry = registry
+    gateway.adapters.registry = registry
+    return {"registry": gateway.settings.registry, "adapter_versions": len(adapters)}
+
+
+@probes.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@probes.get("/readyz")
+async def readyz(gateway: GatewayDep) -> JSONResponse:
+    problems = []
+    healthy = [engine for engine in gateway.supervisor.engines.values() if engine.healthy]
+    if not healthy:
+        problems.append("no healthy engine")
+    for engine in healthy:
+        if not gateway.adapters.pinned_resident(engine):
+            problems.append(f"{engine.id}: pinned adapters not resident")
+    try:
+        await asyncio.wait_for(asyncio.to_thread(gateway.registry.list_bases), 5.0)
+    except Exception as exc:
+        problems.append(f"registry unreachable: {type(exc).__name__}: {exc}")
+    if gateway.draining:
+        problems.append("draining")
+    body = {
+        "ready": not problems,
+        "problems": problems,
+        "engines": {e.id: e.healthy for e in gateway.supervisor.engines.values()},
+    }
+    return JSONResponse(body, status_code=200 if not problems else 503)

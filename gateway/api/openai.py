@@ -1,0 +1,173 @@
+"""OpenAI-compatible routes: completions and chat (proxied), the model list, vLLM's runtime adapter endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
+
+from adapters_registry import AdapterManifest
+from adapters_registry.errors import RegistryError
+from gateway.deps import Gateway, GatewayDep
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
+from gateway.metrics import RequestOutcome
+
+router = APIRouter()
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+async def _complete(request: Request, gateway: Gateway, path: str, route: str) -> Response:
+    if gateway.draining:
+        raise Unavailable("the gateway is shutting down", retry_after_s=1, code="draining")
+    started = time.monotonic()
+    body = await read_json(request)
+    request_id: str = request.state.request_id
+    try:
+        target = await gateway.adapters.resolve(body.get("model"))
+    except GatewayError as exc:
+        gateway.observe(outcome_for_error(route, exc, time.monotonic() - started, request_id, bool(body.get("stream"))))
+        raise
+    request.state.adapter = target.label
+    return await gateway.proxy.forward(path, route, body, target, request_id)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
+    return await _complete(request, gateway, "/v1/chat/completions", "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, gateway: GatewayDep) -> Response:
+    return await _complete(request, gateway, "/v1/completions", "completions")
+
+
+@router.get("/v1/models")
+async def list_models(gateway: GatewayDep) -> dict[str, Any]:
+    manifests = await asyncio.to_thread(gateway.registry.list_adapters)
+    manifests = [m for m in manifests if m.base == gateway.base_name]
+    names = sorted({m.name for m in manifests})
+    aliases = dict(
+        zip(names, await asyncio.gather(*(asyncio.to_thread(gateway.registry.aliases, n) for n in names)), strict=True)
+    )
+    base = gateway.base_name
+    live = any(engine.healthy for engine in gateway.supervisor.engines.values())
+    cards: list[dict[str, Any]] = [_card(base, None, base, status="loaded" if live else "loading")]
+    latest: dict[str, AdapterManifest] = {}
+    for manifest in sorted(manifests, key=lambda m: (m.name, m.version)):
+        latest[manifest.name] = manifest
+        names_here = [
+            f"{manifest.name}:{alias}" for alias, v in sorted(aliases[manifest.name].items()) if v == manifest.version
+        ]
+        cards.append(_adapter_card(gateway, manifest.ref, manifest, parent=base, aliases=names_here))
+    for name, manifest in latest.items():
+        cards.append(_adapter_card(gateway, name, manifest, parent=manifest.ref, aliases=[]))
+        for alias, version in sorted(aliases[name].items()):
+            target = next((m for m in manifests if m.name == name and m.version == version), None)
+            if target is not None:
+                cards.append(_adapter_card(gateway, f"{name}:{alias}", target, parent=target.ref, aliases=[]))
+    return {"object": "list", "data": cards}
+
+
+def _card(model_id: str, parent: str | None, root: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "loragate",
+        "root": root,
+        "parent": parent,
+        **extra,
+    }
+
+
+def _adapter_card(
+    gateway: Gateway, model_id: str, manifest: AdapterManifest, *, parent: str, aliases: list[str]
+) -> dict[str, Any]:
+    created = int(manifest.created_at.timestamp()) if hasattr(manifest.created_at, "timestamp") else 0
+    card = _card(
+        model_id,
+        parent,
+        gateway.base_name,
+        ref=manifest.ref,
+        adapter=manifest.name,
+        version=manifest.version,
+        digest=manifest.digest,
+        aliases=aliases,
+        status=gateway.adapters.status(manifest.engine_name),
+        serving=manifest.serving,
+    )
+    card["created"] = created
+    return card
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
+    """vLLM's runtime endpoint: `lora_path` given -> register that folder under `lora_name`, then load it."""
+    body = await read_json(request)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("`lora_name` must be a non-empty string", param="lora_name")
+    if path is not None:
+        if not isinstance(path, str) or not Path(path).is_dir():
+            raise InvalidRequest(f"`lora_path` {path!r} is not a directory on the gateway", param="lora_path")
+        try:
+            await asyncio.to_thread(
+                gateway.registry.push, Path(path), name, gateway.base_name, source="vllm-load-lora-adapter"
+            )
+        except RegistryError as exc:
+            raise InvalidRequest(f"cannot register {path}: {exc}", param="lora_path") from exc
+    target = await gateway.adapters.resolve(name)
+    request.state.adapter = target.label
+    lease = await gateway.adapters.acquire(target, request.state.request_id)
+    lease.release()
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
+    body = await read_json(request)
+    name = body.get("lora_name")
+    target = await gateway.adapters.resolve(name)
+    request.state.adapter = target.label
+    key = target.key
+    holders = gateway.adapters.ledger.holders(key) if key else []
+    if not holders:
+        raise ModelNotFound(str(name))
+    for engine_id in holders:
+        await gateway.adapters.unload(gateway.supervisor.engines[engine_id], key or "")
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def outcome_for_error(route: str, exc: GatewayError, latency_s: float, request_id: str, stream: bool) -> RequestOutcome:
+    return RequestOutcome(
+        route=route,
+        adapter=None,
+        version=None,
+        engine=None,
+        status=exc.status,
+        error_code=str(exc.code),
+        prompt_tokens=None,
+        completion_tokens=None,
+        latency_s=latency_s,
+        ttft_s=None,
+        queue_s=None,
+        output_valid=None,
+        stream=stream,
+        request_id=request_id,
+        unresolved=isinstance(exc, ModelNotFound),
+    )

@@ -1,0 +1,101 @@
+"""`loragate serve`: run the gateway (managed vLLM engines, or external ones by URL/DNS/file).
+
+loragate serve --base tiny --port 8000 --engines 2 --max-loras 4 [--registry DIR]
+loragate serve --config gateway.yaml
+loragate serve --engine-url http://10.0.0.5:8000 --base-name tiny      # external mode
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML settings file (flags and LORAGATE_* env override it)")
+    parser.add_argument("--base", help="registry base name or model directory (managed mode)")
+    parser.add_argument("--base-name", help="served name of the base model")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default 8000)")
+    parser.add_argument("--registry", help="registry location (directory or s3://bucket/prefix)")
+    parser.add_argument("--engines", type=int, dest="engine_count", help="number of managed vLLM engines")
+    parser.add_argument("--max-loras", type=int, help="adapters per batch in each engine")
+    parser.add_argument("--max-cpu-loras", type=int, help="adapters resident per engine (default: --max-loras)")
+    parser.add_argument("--max-lora-rank", type=int, help="largest adapter rank the engines accept")
+    parser.add_argument("--pin", action="append", default=[], metavar="REF", help="pinned adapter (repeatable)")
+    parser.add_argument(
+        "--engine-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="external engine URL (repeatable; implies external mode)",
+    )
+    parser.add_argument("--discovery-dns", metavar="HOST", help="headless-service name listing external engines")
+    parser.add_argument("--discovery-port", type=int, help="engine port for --discovery-dns")
+    parser.add_argument("--discovery-file", type=Path, help="file with one external engine URL per line")
+    parser.set_defaults(handler=serve)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags as nested settings overrides (only the flags that were given)."""
+    engines = {
+        "count": args.engine_count,
+        "max_loras": args.max_loras,
+        "max_cpu_loras": args.max_cpu_loras,
+        "max_lora_rank": args.max_lora_rank,
+    }
+    external = {
+        "urls": args.engine_url or None,
+        "discovery_host": args.discovery_dns,
+        "discovery_port": args.discovery_port,
+        "discovery_file": args.discovery_file,
+    }
+    if args.engine_url or args.discovery_dns or args.discovery_file:
+        external.update(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank)
+        engines = {}
+    result: dict[str, Any] = {
+        "base": args.base,
+        "base_name": args.base_name,
+        "host": args.host,
+        "port": args.port,
+        "registry": args.registry,
+        "mode": "external" if (args.engine_url or args.discovery_dns or args.discovery_file) else None,
+        "engines": {k: v for k, v in engines.items() if v is not None} or None,
+        "external": {k: v for k, v in external.items() if v is not None} or None,
+        "adapters": {"pinned": args.pin} if args.pin else None,
+    }
+    return result
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gateway.app import create_app
+    from gateway.settings import load_settings
+    from loragate.cli import CLIError
+
+    try:
+        settings = load_settings(args.config, **overrides(args))
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CLIError(f"invalid settings{' (' + where + ')' if where else ''}: {first['msg']}") from exc
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=int(settings.drain_grace_s),
+        log_level="info",
+        access_log=False,
+    )
+    return 0

@@ -1,0 +1,128 @@
+"""Gateway configuration: one `Settings` built from CLI flags > `LORAGATE_*` env vars > a YAML file > defaults.
+
+Nested fields use `__` in env names: `LORAGATE_ENGINES__COUNT=2`, `LORAGATE_ROUTING__OVERLOAD_THRESHOLD=16`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class EngineSettings(BaseModel):
+    """Managed mode: how the vLLM children are started and kept alive."""
+
+    count: int = Field(default=1, ge=1)
+    enable_lora: bool = True
+    max_loras: int = Field(default=4, ge=1)
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_model_len: int = 512
+    dtype: str = "bfloat16"
+    kv_cache_gib: int = 1
+    extra_args: list[str] = []
+    extra_env: dict[str, str] = {}
+    start_timeout_s: float = 300.0
+    restart_backoff_s: float = 2.0
+    restart_backoff_max_s: float = 60.0
+    max_restarts: int = Field(default=5, ge=0)
+    log_dir: Path | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+
+class ExternalSettings(BaseModel):
+    """External mode: engines that someone else runs (pods), by URL and/or a DNS name that lists them."""
+
+    urls: list[str] = []
+    discovery_host: str | None = None
+    discovery_file: Path | None = Field(default=None, description="one engine URL per line, re-read every interval")
+    discovery_port: int = 8000
+    discovery_scheme: str = "http"
+    discovery_interval_s: float = 10.0
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 16
+
+
+class RoutingSettings(BaseModel):
+    overload_threshold: int = Field(default=8, ge=1, description="queue depth above which a holder is passed over")
+    max_queue: int = Field(default=256, ge=1, description="queue depth on every engine above which requests get 503")
+    load_bucket: int = Field(default=4, ge=1, description="loads within one bucket count as equal; rendezvous order decides")
+
+
+class AdapterSettings(BaseModel):
+    pinned: list[str] = []
+    load_timeout_s: float = 120.0
+
+
+class UpstreamSettings(BaseModel):
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 600.0
+    write_timeout_s: float = 30.0
+    pool_timeout_s: float = 30.0
+    max_connections: int = 512
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAGATE_", env_nested_delimiter="__", extra="forbid")
+
+    mode: Literal["managed", "external"] = "managed"
+    base: str | None = Field(default=None, description="registry base name or a model directory")
+    base_name: str | None = Field(default=None, description="served name of the base; default: registry name or dir name")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    registry: str | None = None
+    engines: EngineSettings = Field(default_factory=EngineSettings)
+    external: ExternalSettings = Field(default_factory=ExternalSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    health_interval_s: float = 2.0
+    usage_webhook_url: str | None = None
+    metrics_max_adapter_labels: int = 50
+    drain_grace_s: float = 30.0
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> Settings:
+        if self.mode == "managed" and not self.base:
+            raise ValueError("managed mode needs `base` (a registry base name or a model directory)")
+        ext = self.external
+        if self.mode == "external" and not (ext.urls or ext.discovery_host or ext.discovery_file):
+            raise ValueError("external mode needs `external.urls`, `external.discovery_host` or `discovery_file`")
+        if self.mode == "external" and not (self.base or self.base_name):
+            raise ValueError("external mode needs `base_name` (the engines' served model name) or `base`")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `config` (YAML), the environment and `overrides` (highest precedence; None values skipped)."""
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"{config}: no such config file")
+    cleaned = {key: value for key, value in overrides.items() if value is not None}
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config})
+
+    return _FromFile(**cleaned)

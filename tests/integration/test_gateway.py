@@ -1,0 +1,251 @@
+"""The gateway against two real vLLM (CPU) engines it starts itself, through the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from adapters_registry.manifest import AdapterManifest
+from loragate.tiny_model import build_random_adapter
+from tests.fixtures.gateway import GatewayUnderTest, derive_adapter
+
+pytestmark = pytest.mark.integration
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def client(gw: GatewayUnderTest) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(gw: GatewayUnderTest, model: str, **kw: Any) -> str:
+    reply = client(gw).chat.completions.create(model=model, messages=HELLO, max_tokens=12, temperature=0, **kw)
+    return reply.choices[0].message.content or ""
+
+
+@pytest.fixture(scope="module")
+def pushed(gateway: GatewayUnderTest, adapter_dirs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Adapters registered once for this module: a0 (2 versions: a0@1, a0@2) and ten distinct `many-<i>`."""
+    root = tmp_path_factory.mktemp("gw-adapters")
+    reg = gateway.registry
+    versions = {
+        "a0@1": reg.push(adapter_dirs[0], "a0", "tiny"),
+        "a0@2": reg.push(adapter_dirs[1], "a0", "tiny"),
+    }
+    reg.promote("a0@1", "prod")
+    many = [
+        reg.push(derive_adapter(adapter_dirs[0], root / f"m{i}", seed=100 + i), f"many-{i}", "tiny") for i in range(10)
+    ]
+    return versions, many
+
+
+def engine_by_id(gw: GatewayUnderTest, engine_id: str) -> dict[str, Any]:
+    return next(e for e in gw.engines() if e["id"] == engine_id)
+
+
+def test_chat_completion_and_headers_match_vllm_directly(gateway: GatewayUnderTest, pushed: Any) -> None:
+    versions, _ = pushed
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="a0@1", messages=HELLO, max_tokens=12, temperature=0, extra_headers={"x-request-id": "req-42"}
+    )
+    assert raw.headers["x-loragate-adapter"] == "a0@1"
+    assert raw.headers["x-request-id"] == "req-42"
+    via_gateway = raw.parse()
+    engine = engine_by_id(gateway, raw.headers["x-loragate-engine"])
+    assert versions["a0@1"].engine_name in [r["engine_name"] for r in engine["resident"]]
+    direct = openai.OpenAI(base_url=f"{engine['url']}/v1", api_key="unused").chat.completions.create(
+        model=versions["a0@1"].engine_name, messages=HELLO, max_tokens=12, temperature=0
+    )
+    assert via_gateway.choices[0].message.content == direct.choices[0].message.content
+    assert via_gateway.usage is not None and via_gateway.usage.completion_tokens == direct.usage.completion_tokens
+
+    base = client(gateway).completions.with_raw_response.create(
+        model="tiny", prompt="Once", max_tokens=8, temperature=0
+    )
+    assert base.headers["x-loragate-adapter"] == "tiny"
+    assert re.fullmatch(r"[0-9a-f]{32}", base.headers["x-request-id"])
+    completion = base.parse()
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+    assert chat(gateway, "tiny") != chat(gateway, "a0@1")
+
+
+def test_streaming_with_usage_equals_the_whole_answer(gateway: GatewayUnderTest, pushed: Any) -> None:
+    whole = client(gateway).chat.completions.create(model="a0@2", messages=HELLO, max_tokens=16, temperature=0)
+    stream = client(gateway).chat.completions.create(
+        model="a0@2",
+        messages=HELLO,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert usage is not None and whole.usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+    text = "".join(
+        c.choices[0].text
+        for c in client(gateway).completions.create(
+            model="tiny", prompt="Once", max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    direct = client(gateway).completions.create(model="tiny", prompt="Once", max_tokens=8, temperature=0)
+    assert text == direct.choices[0].text
+
+
+def test_models_list_lineage_and_status(gateway: GatewayUnderTest, pushed: Any) -> None:
+    versions, _ = pushed
+    chat(gateway, "a0@1")
+    cards = {m.id: m.model_extra or {} for m in client(gateway).models.list().data}
+    assert cards["tiny"]["parent"] is None and cards["tiny"]["root"] == "tiny"
+    v1 = cards["a0@1"]
+    assert (v1["parent"], v1["root"], v1["version"], v1["digest"]) == ("tiny", "tiny", 1, versions["a0@1"].digest)
+    assert v1["aliases"] == ["a0:prod"] and v1["status"] == "loaded"
+    assert cards["a0@2"]["aliases"] == [] and cards["a0@2"]["version"] == 2
+    assert (cards["a0"]["parent"], cards["a0"]["ref"]) == ("a0@2", "a0@2")
+    assert (cards["a0:prod"]["parent"], cards["a0:prod"]["root"]) == ("a0@1", "tiny")
+    assert cards["many-9@1"]["status"] in {"registered", "loaded"}
+
+
+def test_errors_use_the_openai_envelope(
+    gateway: GatewayUnderTest, pushed: Any, tiny_model: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        chat(gateway, "no-such-adapter")
+    assert missing.value.code == "model_not_found"
+    assert missing.value.response.headers["x-loragate-adapter"] == "none"
+    with pytest.raises(openai.NotFoundError):
+        chat(gateway, "a0@99")
+
+    bad = httpx.post(f"{gateway.base_url}/chat/completions", content=b"{not json", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    no_model = httpx.post(f"{gateway.base_url}/chat/completions", json={"messages": HELLO}, timeout=10)
+    assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+
+    wide = gateway.registry.push(build_random_adapter(tiny_model, tmp_path / "r32", seed=7, r=32), "wide", "tiny")
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(gateway, "wide")
+    assert refused.value.code == "adapter_refused"
+    assert "rank 32, above the engines' max_lora_rank 16" in str(refused.value.message)
+    assert wide.engine_name not in {r["engine_name"] for e in gateway.engines() for r in e["resident"]}
+
+    upstream = client(gateway).chat.completions.with_raw_response  # vLLM's own 400, passed through
+    with pytest.raises(openai.BadRequestError) as passed:
+        upstream.create(model="tiny", messages=HELLO, max_tokens=100_000)
+    assert passed.value.status_code == 400
+    assert passed.value.response.json()["error"]["message"]
+
+
+def test_adapter_loads_on_first_use_and_alias_promotion_switches_weights(
+    gateway: GatewayUnderTest, pushed: Any
+) -> None:
+    versions, _ = pushed
+    reg = gateway.registry
+    reg.promote("a0@1", "canary")
+    first = chat(gateway, "a0:canary")
+    assert first == chat(gateway, "a0@1")
+    reg.promote("a0@2", "canary")
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="a0:canary", messages=HELLO, max_tokens=12, temperature=0
+    )
+    assert raw.headers["x-loragate-adapter"] == "a0@2"
+    assert raw.parse().choices[0].message.content == chat(gateway, "a0@2") != first
+    resident = {r["engine_name"] for e in gateway.engines() for r in e["resident"]}
+    assert versions["a0@2"].engine_name in resident
+
+
+def test_ten_adapters_at_once_on_four_slots(gateway: GatewayUnderTest, pushed: Any) -> None:
+    _, many = pushed
+    expected = {m.ref: chat(gateway, m.ref) for m in many}
+    assert len(set(expected.values())) > 1
+
+    async def one(api: openai.AsyncOpenAI, manifest: AdapterManifest) -> tuple[str, str]:
+        reply = await api.chat.completions.create(model=manifest.ref, messages=HELLO, max_tokens=12, temperature=0)
+        return manifest.ref, reply.choices[0].message.content or ""
+
+    async def all_at_once() -> dict[str, str]:
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0, timeout=300) as api:
+            return dict(await asyncio.gather(*(one(api, m) for m in many)))
+
+    assert asyncio.run(all_at_once()) == expected
+    for engine in gateway.engines():
+        assert len(engine["resident"]) <= 2
+
+
+def engine_metric(engine_url: str, name: str) -> float:
+    """Sum of one vLLM metric over its label sets."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+
+
+def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest) -> None:
+    max_tokens = 480
+    body = {
+        "model": "tiny",
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    counters = ("vllm:generation_tokens_total", "vllm:request_success_total")
+    before = {e["url"]: {name: engine_metric(e["url"], name) for name in counters} for e in gateway.engines()}
+    with httpx.stream("POST", f"{gateway.base_url}/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        engine_url = engine_by_id(gateway, response.headers["x-loragate-engine"])["url"]
+        next(response.iter_raw())
+    deadline = time.monotonic() + 120
+    while engine_metric(engine_url, "vllm:num_requests_running") + engine_metric(
+        engine_url, "vllm:num_requests_waiting"
+    ):
+        assert time.monotonic() < deadline, "the request never left the engine"
+        time.sleep(0.1)
+    generated = engine_metric(engine_url, counters[0]) - before[engine_url][counters[0]]
+    assert 0 < generated < max_tokens  # stopped early: aborted, not finished
+    assert engine_metric(engine_url, counters[1]) == before[engine_url][counters[1]]  # never counted as finished
+    while gateway.state.inflight():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: GatewayUnderTest, pushed: Any) -> None:
+    versions, _ = pushed
+    victim, survivor = gateway.engines()
+    for model, engine in (("a0@1", victim["id"]), ("many-0", survivor["id"])):
+        loaded = httpx.post(f"{gateway.url}/admin/adapters/load", json={"model": model, "engine": engine}, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+    held = {r["engine_name"] for r in engine_by_id(gateway, victim["id"])["resident"]}
+    assert versions["a0@1"].engine_name in held
+    restarts = victim["restarts"]
+
+    os.killpg(victim["pid"], signal.SIGKILL)
+    answers = [chat(gateway, "many-0") for _ in range(6)]  # served by the survivor while the victim is down
+    assert len(set(answers)) == 1
+    assert chat(gateway, "a0@1")  # moved to the survivor (retried or re-placed), not failed
+
+    deadline = time.monotonic() + 400
+    while True:
+        now = engine_by_id(gateway, victim["id"])
+        if now["healthy"] and now["restarts"] == restarts + 1:
+            break
+        assert time.monotonic() < deadline, f"engine did not come back: {now}"
+        time.sleep(1)
+    assert held <= {r["engine_name"] for r in now["resident"]}
+    direct = httpx.get(f"{now['url']}/v1/models", timeout=10).json()["data"]
+    assert held <= {card["id"] for card in direct if card.get("parent")}
+    assert now["pid"] != victim["pid"]

@@ -1,0 +1,221 @@
+"""Pure parts of the gateway: settings sources, error envelopes, refusal reasons, queue parsing, SSE side-reading,
+CLI overrides, and the retry of a request whose engine dropped it before answering (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from gateway.adapters import AdapterManager, Target, refusal_reason
+from gateway.cli import overrides
+from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
+from gateway.proxy import CallRecord, Proxy, SSEAccumulator
+from gateway.routing import Policy
+from gateway.settings import load_settings
+from gateway.supervisor import Engine, Supervisor, backoff_s, parse_queue, read_engine_file
+
+
+def test_settings_precedence_flags_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("base: tiny\nport: 7000\nengines:\n  count: 2\n  max_loras: 3\nrouting:\n  max_queue: 9\n")
+    monkeypatch.setenv("LORAGATE_ENGINES__MAX_LORAS", "5")
+    monkeypatch.setenv("LORAGATE_PORT", "7100")
+    settings = load_settings(config, engines={"count": 4}, port=None)
+    assert (settings.engines.count, settings.engines.max_loras, settings.port) == (4, 5, 7100)
+    assert (settings.routing.max_queue, settings.engines.slots) == (9, 5)
+
+
+def test_settings_refuse_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ValidationError, match="managed mode needs `base`"):
+        load_settings()
+    with pytest.raises(ValidationError, match="external mode needs"):
+        load_settings(mode="external", base_name="tiny")
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        load_settings(base="tiny", engines={"count": 0})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        load_settings(base="tiny", engine_count=2)
+
+
+def test_cli_flags_become_nested_overrides() -> None:
+    args = SimpleNamespace(
+        base="tiny",
+        base_name=None,
+        host=None,
+        port=8001,
+        registry="/r",
+        engine_count=2,
+        max_loras=3,
+        max_cpu_loras=None,
+        max_lora_rank=None,
+        pin=["a:prod"],
+        engine_url=[],
+        discovery_dns=None,
+        discovery_port=None,
+        discovery_file=None,
+    )
+    settings = load_settings(**overrides(args))  # type: ignore[arg-type]
+    assert (settings.mode, settings.engines.count, settings.engines.max_loras) == ("managed", 2, 3)
+    assert settings.adapters.pinned == ["a:prod"] and settings.registry == "/r"
+    args.engine_url, args.base, args.base_name = ["http://e:8000"], None, "tiny"
+    external = load_settings(**overrides(args))  # type: ignore[arg-type]
+    assert (external.mode, external.external.urls, external.external.max_loras) == ("external", ["http://e:8000"], 3)
+
+
+def test_error_envelopes() -> None:
+    assert ModelNotFound("x").envelope() == {
+        "error": {
+            "message": "The model 'x' does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    busy = Unavailable("busy", retry_after_s=3, code="engines_busy")
+    assert (busy.status, busy.headers(), busy.envelope()["error"]["code"]) == (
+        503,
+        {"retry-after": "3"},
+        "engines_busy",
+    )
+    vllm = {"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}}
+    assert UpstreamError(400, json.dumps(vllm).encode()).envelope() == vllm
+    assert upstream_envelope(502, b"Bad Gateway")["error"] == {
+        "message": "Bad Gateway",
+        "type": "upstream_error",
+        "param": None,
+        "code": 502,
+    }
+    assert upstream_envelope(500, b"")["error"]["message"] == "engine answered 500"
+
+
+def manifest(**kw: Any) -> Any:
+    fields = {"ref": "a@1", "serving": "lora", "serving_reason": None, "base": "tiny", "r": 8}
+    return SimpleNamespace(**{**fields, **kw})
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({}, None),
+        ({"r": 16}, None),
+        ({"r": 32}, "adapter a@1 has rank 32, above the engines' max_lora_rank 16"),
+        ({"base": "other"}, "adapter a@1 was trained on base 'other', but this gateway serves 'tiny'"),
+        (
+            {"serving": "merge-only", "serving_reason": "DoRA adapters are not supported by vLLM"},
+            "adapter a@1 cannot be served as a LoRA: DoRA adapters are not supported by vLLM. "
+            "Merge it into its base with `loragate merge a@1`",
+        ),
+    ],
+)
+def test_refusal_reason(kw: dict[str, Any], expected: str | None) -> None:
+    reason = refusal_reason(manifest(**kw), "tiny", 16)
+    assert reason == expected if expected is None else reason is not None and reason.startswith(expected)
+
+
+def test_parse_queue_and_backoff_and_engine_file(tmp_path: Path) -> None:
+    text = (
+        "# HELP vllm:num_requests_waiting x\n"
+        'vllm:num_requests_running{engine="0",model_name="tiny"} 3.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="tiny"} 2.0\n'
+        'vllm:num_requests_waiting{engine="1",model_name="tiny"} 1.0\n'
+        "vllm:num_requests_waiting_total 99\n"
+    )
+    assert parse_queue(text) == (3, 3)
+    assert parse_queue("") == (0, 0)
+    assert [backoff_s(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+    listing = tmp_path / "engines.txt"
+    listing.write_text("# engines\nhttp://a:8000/\n\nhttp://b:8000  # second\n")
+    assert read_engine_file(listing) == {"http://a:8000", "http://b:8000"}
+
+
+def test_sse_accumulator_reads_usage_and_text_across_chunk_boundaries() -> None:
+    events = [
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}},
+    ]
+    stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    side = SSEAccumulator(collect_text=True)
+    for i in range(0, len(stream), 7):
+        side.feed(stream[i : i + 7])
+    assert side.usage == {"prompt_tokens": 4, "completion_tokens": 2}
+    assert side.answer("chat")["choices"] == [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello"}}
+    ]
+    usage_only = SSEAccumulator(collect_text=False)
+    usage_only.feed(stream)
+    assert usage_only.usage == {"prompt_tokens": 4, "completion_tokens": 2} and usage_only.texts == {}
+
+
+def test_request_dropped_before_any_byte_is_retried_once_on_another_engine() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if request.url.host == "dies":
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        body = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+        return httpx.Response(200, headers={"content-type": "application/json"}, content=_chunks(body))
+
+    async def run(hosts: list[str]) -> tuple[httpx.Response | Exception, list[CallRecord], dict[str, Engine]]:
+        settings = load_settings(mode="external", base_name="tiny", external={"urls": [f"http://{h}" for h in hosts]})
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            # "works" already has a request in flight, so the least-loaded choice tries "dies" first
+            engines = {h: Engine(h, f"http://{h}", 2, 2, 16, healthy=True, inflight=int(h == "works")) for h in hosts}
+            adapters = AdapterManager(
+                None,
+                client,
+                engines,
+                base_name="tiny",
+                policy=Policy(),  # type: ignore[arg-type]
+                load_timeout_s=1,
+            )
+            for h in hosts:
+                adapters.ledger.add_engine(h, 2)
+            supervisor = Supervisor(
+                settings, client, model_path=None, served_name="tiny", on_ready=_noop, on_down=_noop, on_tick=_noop
+            )
+            supervisor.engines = engines
+            supervisor._wake = {h: asyncio.Event() for h in hosts}
+            records: list[CallRecord] = []
+            proxy = Proxy(client, supervisor, adapters, [], records.append)
+            target = Target("tiny", None, "tiny")
+            try:
+                response: httpx.Response | Exception = await proxy.forward(
+                    "/v1/completions", "completions", {"model": "tiny", "prompt": "x"}, target, "r1"
+                )
+            except Exception as exc:
+                response = exc
+            return response, records, engines
+
+    response, records, engines = asyncio.run(run(["dies", "works"]))
+    assert getattr(response, "status_code", None) == 200
+    assert seen == ["dies", "works"]
+    assert records[-1].engine == "works" and records[-1].completion_tokens == 2
+    assert (engines["works"].inflight, engines["dies"].inflight, engines["dies"].healthy) == (1, 0, False)
+
+    seen.clear()
+    failed, records, _ = asyncio.run(run(["dies"]))
+    assert isinstance(failed, Unavailable) and failed.code == "engines_not_ready"
+    assert seen == ["dies"] and records[-1].status == 503
+
+
+async def _chunks(body: bytes) -> Any:
+    yield body[:5]
+    yield body[5:]
+
+
+async def _noop(engine: Engine) -> None:
+    return None
+
+
+def test_adapter_refused_is_a_400() -> None:
+    assert (AdapterRefused("no").status, AdapterRefused("no").code) == (400, "adapter_refused")
