@@ -1,0 +1,227 @@
+"""Two gateway processes in external mode over three real vLLM (CPU) engines: placement without shared state.
+
+What the Helm chart relies on when it runs several gateway replicas in front of engine pods: each replica
+re-reads the engine set (here a discovery file; on Kubernetes the headless Service's DNS name), places an adapter
+by rendezvous hashing, and so both replicas send an adapter to the same engine; an engine that joins takes new
+adapters without moving resident ones, and an engine that dies gives up only its own adapters.
+
+The three engines start in parallel once per module (~9 GB together) and are stopped at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from adapters_registry.registry import open_registry
+from gateway.engine_process import EngineProcess, EngineSpec, free_port
+from gateway.routing import rendezvous_order
+from tests.fixtures.gateway import derive_adapter
+
+pytestmark = pytest.mark.integration
+
+ADAPTERS = [f"team-{i}" for i in range(8)]
+DEADLINE_S = float(os.environ.get("LORAGATE_TEST_ENGINE_DEADLINE", "300"))
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def engines(self) -> dict[str, bool]:
+        """Engine id (its URL) -> healthy, as this gateway sees them."""
+        body = httpx.get(f"{self.url}/admin/engines", timeout=10).json()
+        return {e["id"]: e["healthy"] for e in body["engines"]}
+
+    def route(self, adapter: str) -> str:
+        """Send one chat request for `adapter`; return the engine that answered it (x-loragate-engine)."""
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        raw = client.chat.completions.with_raw_response.create(
+            model=adapter, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0
+        )
+        reply = raw.parse()
+        assert reply.choices[0].message.content is not None
+        assert raw.headers["x-loragate-adapter"].startswith(f"{adapter}@")
+        return raw.headers["x-loragate-engine"]
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+@dataclass
+class Cluster:
+    engines: list[EngineProcess]
+    gateways: list[GatewayProcess]
+    discovery_file: Path
+    registry_dir: Path
+    keys: dict[str, str]  # adapter name -> engine name (name@digest12), the rendezvous key
+
+    @property
+    def urls(self) -> list[str]:
+        return [engine.url for engine in self.engines]
+
+    def publish(self, urls: list[str]) -> None:
+        """Rewrite the discovery file atomically (what a DNS answer change is on Kubernetes)."""
+        tmp = self.discovery_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{url}\n" for url in urls))
+        tmp.replace(self.discovery_file)
+
+    def wait_until(self, what: str, check: Callable[[GatewayProcess], bool], timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for gateway in self.gateways:
+            while not check(gateway):
+                assert gateway.proc.poll() is None, f"gateway exited:\n{gateway.log_tail()}"
+                assert time.monotonic() < deadline, f"{gateway.url}: {what} not seen in {timeout_s:.0f}s"
+                time.sleep(0.2)
+
+    def sees(self, healthy: Collection[str], unhealthy: Collection[str] = ()) -> Callable[[GatewayProcess], bool]:
+        def check(gateway: GatewayProcess) -> bool:
+            try:
+                seen = gateway.engines()
+            except httpx.HTTPError:
+                return False
+            expected = {url: True for url in healthy} | {url: False for url in unhealthy}
+            return seen == expected
+
+        return check
+
+    def placements(self) -> dict[str, str]:
+        """Route every adapter through both gateways; they must agree. Adapter -> engine URL."""
+        out = {}
+        for adapter in ADAPTERS:
+            first, second = (gateway.route(adapter) for gateway in self.gateways)
+            assert first == second, f"{adapter}: gateway 0 chose {first}, gateway 1 chose {second}"
+            out[adapter] = first
+        return out
+
+
+def start_gateway(registry: Path, discovery_file: Path, log: Path) -> GatewayProcess:
+    port = free_port()
+    exe = Path(sys.executable).with_name("loragate")
+    cmd = [str(exe), "serve", "--discovery-file", str(discovery_file), "--base-name", "tiny"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--registry", str(registry)]
+    cmd += ["--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16"]
+    env = {
+        **os.environ,
+        "LORAGATE_EXTERNAL__DISCOVERY_INTERVAL_S": "0.5",
+        "LORAGATE_HEALTH_INTERVAL_S": "0.5",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
+
+
+def stop_gateway(gateway: GatewayProcess) -> None:
+    if gateway.proc.poll() is None:
+        gateway.proc.send_signal(signal.SIGTERM)
+        try:
+            gateway.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gateway.proc.kill()
+            gateway.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tiny_model: Path,
+    adapter_dirs: list[Path],
+    registry_template: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("multi-gateway")
+    # Start all three engines at once (each start forks from this thread: see EngineProcess.start).
+    engines = []
+    for index in range(3):
+        spec = EngineSpec(
+            model=str(tiny_model), served_model_name="tiny", port=free_port(), max_loras=2, max_cpu_loras=8
+        )
+        engines.append(EngineProcess(spec, root / f"engine-{index}.log"))
+    gateways: list[GatewayProcess] = []
+    try:
+        for engine in engines:
+            engine.start()
+        registry_dir = root / "registry"
+        shutil.copytree(registry_template, registry_dir)
+        registry = open_registry(registry_dir)
+        keys = {}
+        for index, name in enumerate(ADAPTERS):
+            source = adapter_dirs[index % 2]
+            adapter = source if index < 2 else derive_adapter(source, root / "adapters" / name, seed=100 + index)
+            keys[name] = registry.push(adapter, name, "tiny").engine_name
+        for engine in engines:
+            engine.wait_ready(timeout_s=DEADLINE_S)
+
+        discovery_file = root / "engines.txt"
+        cluster = Cluster(engines, gateways, discovery_file, registry_dir, keys)
+        cluster.publish(cluster.urls[:2])
+        gateways += [start_gateway(registry_dir, discovery_file, root / f"gateway-{i}.log") for i in range(2)]
+        cluster.wait_until("two healthy engines", cluster.sees(cluster.urls[:2]), timeout_s=120)
+        yield cluster
+    finally:
+        for gateway in gateways:
+            stop_gateway(gateway)
+        for engine in engines:
+            engine.stop()
+
+
+def test_both_gateways_send_each_adapter_to_its_rendezvous_engine(cluster: Cluster) -> None:
+    cluster.publish(cluster.urls[:2])
+    cluster.wait_until("engines 0 and 1", cluster.sees(cluster.urls[:2]))
+    placed = cluster.placements()
+    for adapter, engine in placed.items():
+        assert engine == rendezvous_order(cluster.urls[:2], cluster.keys[adapter])[0], adapter
+    assert set(placed.values()) == set(cluster.urls[:2]), "8 adapters should spread over both engines"
+
+
+def test_a_new_engine_is_discovered_and_resident_adapters_stay(cluster: Cluster) -> None:
+    cluster.publish(cluster.urls[:2])
+    cluster.wait_until("engines 0 and 1", cluster.sees(cluster.urls[:2]))
+    before = cluster.placements()
+
+    cluster.publish(cluster.urls)
+    cluster.wait_until("the new engine", cluster.sees(cluster.urls))
+    assert cluster.placements() == before  # joining moves nothing that is already loaded
+
+    # A version neither gateway has placed yet goes where rendezvous over all three engines says, on both.
+    registry = open_registry(cluster.registry_dir)
+    source = registry.materialize(registry.resolve(ADAPTERS[0]))
+    for seed in range(200, 240):  # each candidate has a 1 in 3 chance
+        name = f"newcomer-{seed}"
+        adapter = derive_adapter(source, cluster.registry_dir.parent / "adapters" / name, seed=seed)
+        if rendezvous_order(cluster.urls, registry.push(adapter, name, "tiny").engine_name)[0] == cluster.urls[2]:
+            break
+    else:
+        pytest.fail("no candidate adapter hashes to the new engine")
+    assert [gateway.route(name) for gateway in cluster.gateways] == [cluster.urls[2]] * 2
+
+
+def test_killing_an_engine_moves_only_its_adapters(cluster: Cluster) -> None:
+    cluster.publish(cluster.urls)
+    cluster.wait_until("all three engines", cluster.sees(cluster.urls))
+    before = cluster.placements()
+    victim, survivors = cluster.urls[0], cluster.urls[1:]
+    assert victim in before.values()
+
+    cluster.engines[0].kill()  # a crashed pod: still listed until its endpoint is removed
+    cluster.wait_until("engine 0 down", cluster.sees(survivors, unhealthy=[victim]))
+    after = cluster.placements()
+    for adapter, engine in before.items():
+        expected = engine if engine != victim else rendezvous_order(survivors, cluster.keys[adapter])[0]
+        assert after[adapter] == expected, adapter
+
+    cluster.publish(survivors)  # the endpoint goes away: the gateways drop the engine
+    cluster.wait_until("engine 0 gone", cluster.sees(survivors))
+    assert cluster.placements() == after
