@@ -5,7 +5,8 @@ A request may constrain its output with OpenAI's `response_format` (`json_object
 `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag`) or the `guided_*`
 fields that vLLM 0.12 removed (vLLM 0.32 silently ignores them). `prepare_request` rewrites whichever form it
 finds into the one vLLM 0.32 accepts (`structured_outputs`). A request's own constraint wins over the adapter's
-registry contract; with none (`response_format: {"type": "text"}` counts as none), the contract applies.
+registry contract; with none (`response_format: {"type": "text"}` counts as none), the contract applies, unless
+the request offers `tools` (tool calling then decides the shape of the answer).
 
 Constraints are checked before forwarding (`InvalidConstraint`, a 400 with the reason); compiled JSON schemas are
 cached by their canonical JSON. `check_output` judges a non-streamed answer against the constraint in force.
@@ -97,7 +98,7 @@ class CompiledSchema:
 def prepare_request(body: Mapping[str, Any], contract: Mapping[str, Any] | None) -> Prepared:
     """The body to forward and the constraint in force. Raises InvalidConstraint for a constraint it cannot enforce."""
     constraint, options = request_constraint(body)
-    if constraint is None and contract is not None:
+    if constraint is None and contract is not None and not body.get("tools"):  # tool calls shape their own output
         constraint = contract_constraint(contract)
     forwarded = {k: v for k, v in body.items() if k not in CONSTRAINT_FIELDS}
     if constraint is not None:
@@ -312,7 +313,7 @@ class StructuredOutputs:
 
     def finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None:
         constraint: Constraint | None = call.notes.get(_CONSTRAINT_NOTE)
-        valid = check_output(answer, constraint)
+        valid = None if body.get("echo") else check_output(answer, constraint)  # echoed text starts with the prompt
         attempt: int = call.notes.get(_ATTEMPT_NOTE, 0)
         if not call.stream and should_retry(valid, constraint, attempt):
             logger.info("%s: answer broke the adapter's output contract; retrying (%s)", call.request_id, attempt + 1)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from adapters_registry import AdapterManifest
 from gateway.errors import InvalidRequest
+from gateway.hooks import CallContext
 from gateway.structured import (
     Constraint,
     InvalidConstraint,
+    StructuredOutputs,
     check_output,
     check_text,
     compile_schema,
@@ -131,6 +135,13 @@ PREPARE: list[
         ("json_schema", OTHER, "request", 0),
     ),
     (
+        "tool calling: no contract",
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        SCHEMA_CONTRACT,
+        None,
+        None,
+    ),
+    (
         "legacy field wins over contract",
         {"guided_choice": ["q"]},
         SCHEMA_CONTRACT,
@@ -152,7 +163,8 @@ def test_prepare_request(
     constraint: tuple[str, Any, str, int] | None,
 ) -> None:
     prepared = prepare_request({**BASE, **fields}, contract)
-    expected_body = dict(BASE) if engine_so is None else {**BASE, "structured_outputs": engine_so}
+    plain = {**BASE, **{k: v for k, v in fields.items() if k == "tools"}}
+    expected_body = plain if engine_so is None else {**plain, "structured_outputs": engine_so}
     assert prepared.body == expected_body
     if constraint is None:
         assert prepared.constraint is None
@@ -374,3 +386,37 @@ def test_should_retry(valid: bool | None, constraint: Constraint | None, attempt
 )
 def test_validity_header(valid: bool | None, headers: dict[str, str]) -> None:
     assert validity_header(valid) == headers
+
+
+def call_for(contract: dict[str, Any] | None, *, stream: bool = False) -> CallContext:
+    manifest = cast(AdapterManifest, SimpleNamespace(contract=contract)) if contract is not None else None
+    return CallContext("chat", "m", manifest, "req-1", stream)
+
+
+def test_hook_applies_the_contract_and_retries_a_broken_answer_once() -> None:
+    hook, call = StructuredOutputs(), call_for(REGEX_CONTRACT | {"contract_retry": 1})
+    body = hook.prepare(call, dict(BASE))
+    assert body == {**BASE, "structured_outputs": {"regex": "[a-c]{3}"}}
+    assert hook.finish(call, body, chat("abz")) is False
+    assert call.notes.pop("retry") is True
+    assert hook.finish(call, body, chat("abz")) is False
+    assert "retry" not in call.notes
+    assert hook.finish(call_for(None), dict(BASE), chat("abz")) is None
+
+
+@pytest.mark.parametrize(
+    ("stream", "extra", "answer", "expected", "retry"),
+    [
+        (False, {}, chat("abc"), True, False),
+        (True, {}, chat("abz"), False, False),  # a stream already reached the client: judged, never retried
+        (False, {"echo": True}, completion("Code: abc"), None, False),  # the text starts with the prompt
+    ],
+    ids=["valid", "stream", "echo"],
+)
+def test_hook_finish(
+    stream: bool, extra: dict[str, Any], answer: dict[str, Any], expected: bool | None, retry: bool
+) -> None:
+    hook, call = StructuredOutputs(), call_for(REGEX_CONTRACT | {"contract_retry": 1}, stream=stream)
+    body = hook.prepare(call, {**BASE, **extra})
+    assert hook.finish(call, body, answer) is expected
+    assert ("retry" in call.notes) is retry
