@@ -149,11 +149,13 @@ def run(args: argparse.Namespace) -> int:
     if args.register:
         merged_from = {**provenance, "equivalence": result.manifest["equivalence"], "merge": result.manifest["merge"]}
         try:
-            registered = reg.add_base(args.out, args.register, merged_from=merged_from)
+            # A remote registry gets the weights themselves; a local one records where they are.
+            copy = reg.location.startswith("s3://")
+            registered = reg.add_base(args.out, args.register, copy=copy, merged_from=merged_from)
         except RegistryError as exc:
             raise CLIError(f"merged model written to {args.out} but not registered: {exc}") from exc
         print(f"registered base {registered.name!r} ({registered.fingerprint[:19]})")
-        for path in write_snippets(args.out, args.register, adapter.name, args.registry):
+        for path in write_snippets(args.out, args.register, adapter.name, reg.location):
             print(f"wrote {path}")
     return 0
 
