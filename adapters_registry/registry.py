@@ -193,7 +193,7 @@ class Registry:
         labels: dict[str, str] | None = None,
         check_effect: bool = False,
     ) -> AdapterManifest:
-        from adapters_registry.validate import inspect_adapter
+        from adapters_registry.validate import classify_files, inspect_adapter
 
         check_name(name)
         base_manifest = self.get_base(base)
@@ -203,13 +203,17 @@ class Registry:
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ValidationError(f"label {key!r}={value!r}: labels are non-empty string keys to string values")
         normalized = self._normalize_contract(contract)
-        facts = inspect_adapter(adapter_dir, base_manifest)
-        files = {f: sha256_file(adapter_dir / f) for f in facts.files}
-        sizes = {f: (adapter_dir / f).stat().st_size for f in facts.files}
+        names = classify_files(adapter_dir)
+        files = {f: sha256_file(adapter_dir / f) for f in names}
         digest = _files_digest(files)
+        # identical content on the same base passed the same checks when it was pushed
         if same := self._same_content(name, digest, base_manifest.fingerprint, normalized):
             log.info("%s: identical content already registered as %s", adapter_dir, same.ref)
             return same
+        facts = inspect_adapter(adapter_dir, base_manifest)
+        if facts.files != names:
+            raise ConflictError(f"{adapter_dir}: files changed during the push; try again")
+        sizes = {f: (adapter_dir / f).stat().st_size for f in names}
         if check_effect:
             from adapters_registry.effect import check_effect as run_effect_check
 
