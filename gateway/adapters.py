@@ -16,13 +16,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from adapters_registry import AdapterManifest, Registry
 from adapters_registry.errors import ConflictError, NotFoundError, RegistryError, ValidationError
 from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, ModelNotFound, Unavailable
+from gateway.metrics import GatewayMetrics
 from gateway.routing import EngineLoad, Placement, Policy, Refusal, ResidencyLedger, choose_engine
 from gateway.supervisor import Engine
 
@@ -85,7 +85,7 @@ class AdapterManager:
         base_name: str,
         policy: Policy,
         load_timeout_s: float,
-        metrics: Any = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.client = client

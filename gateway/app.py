@@ -146,7 +146,9 @@ def engine_snapshots(gateway: Gateway) -> list[EngineSnapshot]:
             manifest = gateway.adapters.manifests.get(key)
             if manifest is not None:
                 resident.append(ResidentAdapter(manifest.name, str(manifest.version)))
-        snapshots.append(EngineSnapshot(engine_id, ledger.slots(engine_id), resident))
+        engine = gateway.supervisor.engines.get(engine_id)
+        waiting, inflight = (engine.waiting, engine.inflight) if engine else (0, 0)
+        snapshots.append(EngineSnapshot(engine_id, ledger.slots(engine_id), resident, waiting, inflight))
     return snapshots
 
 

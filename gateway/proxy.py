@@ -48,6 +48,36 @@ class CallRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     output_valid: bool | None = None
+    strip_usage: bool = False  # usage was requested upstream for metrics only: keep it from the client
+
+
+def with_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Ask the engine for a final usage chunk (token accounting); True when the client did not ask for it."""
+    options = body.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    if options.get("include_usage"):
+        return body, False
+    return {**body, "stream_options": {**options, "include_usage": True}}, True
+
+
+class UsageStripper:
+    """Drops the usage-only SSE event (`"choices":[]`) that was requested for metrics, not by the client."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buffer += chunk
+        kept = []
+        while (end := self._buffer.find(b"\n\n")) != -1:
+            event, self._buffer = self._buffer[: end + 2], self._buffer[end + 2 :]
+            if not (b'"usage"' in event and (b'"choices":[]' in event or b'"choices": []' in event)):
+                kept.append(event)
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
 
 
 class SSEAccumulator:
@@ -160,8 +190,12 @@ class Proxy:
             body = {**body, "model": target.upstream_name}
             for hook in self.hooks:
                 body = hook.prepare(call, body)
+            if stream:
+                body, record.strip_usage = with_usage(body)
             payload = json.dumps(body).encode()
             response = await self._send(path, payload, target, record, call, body)
+            while call.notes.pop("retry", False):  # a hook judged the answer broke the adapter's contract
+                response = await self._send(path, payload, target, record, call, body)
         except Exception as exc:
             record.status = getattr(exc, "status", 500)
             record.error_code = str(getattr(exc, "code", "internal_error"))
@@ -235,8 +269,12 @@ class Proxy:
             record.prompt_tokens = usage.get("prompt_tokens")
             record.completion_tokens = usage.get("completion_tokens")
             record.output_valid = self._finish(call, body, answer)
-        self.observe(record)
-        return Response(content, status_code=upstream.status_code, headers=self._headers(upstream, record))
+        if not call.notes.get("retry"):
+            self.observe(record)
+        headers = self._headers(upstream, record)
+        if record.output_valid is not None:
+            headers["x-loragate-output-valid"] = "true" if record.output_valid else "false"
+        return Response(content, status_code=upstream.status_code, headers=headers)
 
     def _finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None:
         verdict: bool | None = None
@@ -262,13 +300,20 @@ class Proxy:
     ) -> Response:
         side = SSEAccumulator(collect_text=bool(self.hooks))
 
+        stripper = UsageStripper() if record.strip_usage else None
+
         async def relay() -> AsyncIterator[bytes]:
             side.feed(first)
-            yield first
+            yield stripper.feed(first) if stripper else first
             try:
                 async for chunk in chunks:
                     side.feed(chunk)
-                    yield chunk
+                    if stripper is None:
+                        yield chunk
+                    elif relayed := stripper.feed(chunk):
+                        yield relayed
+                if stripper is not None and (rest := stripper.flush()):
+                    yield rest
             except httpx.HTTPError as exc:  # bytes already reached the client: end the stream, no retry
                 log.error("%s: engine %s failed mid-stream: %s", record.request_id, lease.engine.id, exc)
                 self.supervisor.report_failure(lease.engine.id, f"{type(exc).__name__}: {exc}")

@@ -20,6 +20,60 @@ from gateway.metrics import RequestOutcome
 router = APIRouter()
 
 
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    """An inline request-body schema for /openapi.json (the handlers read raw JSON; bodies pass through)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_SAMPLING: dict[str, Any] = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "n": {"type": "integer", "minimum": 1},
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "stream": {"type": "boolean"},
+    "seed": {"type": "integer"},
+}
+CHAT_BODY = _body(
+    {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            **_SAMPLING,
+            "messages": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["role", "content"],
+                    "properties": {
+                        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                        "content": {"type": "string"},
+                    },
+                },
+            },
+        },
+    }
+)
+COMPLETION_BODY = _body(
+    {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {
+            **_SAMPLING,
+            "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        },
+    }
+)
+LOAD_BODY = _body(
+    {
+        "type": "object",
+        "required": ["lora_name"],
+        "properties": {"lora_name": {"type": "string"}, "lora_path": {"type": "string"}},
+    }
+)
+UNLOAD_BODY = _body({"type": "object", "required": ["lora_name"], "properties": {"lora_name": {"type": "string"}}})
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
@@ -46,12 +100,12 @@ async def _complete(request: Request, gateway: Gateway, path: str, route: str) -
     return await gateway.proxy.forward(path, route, body, target, request_id)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
 async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
     return await _complete(request, gateway, "/v1/chat/completions", "chat")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=COMPLETION_BODY)
 async def completions(request: Request, gateway: GatewayDep) -> Response:
     return await _complete(request, gateway, "/v1/completions", "completions")
 
@@ -115,7 +169,7 @@ def _adapter_card(
     return card
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", openapi_extra=LOAD_BODY)
 async def load_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
     """vLLM's runtime endpoint: `lora_path` given -> register that folder under `lora_name`, then load it."""
     body = await read_json(request)
@@ -138,7 +192,7 @@ async def load_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", openapi_extra=UNLOAD_BODY)
 async def unload_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
     body = await read_json(request)
     name = body.get("lora_name")

@@ -97,6 +97,9 @@ def test_streaming_with_usage_equals_the_whole_answer(gateway: GatewayUnderTest,
     assert usage is not None and whole.usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
 
+    plain = list(client(gateway).chat.completions.create(model="a0@2", messages=HELLO, max_tokens=4, stream=True))
+    assert plain and all(chunk.choices and chunk.usage is None for chunk in plain)  # usage only when asked for
+
     text = "".join(
         c.choices[0].text
         for c in client(gateway).completions.create(
@@ -221,6 +224,44 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
     while gateway.state.inflight():
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_vllm_runtime_endpoints_register_and_load(gateway: GatewayUnderTest, adapter_dirs: list[Path]) -> None:
+    load = httpx.post(
+        f"{gateway.base_url}/load_lora_adapter",
+        json={"lora_name": "vllm-tool", "lora_path": str(adapter_dirs[1])},
+        timeout=120,
+    )
+    assert (load.status_code, load.text) == (200, "Success: LoRA adapter 'vllm-tool' added successfully.")
+    assert load.headers["x-loragate-adapter"] == "vllm-tool@1"
+    assert chat(gateway, "vllm-tool") == chat(gateway, "a0@2")  # same files as a0@2
+    unload = httpx.post(f"{gateway.base_url}/unload_lora_adapter", json={"lora_name": "vllm-tool"}, timeout=60)
+    assert unload.status_code == 200
+    again = httpx.post(f"{gateway.base_url}/unload_lora_adapter", json={"lora_name": "vllm-tool"}, timeout=60)
+    assert (again.status_code, again.json()["error"]["code"]) == (404, "model_not_found")
+    missing = httpx.post(
+        f"{gateway.base_url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent"}, timeout=60
+    )
+    assert (missing.status_code, missing.json()["error"]["param"]) == (400, "lora_path")
+
+
+def test_pinned_adapter_is_resident_everywhere_and_gates_readiness(gateway: GatewayUnderTest, pushed: Any) -> None:
+    versions, _ = pushed
+    key = versions["a0@1"].engine_name
+    pinned = httpx.post(f"{gateway.url}/admin/adapters/pin", json={"model": "a0:prod"}, timeout=120)
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json()["ref"] == "a0@1"
+    try:
+        for engine in gateway.engines():
+            assert {"engine_name": key, "ref": "a0@1", "pinned": True} in engine["resident"]
+        ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+        assert (ready.status_code, ready.json()["problems"]) == (200, [])
+        refused = httpx.post(f"{gateway.url}/admin/adapters/unload", json={"model": "a0@1"}, timeout=10)
+        assert (refused.status_code, refused.json()["error"]["message"]) == (400, "a0@1 is pinned; unpin it first")
+    finally:
+        unpinned = httpx.post(f"{gateway.url}/admin/adapters/unpin", json={"model": "a0@1"}, timeout=10)
+    assert unpinned.status_code == 200
+    assert httpx.get(f"{gateway.url}/healthz", timeout=10).json() == {"status": "ok"}
 
 
 def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: GatewayUnderTest, pushed: Any) -> None:

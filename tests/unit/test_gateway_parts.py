@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gateway.adapters import AdapterManager, Target, refusal_reason
 from gateway.cli import overrides
 from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
-from gateway.proxy import CallRecord, Proxy, SSEAccumulator
+from gateway.proxy import CallRecord, Proxy, SSEAccumulator, UsageStripper, with_usage
 from gateway.routing import Policy
 from gateway.settings import load_settings
 from gateway.supervisor import Engine, Supervisor, backoff_s, parse_queue, read_engine_file
@@ -219,3 +219,17 @@ async def _noop(engine: Engine) -> None:
 
 def test_adapter_refused_is_a_400() -> None:
     assert (AdapterRefused("no").status, AdapterRefused("no").code) == (400, "adapter_refused")
+
+
+def test_usage_requested_for_metrics_only_is_kept_from_the_client() -> None:
+    body, strip = with_usage({"model": "m", "stream": True})
+    assert (body["stream_options"], strip) == ({"include_usage": True}, True)
+    asked = {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+    assert with_usage(asked) == (asked, False)
+    stream = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
+    )
+    stripper = UsageStripper()
+    relayed = b"".join(stripper.feed(stream[i : i + 9]) for i in range(0, len(stream), 9)) + stripper.flush()
+    assert relayed == b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\ndata: [DONE]\n\n'
