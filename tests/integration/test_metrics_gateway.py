@@ -169,15 +169,26 @@ def test_base_model_errors_and_unknown_names(gateway: GatewayUnderTest, client: 
     assert reply.usage is not None
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="obs-no-such-adapter", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):  # vLLM's own 400, passed through
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)
+    # a stream without stream_options: the client sees no usage chunk, the gateway still meters the tokens
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=7, temperature=0, stream=True, extra_body=EXACT
+        )
+    )
+    assert chunks and all(chunk.usage is None and chunk.choices for chunk in chunks)
     after = scrape(gateway)
 
     def delta(name: str, **labels: str) -> float:
         return after.value(name, **labels) - before.value(name, **labels)
 
     base = {"adapter": "", "version": ""}
-    assert delta("loragate_requests_total", **base, route="chat", status_class="2xx", error_code="") == 1
-    assert delta("loragate_prompt_tokens_total", **base) == reply.usage.prompt_tokens
-    assert delta("loragate_completion_tokens_total", **base) == 2
+    assert delta("loragate_requests_total", **base, route="chat", status_class="2xx", error_code="") == 2
+    assert delta("loragate_requests_total", **base, status_class="4xx", error_code="upstream_error") == 1
+    assert delta("loragate_prompt_tokens_total", **base) == 2 * reply.usage.prompt_tokens  # same prompt twice
+    assert delta("loragate_completion_tokens_total", **base) == 2 + 7
+    assert delta("loragate_time_to_first_token_seconds_count", **base) == 1
     missing = {"adapter": "other", "version": "", "status_class": "4xx", "error_code": "model_not_found"}
     assert delta("loragate_requests_total", **missing) == 1
     assert not any(ls.get("adapter") == "obs-no-such-adapter" for _, ls, _ in after.samples)
