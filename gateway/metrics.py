@@ -29,6 +29,7 @@ BASE_LABEL = ""
 OTHER_LABEL = "other"
 MAX_REASON_LABELS = 32
 DEFAULT_DECAY_EVERY = 10_000
+TIERS = frozenset({"gpu", "cpu", "unknown"})
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -220,7 +221,8 @@ class _StateCollector(Collector):
             counts: dict[tuple[str, str, str], int] = {}
             for item in snap.resident:
                 label = self._metrics.current_adapter_label(item.adapter)
-                key = (label, item.version if label != OTHER_LABEL else "", item.tier)
+                tier = item.tier if item.tier in TIERS else "unknown"
+                key = (label, item.version if label != OTHER_LABEL else "", tier)
                 counts[key] = counts.get(key, 0) + 1
             for (adapter, version, tier), n in sorted(counts.items()):
                 resident.add_metric([snap.engine, adapter, version, tier], n)

@@ -281,6 +281,9 @@ def test_state_collector_reads_ledgers_at_scrape_time(m: GatewayMetrics) -> None
     # x and y have no label of their own (the limit is 3): summed under "other"
     assert value(m, "loragate_adapter_resident", engine="e0", adapter="other", version="", tier="cpu") == 2
     assert value(m, "loragate_engine_free_adapter_slots", engine="e0") == 1
+    ledger.append(ResidentAdapter("a", "2", "hbm?"))  # a tier the gateway does not know stays bounded
+    assert value(m, "loragate_adapter_resident", engine="e0", adapter="a", version="2", tier="unknown") == 1
+    assert value(m, "loragate_engine_free_adapter_slots", engine="e0") == 0
 
 
 def test_inflight_comes_from_the_snapshot_when_it_reports_one(m: GatewayMetrics) -> None:
