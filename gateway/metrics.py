@@ -121,6 +121,36 @@ def time_per_output_token(latency_s: float, ttft_s: float | None, completion_tok
     return max(latency_s - ttft_s, 0.0) / (completion_tokens - 1)
 
 
+_LORA_INFO = re.compile(r'^vllm:lora_requests_info\{[^}]*running_lora_adapters="([^"]*)"[^}]*\}\s+(\S+)')
+
+
+def running_lora_adapters(vllm_metrics_text: str) -> frozenset[str] | None:
+    """Adapters in vLLM's running batch (on the accelerator now), from its `/metrics` text; None when the engine
+    does not report `vllm:lora_requests_info`. vLLM keeps one sample per label set with the time it was set as the
+    value, so the newest sample is the current one."""
+    newest: tuple[float, str] | None = None
+    for line in vllm_metrics_text.splitlines():
+        match = _LORA_INFO.match(line)
+        if match is None:
+            continue
+        try:
+            stamp = float(match.group(2))
+        except ValueError:
+            continue
+        if newest is None or stamp > newest[0]:
+            newest = (stamp, match.group(1))
+    if newest is None:
+        return None
+    return frozenset(name for name in newest[1].split(",") if name)
+
+
+def residency_tier(engine_name: str, running: frozenset[str] | None) -> str:
+    """ "gpu" while the adapter is in the running batch, "cpu" while it only sits in the engine's adapter cache."""
+    if running is None:
+        return "unknown"
+    return "gpu" if engine_name in running else "cpu"
+
+
 _SLUG = re.compile(r"[^a-z0-9_]+")
 
 

@@ -13,6 +13,8 @@ from gateway.metrics import (
     RequestOutcome,
     ResidentAdapter,
     fold_decision,
+    residency_tier,
+    running_lora_adapters,
     slug,
     status_class,
     time_per_output_token,
@@ -97,6 +99,37 @@ def test_time_per_output_token(latency: float, ttft: float | None, tokens: int |
 )
 def test_slug(raw: str, label: str) -> None:
     assert slug(raw) == label
+
+
+VLLM_TEXT = """# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a@1,b@2",waiting_lora_adapters=""} 1.7950001e+09
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 1.7950003e+09
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="c@9",waiting_lora_adapters="a@1"} 1.7950002e+09
+vllm:num_requests_running{engine="0",model_name="tiny"} 0.0
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (VLLM_TEXT, frozenset()),
+        (VLLM_TEXT.replace("1.7950003e+09", "1.7950000e+09"), frozenset({"c@9"})),
+        (VLLM_TEXT.replace("1.7950003e+09", "1.7950000e+09").replace("1.7950002e+09", "1"), frozenset({"a@1", "b@2"})),
+        ("vllm:num_requests_running 0.0\n", None),
+        ('vllm:lora_requests_info{running_lora_adapters="x"} NaNx\n', None),
+    ],
+)
+def test_running_lora_adapters(text: str, expected: frozenset[str] | None) -> None:
+    assert running_lora_adapters(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("running", "tier"),
+    [(None, "unknown"), (frozenset(), "cpu"), (frozenset({"a@1"}), "gpu"), (frozenset({"b"}), "cpu")],
+)
+def test_residency_tier(running: frozenset[str] | None, tier: str) -> None:
+    assert residency_tier("a@1", running) == tier
 
 
 # -- request metrics ----------------------------------------------------------------------------------------------
