@@ -18,12 +18,12 @@ import functools
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
+import regex
 from jsonschema.protocols import Validator
 
 from adapters_registry.contract import canonical_json, choice_error, regex_error, schema_error
@@ -60,6 +60,7 @@ _LEGACY_OPTIONS: dict[str, str | None] = {
     "guided_decoding_backend": None,
 }
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *_LEGACY_KINDS, *_LEGACY_OPTIONS)
+REGEX_CHECK_TIMEOUT_S = 0.05
 _CONSTRAINT_NOTE = "structured.constraint"  # keys of CallContext.notes
 _ATTEMPT_NOTE = "structured.attempt"
 
@@ -276,7 +277,11 @@ def check_text(text: str | None, constraint: Constraint) -> bool | None:
     if constraint.kind == "choice":
         return text in constraint.value
     if constraint.kind == "regex":
-        return re.fullmatch(constraint.value, text) is not None
+        try:  # the pattern is the client's: bound its backtracking, this runs on the event loop
+            return regex.fullmatch(constraint.value, text, timeout=REGEX_CHECK_TIMEOUT_S) is not None
+        except TimeoutError:
+            logger.warning("output check against regex %.80r timed out; answer left unchecked", constraint.value)
+            return None
     try:
         parsed = json.loads(text)
     except ValueError:

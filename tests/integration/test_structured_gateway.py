@@ -16,6 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_registry.registry import Registry
 from tests.fixtures.gateway import GatewayUnderTest
@@ -196,9 +197,13 @@ def wait_engine_requests(gateway: GatewayUnderTest, at_least: float, timeout_s: 
 
 def structured_count(gateway: GatewayUnderTest, adapter: str, result: str) -> float:
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    pattern = rf'^loragate_structured_outputs_total\{{adapter="{adapter}",version="1",result="{result}"\}} (\S+)$'
-    found = re.search(pattern, text, re.M)
-    return float(found.group(1)) if found else 0.0
+    wanted = {"adapter": adapter, "version": "1", "result": result}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "loragate_structured_outputs_total" and sample.labels == wanted
+    )
 
 
 @pytest.mark.parametrize(("role", "engine_calls"), [("retry", 2), ("no-retry", 1)])

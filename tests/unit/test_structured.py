@@ -325,6 +325,7 @@ TEXTS: list[tuple[str, Constraint, str | None, bool | None]] = [
     ("json_object array", Constraint("json_object", None, "request"), "[1]", False),
     ("regex full match", Constraint("regex", "[a-c]{3}", "request"), "abc", True),
     ("regex partial match", Constraint("regex", "[a-c]{3}", "request"), "abcd", False),
+    ("regex backtracking bounded", Constraint("regex", "(x+x+)+y", "request"), "x" * 5000, None),
     ("choice in", Constraint("choice", ("yes", "no"), "request"), "no", True),
     ("choice out", Constraint("choice", ("yes", "no"), "request"), "No", False),
     ("grammar unchecked", Constraint("grammar", "root ::= x", "request"), "x", None),
