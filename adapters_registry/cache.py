@@ -50,6 +50,7 @@ class BlobCache:
         try:
             if not self.store.get_file(key, tmp):
                 raise NotFoundError(f"blob sha256:{hex_digest} is missing from the store")
+            tmp.chmod(0o644)
             if (actual := sha256_file(tmp)) != hex_digest:
                 raise IntegrityError(f"blob sha256:{hex_digest} downloaded with sha256:{actual}: refusing it")
             os.replace(tmp, cached)
@@ -64,6 +65,7 @@ class BlobCache:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self._tmp))
+        staging.chmod(0o755)  # engines may run as another user (shared volume)
         try:
             for rel, hex_digest in sorted(files.items()):
                 src = self.blob_path(hex_digest)

@@ -1,4 +1,4 @@
-"""`loragate registry ...`: push, list, show, promote, rollback, rm, verify, and `base add|list|show`.
+"""`loragate registry ...`: push, list, show, aliases, promote, rollback, rm, verify, materialize, `base add|list|show`.
 
 The location comes from `--registry DIR|s3://bucket/prefix`, else $LORAGATE_REGISTRY, else ~/.loragate/registry.
 Every read command takes `--json`. This module imports only argparse at load time.
@@ -163,7 +163,17 @@ def _rollback(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def _rm(reg: Registry, args: argparse.Namespace) -> int:
-    print(f"removed {reg.remove(args.ref).ref}")
+    print(f"removed {reg.remove(args.ref, who=args.who).ref}")
+    return 0
+
+
+def _materialize(reg: Registry, args: argparse.Namespace) -> int:
+    manifest = reg.resolve(args.ref)
+    folder = reg.materialize(manifest)
+    if args.json:
+        _emit({"ref": manifest.ref, "engine_name": manifest.engine_name, "path": str(folder)})
+    else:
+        print(folder)
     return 0
 
 
@@ -253,6 +263,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--alias", required=True)
     p.add_argument("--who")
     p = add("rm", _rm, "remove a version (refused while an alias points at it)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--who")
+    p = add("materialize", _materialize, "print a local folder with the version's verified files", reads)
     p.add_argument("ref", metavar="REF")
     p = add("verify", _verify, "re-hash stored content and report corruption", reads)
     p.add_argument("ref", metavar="REF", nargs="?")

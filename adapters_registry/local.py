@@ -56,6 +56,7 @@ class LocalStore(ObjectStore):
         fd, name = tempfile.mkstemp(dir=self.root / ".tmp")
         tmp = Path(name)
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide blobs from engines running as another user
             with os.fdopen(fd, "wb") as fh:
                 if isinstance(write, bytes):
                     fh.write(write)

@@ -4,7 +4,7 @@ Storage layout (keys):
     bases/<base>.json                              BaseManifest (create-only)
     blobs/sha256/<hex[:2]>/<hex>                   file contents, content-addressed
     adapters/<name>/versions/<000000003>.json      AdapterManifest, written last and create-only: the commit point
-    adapters/<name>/digests/<hex>/<000000003>      index for name@sha256:<prefix> and re-push detection
+    adapters/<name>/digests/<hex[:2]>/<hex>/<000000003>   index for name@sha256:<prefix> and re-push detection
     adapters/<name>/head.json                      hint of the newest version (readers probe past it)
     adapters/<name>/aliases/<alias>.json           AliasRecord with its history, replaced by compare-and-swap
 
@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,16 @@ DEFAULT_LOCATION = "~/.loragate/registry"
 PAUSE_ENV = "LORAGATE_REGISTRY_PAUSE_AT"  # test hook: "<stage>" makes push stop there (see _pause_point)
 MAX_CAS_ATTEMPTS = 50
 
+# Called once after every write attempt with {"action", "target", "result": "ok"|"error", "who", "error", "details"}.
+AuditHook = Callable[[dict[str, Any]], None]
+
 
 def _vkey(name: str, version: int) -> str:
     return f"adapters/{name}/versions/{version:09d}.json"
+
+
+def _digest_dir(name: str, hex_digest: str) -> str:
+    return f"adapters/{name}/digests/{hex_digest[:2]}/{hex_digest}"
 
 
 def _files_digest(files: dict[str, str]) -> str:
@@ -66,9 +75,94 @@ def _who(who: str | None) -> str:
 
 
 class Registry:
-    def __init__(self, store: ObjectStore, cache_dir: Path) -> None:
+    def __init__(self, store: ObjectStore, cache_dir: Path, audit: AuditHook | None = None) -> None:
         self.store = store
         self.cache = BlobCache(store, cache_dir)
+        self.audit = audit
+
+    # ---- writes, each reported to the audit hook ------------------------------------------------------------------
+    @contextmanager
+    def _audited(self, action: str, target: str, who: str | None, **details: Any) -> Iterator[dict[str, Any]]:
+        """Report one write attempt to `self.audit` (success or failure); a failing hook never breaks the write."""
+        record: dict[str, Any] = {
+            "action": f"registry.{action}",
+            "target": target,
+            "result": "ok",
+            "who": who,
+            "error": None,
+            "details": details,
+        }
+        try:
+            yield record
+        except Exception as exc:
+            record.update(result="error", error=(str(exc).splitlines() or [type(exc).__name__])[0])
+            self._report(record)
+            raise
+        self._report(record)
+
+    def _report(self, record: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit(record)
+        except Exception:  # the audit sink must not decide whether a registry write happens
+            log.warning("audit hook failed for %s %s", record["action"], record["target"], exc_info=True)
+
+    def add_base(
+        self, model_dir: Path, name: str, *, copy: bool = False, merged_from: dict[str, Any] | None = None
+    ) -> BaseManifest:
+        with self._audited("add_base", name, None, path=str(model_dir), copy=copy) as record:
+            base = self._add_base(model_dir, name, copy=copy, merged_from=merged_from)
+            record["details"]["fingerprint"] = base.fingerprint
+            return base
+
+    def push(
+        self,
+        adapter_dir: Path,
+        name: str,
+        base: str,
+        *,
+        contract: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        source: str | None = None,
+        description: str | None = None,
+        labels: dict[str, str] | None = None,
+        check_effect: bool = False,
+    ) -> AdapterManifest:
+        with self._audited("push", name, None, base=base, path=str(adapter_dir)) as record:
+            manifest = self._push(
+                adapter_dir,
+                name,
+                base,
+                contract=contract,
+                training=training,
+                source=source,
+                description=description,
+                labels=labels,
+                check_effect=check_effect,
+            )
+            record["target"] = manifest.ref
+            record["details"].update(version=manifest.version, digest=manifest.digest, serving=manifest.serving)
+            return manifest
+
+    def promote(self, ref: str, alias: str, who: str | None = None) -> AdapterManifest:
+        with self._audited("promote", f"{ref} -> :{alias}", who, alias=alias) as record:
+            manifest = self._promote(ref, alias, who)
+            record["target"] = f"{manifest.name}:{alias}"
+            record["details"]["version"] = manifest.version
+            return manifest
+
+    def rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
+        with self._audited("rollback", f"{name}:{alias}", who, alias=alias) as record:
+            manifest = self._rollback(name, alias, who)
+            record["details"]["version"] = manifest.version
+            return manifest
+
+    def remove(self, ref: str, who: str | None = None) -> AdapterManifest:
+        with self._audited("remove", ref, who) as record:
+            manifest = self._remove(ref)
+            record["target"] = manifest.ref
+            return manifest
 
     @property
     def location(self) -> str:
@@ -88,13 +182,16 @@ class Registry:
         return obj
 
     def _record(self, name: str, version: int) -> AdapterManifest | Tombstone | None:
-        obj = self._load_json(_vkey(name, version))
-        if obj is None:
+        data = self.store.get_bytes(_vkey(name, version))
+        if data is None:
             return None
         try:
-            return Tombstone.model_validate(obj) if obj.get("removed") else AdapterManifest.model_validate(obj)
+            return AdapterManifest.model_validate_json(data)
         except PydanticValidationError as exc:
-            raise IntegrityError(f"{name}@{version}: unreadable manifest ({exc.error_count()} errors)") from exc
+            try:
+                return Tombstone.model_validate_json(data)
+            except PydanticValidationError:
+                raise IntegrityError(f"{name}@{version}: unreadable manifest ({exc.error_count()} errors)") from exc
 
     def _version_numbers(self, name: str) -> list[int]:
         prefix = f"adapters/{name}/versions/"
@@ -114,7 +211,7 @@ class Registry:
         return n
 
     # ---- bases ---------------------------------------------------------------------------------------------------
-    def add_base(
+    def _add_base(
         self, model_dir: Path, name: str, *, copy: bool = False, merged_from: dict[str, Any] | None = None
     ) -> BaseManifest:
         from adapters_registry.fingerprint import describe_base, module_shapes
@@ -180,7 +277,7 @@ class Registry:
         raise NotFoundError(f"base {name!r}: weights are not available here (registered from {base.path})")
 
     # ---- push ----------------------------------------------------------------------------------------------------
-    def push(
+    def _push(
         self,
         adapter_dir: Path,
         name: str,
@@ -251,7 +348,7 @@ class Registry:
                 break
             version += 1  # a concurrent push took this number
         _pause_point("version-written")
-        self.store.put_bytes(f"adapters/{name}/digests/{manifest.digest_hex}/{version:09d}", b"", if_absent=True)
+        self.store.put_bytes(f"{_digest_dir(name, manifest.digest_hex)}/{version:09d}", b"", if_absent=True)
         if self._head_hint(name) < version:
             self.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": version}).encode())
         log.info("pushed %s (%s, serving=%s)", manifest.ref, digest, manifest.serving)
@@ -271,7 +368,7 @@ class Registry:
     def _same_content(
         self, name: str, digest: str, fingerprint: str, contract: dict[str, Any] | None
     ) -> AdapterManifest | None:
-        prefix = f"adapters/{name}/digests/{digest.removeprefix('sha256:')}/"
+        prefix = _digest_dir(name, digest.removeprefix("sha256:")) + "/"
         indexed = [int(key[len(prefix) :]) for key in self.store.list_keys(prefix)]
         # versions above the head hint may lack their index entry (a push killed just after its record)
         unindexed = range(self._head_hint(name) + 1, self._newest_number(name) + 1)
@@ -317,7 +414,7 @@ class Registry:
         return n
 
     def _by_digest(self, name: str, hex_prefix: str, ref: str) -> int:
-        base = f"adapters/{name}/digests/"
+        base = f"adapters/{name}/digests/{hex_prefix[:2]}/"
         hits: dict[str, list[int]] = {}
         for key in self.store.list_keys(base + hex_prefix):
             hex_digest, _, number = key[len(base) :].partition("/")
@@ -390,12 +487,12 @@ class Registry:
                 return target  # type: ignore[no-any-return]
         raise ConflictError(f"{name}:{alias} is being moved by others; try again")
 
-    def promote(self, ref: str, alias: str, who: str | None = None) -> AdapterManifest:
+    def _promote(self, ref: str, alias: str, who: str | None = None) -> AdapterManifest:
         check_alias(alias)
         target = self.resolve(ref)
         return self._move_alias(target.name, alias, who, lambda _record: ("promote", target))
 
-    def rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
+    def _rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
         check_name(name)
         check_alias(alias)
 
@@ -410,7 +507,7 @@ class Registry:
         return self._move_alias(name, alias, who, pick)
 
     # ---- remove / verify -----------------------------------------------------------------------------------------
-    def remove(self, ref: str) -> AdapterManifest:
+    def _remove(self, ref: str) -> AdapterManifest:
         manifest = self.resolve(ref)
         pinned = sorted(a for a, v in self.aliases(manifest.name).items() if v == manifest.version)
         if pinned:
@@ -489,15 +586,23 @@ def default_cache_dir(location: str) -> Path:
     return Path(root) / "registry" / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
-def open_registry(location: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None) -> Registry:
-    """Open a registry: a directory or `s3://bucket/prefix`; None means $LORAGATE_REGISTRY or ~/.loragate/registry."""
+def open_registry(
+    location: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None, audit: AuditHook | None = None
+) -> Registry:
+    """Open a registry: a directory or `s3://bucket/prefix`; None means $LORAGATE_REGISTRY or ~/.loragate/registry.
+
+    The local cache of verified files is `cache_dir`, else $LORAGATE_REGISTRY_CACHE, else (S3) a folder per location
+    under $LORAGATE_CACHE or ~/.cache/loragate, (local) `<registry>/.cache`.
+    """
     where = str(location) if location is not None else os.environ.get("LORAGATE_REGISTRY") or DEFAULT_LOCATION
+    env_cache = os.environ.get("LORAGATE_REGISTRY_CACHE")
+    cache = cache_dir or (Path(env_cache) if env_cache else None)
     if where.startswith("s3://"):
         from adapters_registry.s3 import S3Store
 
         s3 = S3Store.from_url(where)
-        return Registry(s3, cache_dir or default_cache_dir(s3.location))
+        return Registry(s3, cache or default_cache_dir(s3.location), audit)
     from adapters_registry.local import LocalStore
 
     local = LocalStore(Path(where))
-    return Registry(local, cache_dir or local.root / ".cache")
+    return Registry(local, cache or local.root / ".cache", audit)

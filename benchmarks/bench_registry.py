@@ -89,7 +89,7 @@ def populate(reg: Registry, name: str, versions: int) -> None:
         digest = hashlib.sha256(str(v).encode()).hexdigest()
         record = first.model_copy(update={"version": v, "digest": f"sha256:{digest}"})
         assert reg.store.put_bytes(_vkey(name, v), record.to_json(), if_absent=True)
-        reg.store.put_bytes(f"adapters/{name}/digests/{digest}/{v:09d}", b"", if_absent=True)
+        reg.store.put_bytes(f"adapters/{name}/digests/{digest[:2]}/{digest}/{v:09d}", b"", if_absent=True)
     reg.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": versions}).encode())
 
 

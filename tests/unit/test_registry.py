@@ -237,3 +237,37 @@ def test_check_effect_refuses_a_no_op_adapter(registry: Registry, tiny_model: Pa
 
 def test_check_effect_accepts_a_real_adapter(registry: Registry, adapter_dirs: list[Path]) -> None:
     assert registry.push(adapter_dirs[0], "support", "tiny", check_effect=True).version == 1
+
+
+def test_every_write_is_reported_to_the_audit_hook(registry: Registry, adapter_dirs: list[Path]) -> None:
+    seen: list[dict[str, object]] = []
+    registry.audit = seen.append
+    m = registry.push(adapter_dirs[0], "support", "tiny")
+    registry.promote("support", "prod", who="alice")
+    with pytest.raises(ConflictError):
+        registry.remove("support@1", who="bob")
+    registry.promote("support@1", "canary", who="alice")
+    with pytest.raises(ConflictError):
+        registry.rollback("support", "canary", who="carol")
+    summary = [(r["action"], r["target"], r["result"], r["who"]) for r in seen]
+    assert summary == [
+        ("registry.push", "support@1", "ok", None),
+        ("registry.promote", "support:prod", "ok", "alice"),
+        ("registry.remove", "support@1", "error", "bob"),
+        ("registry.promote", "support:canary", "ok", "alice"),
+        ("registry.rollback", "support:canary", "error", "carol"),
+    ]
+    assert seen[0]["details"] == {
+        "base": "tiny",
+        "path": str(adapter_dirs[0]),
+        "version": 1,
+        "digest": m.digest,
+        "serving": "lora",
+    }
+    assert seen[2]["error"] == "support@1 is the target of alias prod; promote another version there first"
+
+    def broken(record: dict[str, object]) -> None:
+        raise RuntimeError("audit sink down")
+
+    registry.audit = broken
+    assert registry.push(adapter_dirs[1], "support", "tiny").version == 2  # the write still happens
