@@ -25,10 +25,11 @@ from adapters_registry import Registry, open_registry
 from adapters_registry.errors import NotFoundError
 from gateway.adapters import AdapterManager
 from gateway.api import admin, openai
+from gateway.auth import SecurityMiddleware, build_security
 from gateway.deps import Gateway
 from gateway.errors import GatewayError, error_envelope
 from gateway.hooks import CompletionHook
-from gateway.metrics import EngineSnapshot, GatewayMetrics, RequestOutcome, ResidentAdapter
+from gateway.metrics import EngineSnapshot, GatewayMetrics, RequestOutcome, ResidentAdapter, residency_tier
 from gateway.proxy import CallRecord, Proxy
 from gateway.routing import Policy
 from gateway.settings import Settings
@@ -141,12 +142,13 @@ def engine_snapshots(gateway: Gateway) -> list[EngineSnapshot]:
     snapshots = []
     ledger = gateway.adapters.ledger
     for engine_id in ledger.engines():
+        engine = gateway.supervisor.engines.get(engine_id)
+        running = engine.gpu_adapters if engine else None
         resident = []
         for key in ledger.resident(engine_id):
             manifest = gateway.adapters.manifests.get(key)
             if manifest is not None:
-                resident.append(ResidentAdapter(manifest.name, str(manifest.version)))
-        engine = gateway.supervisor.engines.get(engine_id)
+                resident.append(ResidentAdapter(manifest.name, str(manifest.version), residency_tier(key, running)))
         waiting, inflight = (engine.waiting, engine.inflight) if engine else (0, 0)
         snapshots.append(EngineSnapshot(engine_id, ledger.slots(engine_id), resident, waiting, inflight))
     return snapshots
@@ -161,6 +163,8 @@ def create_app(
         model_path, base_name = await asyncio.to_thread(resolve_base, settings, reg)
         client = upstream_client(settings)
         metrics = GatewayMetrics(registry=CollectorRegistry(), max_adapter_labels=settings.metrics_max_adapter_labels)
+        security = build_security(settings.security, reg.store, metrics, base_name=base_name)
+        app.state.security = security
         usage = UsageEmitter(settings.usage_webhook_url, metrics=metrics)
         engines: dict[str, Engine] = {}
         policy = Policy(settings.routing.overload_threshold, settings.routing.max_queue, settings.routing.load_bucket)
@@ -215,6 +219,7 @@ def create_app(
                     output_valid=record.output_valid,
                     stream=record.stream,
                     request_id=record.request_id,
+                    key_id=security.observed(record.request_id, record.prompt_tokens, record.completion_tokens),
                 )
             )
 
@@ -248,6 +253,7 @@ def create_app(
 
     app = FastAPI(title="loragate gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     register_error_handlers(app)
+    app.add_middleware(SecurityMiddleware)  # inside RequestHeaders: its refusals carry x-request-id too
     app.add_middleware(RequestHeaders)
     app.include_router(openai.router)
     app.include_router(admin.router)

@@ -223,7 +223,25 @@ class Security:
         self.metrics = metrics
         self._clock = clock
         self._keyed_at: tuple[float, bool] | None = None
+        self._calls: dict[str, _Call] = {}
         self.base_name = base_name
+
+    def track(self, request_id: str | None, call: _Call) -> None:
+        if request_id is not None:
+            self._calls[request_id] = call
+
+    def untrack(self, request_id: str | None) -> None:
+        if request_id is not None:
+            self._calls.pop(request_id, None)
+
+    def observed(self, request_id: str, prompt_tokens: int | None, completion_tokens: int | None) -> str | None:
+        """The gateway finished a call: its exact token count pays the quota. Returns the caller's key id."""
+        call = self._calls.get(request_id)
+        if call is None:
+            return None
+        if prompt_tokens is not None or completion_tokens is not None:
+            call.reported_tokens = (prompt_tokens or 0) + (completion_tokens or 0)
+        return call.key_id
 
     def adapter_of(self, model: str) -> str | None:
         """The adapter name a requested model refers to (``acme@3``, ``acme:prod`` -> ``acme``); None for the base."""
@@ -415,6 +433,8 @@ class _Call:
 
     lease: Lease
     prompt_estimate: int
+    key_id: str | None = None
+    reported_tokens: int | None = None  # from the gateway's own accounting (`Security.observed`)
     usage_tokens: int | None = None
     chunks: int = 0
     tail: bytes = b""
@@ -455,7 +475,7 @@ class SecurityMiddleware:
                 model = parsed["model"]
                 adapter = security.adapter_of(model)
                 security.check_model(principal, model, adapter, security.base_name)
-                call = _Call(security.admit(principal, adapter), prompt_length(parsed) // 4 + 1)
+                call = _Call(security.admit(principal, adapter), prompt_length(parsed) // 4 + 1, principal.key_id)
             if path == "/v1/load_lora_adapter" and parsed is not None and isinstance(parsed.get("lora_path"), str):
                 security.check_load_path(parsed["lora_path"])
         except GatewayError as error:
@@ -469,7 +489,12 @@ class SecurityMiddleware:
         if body is not None:
             receive = _replay(body, pending, receive)
         if call is not None:
-            await self._metered(scope, receive, send, call)
+            request_id = scope.get("state", {}).get("request_id")
+            security.track(request_id, call)
+            try:
+                await self._metered(scope, receive, send, call)
+            finally:
+                security.untrack(request_id)
         elif kind == "admin":
             await self._audited(security, scope, receive, send, principal, parsed)
         elif method == "GET" and path == "/v1/models" and principal.key is not None:
@@ -537,7 +562,9 @@ class SecurityMiddleware:
         finally:
             if call.json_body is not None:
                 call.usage_tokens = usage_total(bytes(call.json_body))
-            tokens = call.usage_tokens if call.usage_tokens is not None else call.prompt_estimate + call.chunks
+            tokens = call.reported_tokens if call.reported_tokens is not None else call.usage_tokens
+            if tokens is None:
+                tokens = call.prompt_estimate + call.chunks
             call.lease.charge(tokens)
             call.lease.release()
 

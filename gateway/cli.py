@@ -75,10 +75,14 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
     from pydantic import ValidationError
 
+    from adapters_registry import open_registry
     from gateway.app import create_app
+    from gateway.auth import choose_bind
     from gateway.settings import load_settings
     from loragate.cli import CLIError
 
@@ -90,9 +94,13 @@ def serve(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise CLIError(f"invalid settings{' (' + where + ')' if where else ''}: {first['msg']}") from exc
+    # Local mode (no API keys in the registry's store) stays on loopback unless security.allow_open_bind is set.
+    host, warning = choose_bind(settings.security, open_registry(settings.registry).store, settings.host)
+    if warning:
+        logging.getLogger("gateway").warning("%s", warning)
     uvicorn.run(
         create_app(settings),
-        host=settings.host,
+        host=host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_grace_s),
         log_level="info",

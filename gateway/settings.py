@@ -16,6 +16,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.auth import SecuritySettings
+
 
 class EngineSettings(BaseModel):
     """Managed mode: how the vLLM children are started and kept alive."""
@@ -92,6 +94,7 @@ class Settings(BaseSettings):
     usage_webhook_url: str | None = None
     metrics_max_adapter_labels: int = 50
     drain_grace_s: float = 30.0
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @model_validator(mode="after")
     def _check_mode(self) -> Settings:
