@@ -165,6 +165,7 @@ def create_app(
         metrics = GatewayMetrics(registry=CollectorRegistry(), max_adapter_labels=settings.metrics_max_adapter_labels)
         security = build_security(settings.security, reg.store, metrics, base_name=base_name)
         app.state.security = security
+        reg.audit = security.audit.registry_hook("gateway")  # registry writes through the admin API are audited
         usage = UsageEmitter(settings.usage_webhook_url, metrics=metrics)
         engines: dict[str, Engine] = {}
         policy = Policy(settings.routing.overload_threshold, settings.routing.max_queue, settings.routing.load_bucket)

@@ -81,7 +81,8 @@ def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from adapters_registry import open_registry
-    from gateway.app import create_app
+    from adapters_registry.errors import RegistryError
+    from gateway.app import BaseModelError, create_app, resolve_base
     from gateway.auth import choose_bind
     from gateway.settings import load_settings
     from loragate.cli import CLIError
@@ -94,12 +95,17 @@ def serve(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise CLIError(f"invalid settings{' (' + where + ')' if where else ''}: {first['msg']}") from exc
+    try:
+        registry = open_registry(settings.registry)
+        resolve_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
+    except (BaseModelError, RegistryError) as exc:
+        raise CLIError(str(exc)) from exc
     # Local mode (no API keys in the registry's store) stays on loopback unless security.allow_open_bind is set.
-    host, warning = choose_bind(settings.security, open_registry(settings.registry).store, settings.host)
+    host, warning = choose_bind(settings.security, registry.store, settings.host)
     if warning:
         logging.getLogger("gateway").warning("%s", warning)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, registry=registry),
         host=host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_grace_s),

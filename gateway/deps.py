@@ -40,7 +40,7 @@ class Gateway:
         return sum(engine.inflight for engine in self.supervisor.engines.values())
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 

@@ -60,7 +60,7 @@ class ExternalSettings(BaseModel):
 class RoutingSettings(BaseModel):
     overload_threshold: int = Field(default=8, ge=1, description="queue depth above which a holder is passed over")
     max_queue: int = Field(default=256, ge=1, description="queue depth on every engine above which requests get 503")
-    load_bucket: int = Field(default=4, ge=1, description="loads within one bucket count as equal; rendezvous order decides")
+    load_bucket: int = Field(default=4, ge=1, description="loads in one bucket tie; rendezvous order decides")
 
 
 class AdapterSettings(BaseModel):
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
 
     mode: Literal["managed", "external"] = "managed"
     base: str | None = Field(default=None, description="registry base name or a model directory")
-    base_name: str | None = Field(default=None, description="served name of the base; default: registry name or dir name")
+    base_name: str | None = Field(default=None, description="served base name (default: registry or dir name)")
     host: str = "127.0.0.1"
     port: int = 8000
     registry: str | None = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
+from gateway.metrics import running_lora_adapters
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Engine:
     restarts: int = 0
     gave_up: bool = False
     last_error: str | None = None
+    gpu_adapters: frozenset[str] | None = None  # engine names vLLM reports as running (None: not reported)
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -180,6 +182,7 @@ class Supervisor:
             metrics = await self.client.get(f"{engine.url}/metrics", timeout=5.0)
             if metrics.status_code == 200:
                 engine.running, engine.waiting = parse_queue(metrics.text)
+                engine.gpu_adapters = running_lora_adapters(metrics.text)
             return True
         except httpx.HTTPError as exc:
             engine.last_error = f"{type(exc).__name__}: {exc}"

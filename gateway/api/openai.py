@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,10 @@ def _card(model_id: str, parent: str | None, root: str, **extra: Any) -> dict[st
 def _adapter_card(
     gateway: Gateway, model_id: str, manifest: AdapterManifest, *, parent: str, aliases: list[str]
 ) -> dict[str, Any]:
-    created = int(manifest.created_at.timestamp()) if hasattr(manifest.created_at, "timestamp") else 0
+    try:
+        created = int(datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        created = 0
     card = _card(
         model_id,
         parent,

@@ -233,3 +233,12 @@ def test_usage_requested_for_metrics_only_is_kept_from_the_client() -> None:
     stripper = UsageStripper()
     relayed = b"".join(stripper.feed(stream[i : i + 9]) for i in range(0, len(stream), 9)) + stripper.flush()
     assert relayed == b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\ndata: [DONE]\n\n'
+
+
+def test_serve_refuses_an_unknown_base_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loragate.cli import main
+
+    assert main(["serve", "--base", "no-such-base", "--registry", str(tmp_path / "reg")]) == 2
+    assert capsys.readouterr().err == "error: base 'no-such-base' is neither a directory nor a registered base\n"
+    assert main(["serve", "--base", "tiny", "--engines", "0", "--registry", str(tmp_path / "reg")]) == 2
+    assert "invalid settings (engines.count): Input should be greater than or equal to 1" in capsys.readouterr().err
