@@ -56,10 +56,17 @@ def _files_digest(files: dict[str, str]) -> str:
     return "sha256:" + hashlib.sha256(listing).hexdigest()
 
 
+def _snapshot(folder: Path, names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime_ns, inode) per file: any write or replacement changes it."""
+    stats = {n: (folder / n).stat() for n in names}
+    return {n: (st.st_size, st.st_mtime_ns, st.st_ino) for n, st in stats.items()}
+
+
 def _pause_point(stage: str) -> None:
     """Fault-injection hook for tests: stop at `stage` so a test can kill the process there."""
     if os.environ.get(PAUSE_ENV) != stage:
         return
+    log.warning("pausing at %s (%s is set)", stage, PAUSE_ENV)
     if marker := os.environ.get("LORAGATE_REGISTRY_PAUSE_FILE"):
         Path(marker).write_text(str(os.getpid()))
     time.sleep(float(os.environ.get("LORAGATE_REGISTRY_PAUSE_SECONDS", "3600")))
@@ -301,7 +308,9 @@ class Registry:
                 raise ValidationError(f"label {key!r}={value!r}: labels are non-empty string keys to string values")
         normalized = self._normalize_contract(contract)
         names = classify_files(adapter_dir)
+        before = _snapshot(adapter_dir, names)
         files = {f: sha256_file(adapter_dir / f) for f in names}
+        _pause_point("hashed")
         digest = _files_digest(files)
         # identical content on the same base passed the same checks when it was pushed
         if same := self._same_content(name, digest, base_manifest.fingerprint, normalized):
@@ -309,8 +318,8 @@ class Registry:
             return same
         facts = inspect_adapter(adapter_dir, base_manifest)
         if facts.files != names:
-            raise ConflictError(f"{adapter_dir}: files changed during the push; try again")
-        sizes = {f: (adapter_dir / f).stat().st_size for f in names}
+            raise ConflictError(f"{adapter_dir}: files changed during the push; nothing was registered, try again")
+        sizes = {f: before[f][0] for f in names}
         if check_effect:
             from adapters_registry.effect import check_effect as run_effect_check
 
@@ -318,6 +327,10 @@ class Registry:
 
         for rel, hex_digest in files.items():
             self.store.put_file(blob_key(hex_digest), adapter_dir / rel, if_absent=True)
+        if (
+            _snapshot(adapter_dir, names) != before
+        ):  # e.g. a trainer still writing: what we hashed is not what we stored
+            raise ConflictError(f"{adapter_dir}: files changed during the push; nothing was registered, try again")
         _pause_point("blobs-written")
         fields: dict[str, Any] = dict(
             name=name,

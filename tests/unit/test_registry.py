@@ -271,3 +271,21 @@ def test_every_write_is_reported_to_the_audit_hook(registry: Registry, adapter_d
 
     registry.audit = broken
     assert registry.push(adapter_dirs[1], "support", "tiny").version == 2  # the write still happens
+
+
+def test_a_file_changed_during_the_push_registers_nothing(
+    registry: Registry, adapter_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = _variant(adapter_dirs[0], tmp_path / "moving", "before")
+
+    def trainer_still_writing(stage: str) -> None:
+        if stage == "hashed":
+            (adapter / "README.md").write_text("after, and longer")
+
+    monkeypatch.setattr("adapters_registry.registry._pause_point", trainer_still_writing)
+    with pytest.raises(ConflictError) as info:
+        registry.push(adapter, "support", "tiny")
+    assert str(info.value) == f"{adapter}: files changed during the push; nothing was registered, try again"
+    assert registry.list_adapters() == []
+    monkeypatch.undo()
+    assert registry.push(adapter, "support", "tiny").files["README.md"] == _sha(adapter / "README.md")
