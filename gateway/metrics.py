@@ -361,6 +361,9 @@ class GatewayMetrics:
             "loragate_rate_limited", "Requests refused by a rate limit.", ["scope", "limit"], registry=r
         )
         self.auth_failures = Counter("loragate_auth_failures", "Rejected credentials.", ["reason"], registry=r)
+        self.limit_rejections = Counter(
+            "loragate_limit_rejections", "Requests refused by an input limit.", ["limit"], registry=r
+        )
         self._state = _StateCollector(self)
         r.register(self._state)
 
@@ -444,6 +447,10 @@ class GatewayMetrics:
     def auth_failed(self, reason: str) -> None:
         with self._lock:
             self.auth_failures.labels(self._reasons(reason)).inc()
+
+    def limit_rejected(self, limit: str) -> None:
+        with self._lock:
+            self.limit_rejections.labels(self._reasons(limit)).inc()
 
     # -- usage events ---------------------------------------------------------------------------------------------
 

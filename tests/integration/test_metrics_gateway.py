@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,7 @@ def test_base_model_errors_and_unknown_names(gateway: GatewayUnderTest, client: 
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="obs-no-such-adapter", messages=MESSAGES, max_tokens=2)
     with pytest.raises(openai.BadRequestError):  # vLLM's own 400, passed through
-        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1000)  # > max_model_len 512
     # a stream without stream_options: the client sees no usage chunk, the gateway still meters the tokens
     chunks = list(
         client.chat.completions.create(
@@ -238,3 +239,17 @@ def test_lru_eviction_is_counted_per_engine(
         assert after.value("loragate_engine_inflight_requests", engine=engine) == 0
         ours_evicted += sum(ours)
     assert ours_evicted == sum(max(0, len(names) - 2 + pinned[e]) for e, names in placed.items()) >= 1
+
+    # the tier comes from vLLM's lora_requests_info, read by the supervisor's next /metrics probe
+    tiers: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tiers = {
+            ls["tier"]
+            for n, ls, v in scrape(gateway).samples
+            if n == "loragate_adapter_resident" and ls["adapter"] in evict_adapters and v > 0
+        }
+        if tiers and "unknown" not in tiers:
+            break
+        time.sleep(0.5)
+    assert tiers and tiers <= {"gpu", "cpu"}

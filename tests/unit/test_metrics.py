@@ -295,9 +295,11 @@ def test_auth_and_rate_limit_counters(m: GatewayMetrics) -> None:
     m.rate_limited("key", "rpm")
     m.rate_limited("adapter", "concurrency")
     m.auth_failed("revoked")
+    m.limit_rejected("max_tokens")
     assert value(m, "loragate_rate_limited_total", scope="key", limit="rpm") == 2
     assert value(m, "loragate_rate_limited_total", scope="adapter", limit="concurrency") == 1
     assert value(m, "loragate_auth_failures_total", reason="revoked") == 1
+    assert value(m, "loragate_limit_rejections_total", limit="max_tokens") == 1
 
 
 def test_state_collector_reads_ledgers_at_scrape_time(m: GatewayMetrics) -> None:
