@@ -24,9 +24,15 @@ def _open(args: argparse.Namespace) -> Registry:
     from adapters_registry.registry import open_registry
 
     try:
-        return open_registry(getattr(args, "registry", None))
+        reg = open_registry(getattr(args, "registry", None))
     except RegistryError as exc:
         raise CLIError(str(exc)) from exc
+    try:  # the CLI composes the application: the registry library itself never imports gateway
+        from gateway.audit import AuditLog
+    except ImportError:
+        return reg
+    reg.audit = AuditLog.for_cli(reg.store).registry_hook()
+    return reg
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -137,3 +137,25 @@ def test_s3_location(s3_registry: Registry, adapter_dirs: list[Path], capsys: py
     assert (code, out) == (0, f"support@1 {s3_registry.resolve('support').digest}\n")
     code, out, _ = _run(capsys, "show", "support:latest", "--json", "--registry", s3_registry.location)
     assert json.loads(out)["version"] == 1
+
+
+def test_cli_writes_are_audited(
+    registry: Registry,
+    adapter_dirs: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LORAGATE_AUDIT_FILE", str(tmp_path / "audit.jsonl"))
+    assert _run(capsys, "push", str(adapter_dirs[0]), "--name", "support", "--base", "tiny",
+                "--registry", registry.location)[0] == 0  # fmt: skip
+    assert (
+        _run(capsys, "rm", "support:nope", "--registry", registry.location)[0] == 2
+    )  # a failed attempt is audited too
+    assert _run(capsys, "promote", "support@1", "--alias", "prod", "--registry", registry.location)[0] == 0
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(r["action"], r["target"], r["result"]) for r in lines] == [
+        ("registry.push", "support@1", "ok"),
+        ("registry.remove", "support:nope", "error"),
+        ("registry.promote", "support:prod", "ok"),
+    ]
