@@ -1,0 +1,99 @@
+"""The base model a recipe trains on: a local directory, or the tiny local Llama built (and optionally given a short
+language-model training of its own on local text) and cached by content key.
+
+A randomly initialised base has near-uniform output logits; `pretrain_steps` gives it a few hundred steps of
+next-token training on the tokenizer's corpus so that the base behaves like a (very small) language model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from loragate.tiny_model import DEFAULT_CORPUS_DIR, TinyModelSpec, _corpus_files, cached_tiny_model, default_cache_dir
+from training.recipe import BaseSpec, TinyBase
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_VERSION = "1"
+
+
+def resolve_base(spec: BaseSpec) -> Path:
+    if spec.path is not None:
+        path = Path(spec.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base.path {path}: not a model directory (no config.json)")
+        return path
+    assert spec.tiny is not None
+    return tiny_base(spec.tiny)
+
+
+def _tiny_spec(tiny: TinyBase) -> TinyModelSpec:
+    return TinyModelSpec(
+        vocab_size=tiny.vocab_size,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        seed=tiny.seed,
+    )
+
+
+def tiny_base(tiny: TinyBase, cache_dir: Path | None = None) -> Path:
+    raw = cached_tiny_model(_tiny_spec(tiny))
+    if tiny.pretrain_steps == 0:
+        return raw
+    key = hashlib.sha256(f"{PRETRAIN_VERSION}|{raw.name}|{tiny.model_dump_json()}".encode()).hexdigest()[:16]
+    root = cache_dir or default_cache_dir().parent / "pretrained-base"
+    final = root / key
+    if (final / "config.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        pretrain(raw, tmp, tiny)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process built the same key first
+            if not (final / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def pretrain(raw: Path, out: Path, tiny: TinyBase) -> None:
+    """Full-parameter next-token training on the local corpus (deterministic on one machine)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("pretraining the tiny base for %s steps (cached once per machine)", tiny.pretrain_steps)
+    tokenizer = AutoTokenizer.from_pretrained(raw)
+    text = "\n".join(p.read_text(errors="replace") for p in _corpus_files(DEFAULT_CORPUS_DIR))
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    chunks = ids[: len(ids) // tiny.pretrain_seq_len * tiny.pretrain_seq_len].view(-1, tiny.pretrain_seq_len)
+    torch.manual_seed(tiny.seed)
+    model = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=tiny.pretrain_lr, total_steps=tiny.pretrain_steps, pct_start=0.1
+    )
+    generator = torch.Generator().manual_seed(tiny.seed)
+    for step in range(tiny.pretrain_steps):
+        batch = chunks[torch.randint(0, len(chunks), (tiny.pretrain_batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == tiny.pretrain_steps - 1:
+            log.info("pretrain step %s/%s loss %.3f", step + 1, tiny.pretrain_steps, loss.item())
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({"from": str(raw), **tiny.model_dump()}, indent=2))

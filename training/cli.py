@@ -1,0 +1,33 @@
+"""`loragate train`: fine-tune a LoRA/QLoRA adapter from a recipe (imports only argparse at load time)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("train", help="fine-tune a LoRA/QLoRA adapter from a YAML recipe (PEFT + TRL)")
+    add_arguments(parser)
+    parser.set_defaults(handler=_handle)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from training.sft import run_cli
+
+    return run_cli(args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", type=Path, required=True, help="recipe YAML (see training/recipes/)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<recipe name>)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. lora.r=8"
+    )
+    parser.add_argument("--qlora", action="store_true", help="4-bit NF4 base with double quantisation (bitsandbytes)")
+    parser.add_argument("--merge-only", action="store_true", help="skip the serving lint: the adapter is only merged")
+    parser.add_argument("--publish", metavar="NAME", default=None, help="push the adapter into the registry as NAME")
+    parser.add_argument("--registry", default=None, help="registry location (default: $LORAGATE_REGISTRY)")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints left in the output folder")
+    return parser

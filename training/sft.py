@@ -1,0 +1,264 @@
+"""LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer: recipe in, evaluated adapter out.
+
+Run (CPU, tiny model, a few minutes):
+    loragate train --config training/recipes/tiny.yaml --output-dir runs/tiny
+    loragate train --config training/recipes/tiny.yaml --output-dir runs/tiny-q --qlora
+    loragate train --config training/recipes/tiny-json.yaml --output-dir runs/json --publish tiny-json
+    loragate train --config my.yaml --set lora.r=8 --set sft.learning_rate=1e-4 --set sft.num_train_epochs=2
+Multi-GPU (see README "Training"): accelerate launch --config_file training/accelerate/fsdp_qlora.yaml \
+    -m training.sft --config my.yaml --qlora
+
+The output folder holds `adapter/` (adapter_model.safetensors, adapter_config.json, chat_template.jinja,
+metrics.json, training.json), plus metrics.json, training.json, preflight.txt, train.log and checkpoints/ (a
+re-run with the same output folder resumes from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from training.cli import add_arguments
+from training.data import Splits, dataset_hash, load_rows, make_splits
+from training.recipe import Recipe, RecipeError, load_recipe, resolved_config
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+PACKAGES = ("loragate", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "outlines")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    manifest_ref: str | None = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_cli(args)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Handler of `loragate train` (and of `python -m training.sft`)."""
+    from loragate.cli import CLIError
+    from training.errors import TrainingError
+
+    try:
+        recipe = load_recipe(args.config, args.set)
+        result = run(
+            recipe,
+            args.output_dir or Path("runs") / recipe.name,
+            qlora=args.qlora or None,
+            merge_only=args.merge_only or None,
+            publish=args.publish,
+            registry=args.registry,
+            resume=not args.no_resume,
+        )
+    except (RecipeError, TrainingError) as exc:
+        raise CLIError(str(exc)) from exc
+    adapter = result.metrics["adapter"]
+    base = result.metrics["base"]
+    print(
+        f"adapter: {result.adapter_dir}\n"
+        f"exact_match: base {base['exact_match']:.3f} -> adapter {adapter['exact_match']:.3f}; "
+        f"eval loss {adapter['loss']:.3f} (ppl {adapter['perplexity']:.2f}); stop rate {adapter['stop_rate']:.2f}"
+    )
+    if result.manifest_ref:
+        print(f"published: {result.manifest_ref}")
+    return 0
+
+
+def train(recipe: Recipe | Path | str, output_dir: Path, **kw: Any) -> Path:
+    """Train, evaluate and save; return the adapter folder. `kw`: qlora, merge_only, publish, registry, resume."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(Path(recipe))
+    return run(recipe, output_dir, **kw).adapter_dir
+
+
+def run(
+    recipe: Recipe,
+    output_dir: Path,
+    *,
+    qlora: bool | None = None,
+    merge_only: bool | None = None,
+    publish: str | None = None,
+    registry: str | None = None,
+    resume: bool = True,
+) -> RunResult:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    updates: dict[str, Any] = {}
+    if qlora is not None:
+        updates["quantization"] = recipe.quantization.model_copy(update={"enabled": qlora})
+    if merge_only is not None:
+        updates["serving"] = recipe.serving.model_copy(update={"merge_only": merge_only})
+    recipe = recipe.model_copy(update=updates)
+
+    from training import lint
+    from training.base import resolve_base
+    from training.errors import TrainingError
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = _file_log(output_dir / "train.log")
+    try:
+        try:
+            base = resolve_base(recipe.base)
+        except FileNotFoundError as exc:
+            raise TrainingError(str(exc)) from exc
+        lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)
+        contract = _contract(recipe)
+        splits = make_splits(load_rows(recipe.data), recipe.data)
+        digest = dataset_hash(splits)
+        log.info("data: %s (%s), dataset %s", splits.sizes(), splits.format, digest)
+        return _train(recipe, base, splits, digest, contract, output_dir, publish, registry, resume)
+    except ValueError as exc:  # DataError, LintError, PreflightError, RecipeError: one-line user errors
+        if isinstance(exc, TrainingError):
+            raise
+        raise TrainingError(str(exc)) from exc
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _train(
+    recipe: Recipe,
+    base: Path,
+    splits: Splits,
+    digest: str,
+    contract: dict[str, Any] | None,
+    output_dir: Path,
+    publish: str | None,
+    registry: str | None,
+    resume: bool,
+) -> RunResult:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    from training.callbacks import GenerationEval, early_stopping
+    from training.evaluate import evaluate_run
+    from training.model import load_model, lora_config, make_sft_config
+    from training.preflight import run_preflight
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = load_model(base, recipe)
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    sft_config = make_sft_config(recipe, checkpoints, splits.format)
+    generation_eval = GenerationEval(splits.eval, recipe.evaluation, contract, tokenizer)
+    callbacks: list[Any] = [generation_eval] if recipe.evaluation.per_epoch_generation else []
+    callbacks += early_stopping(recipe.early_stopping)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config,
+        train_dataset=Dataset.from_list(splits.train),
+        eval_dataset=Dataset.from_list(splits.eval),
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.lora),
+        callbacks=callbacks,
+    )
+    view = run_preflight(trainer, splits.train, output_dir)
+    log.info("loss-mask preflight (%s):\n%s", output_dir / "preflight.txt", view)
+
+    checkpoint = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    log.info("evaluating base and adapter on %s held-out rows", min(len(splits.test), recipe.evaluation.max_examples))
+    metrics = evaluate_run(trainer, splits.test, recipe.evaluation, contract)
+    metrics["train"] = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics["per_epoch"] = _per_epoch(trainer.state.log_history, generation_eval.history)
+    metrics["data"] = {"sizes": splits.sizes(), "duplicates_removed": splits.duplicates_removed, "hash": digest}
+
+    info = {
+        **resolved_config(recipe, sft_config.to_dict()),
+        "base_path": str(base),
+        "seed": recipe.seed,
+        "dataset_hash": digest,
+        "packages": package_versions(),
+        "command": sys.argv,
+    }
+    adapter_dir = _save(trainer, tokenizer, output_dir, metrics, info)
+    log.info(
+        "exact_match: base %.3f -> adapter %.3f", metrics["base"]["exact_match"], metrics["adapter"]["exact_match"]
+    )
+    ref = None
+    if publish:
+        from training.publish import publish_run
+
+        ref = publish_run(adapter_dir, publish, recipe, base, metrics, digest, contract, registry).ref
+        log.info("published %s", ref)
+    return RunResult(adapter_dir, metrics, ref)
+
+
+def _save(trainer: Any, tokenizer: Any, output_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> Path:
+    adapter_dir = output_dir / ADAPTER_DIR
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    (adapter_dir / "chat_template.jinja").write_text(tokenizer.chat_template)
+    for folder in (adapter_dir, output_dir):
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        (folder / "training.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return adapter_dir
+
+
+def _per_epoch(history: list[dict[str, Any]], generation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    evals = [h for h in history if "eval_loss" in h]
+    rows = [{"epoch": h.get("epoch"), "eval_loss": h["eval_loss"]} for h in evals]
+    for row, extra in zip(rows, generation, strict=False):
+        row.update(extra)
+    return rows
+
+
+def _contract(recipe: Recipe) -> dict[str, Any] | None:
+    if recipe.evaluation.contract is None:
+        return None
+    from adapters_registry.contract import normalize_contract
+
+    try:
+        return normalize_contract(recipe.evaluation.contract)
+    except ValueError as exc:
+        raise RecipeError(f"evaluation.contract: {exc}") from exc
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    for name in ("transformers", "trl", "peft"):
+        logging.getLogger(name).propagate = True
+    return handler
+
+
+def make_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="python -m training.sft", description=__doc__.splitlines()[0]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

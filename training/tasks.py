@@ -1,0 +1,118 @@
+"""Built-in synthetic tasks: deterministic chat datasets a tiny model can learn, checkable by exact match.
+
+Each prompt hides one keyword among filler words; the answer names the keyword's class. Every word is a single
+token of the tiny model's tokenizer, and every answer starts with a token unique within its task, so a
+two-layer model can learn the task with a LoRA adapter in a few hundred steps.
+
+- `topic`: the answer is the class name as plain text (`license`, `software`, `document`, `author`).
+- `action-json`: the answer is a JSON object `{"action": "<verb>"}`; `ACTION_JSON_CONTRACT` is its output contract.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+
+Row = dict[str, Any]
+
+FILLERS = tuple(
+    [
+        "this",
+        "that",
+        "with",
+        "some",
+        "each",
+        "other",
+        "these",
+        "more",
+        "only",
+        "same",
+        "also",
+        "which",
+        "such",
+        "then",
+        "there",
+        "will",
+        "must",
+        "shall",
+        "have",
+        "from",
+        "under",
+        "without",
+        "above",
+        "here",
+    ]
+)
+
+TOPICS: dict[str, tuple[str, ...]] = {
+    "license": ("patent", "warranty", "copyright", "terms", "conditions", "permission"),
+    "software": ("program", "library", "source", "executable", "code", "version"),
+    "document": ("file", "files", "text", "title", "section", "notice"),
+    "author": ("user", "recipients", "authors", "public", "third", "author"),
+}
+
+ACTIONS: dict[str, tuple[str, ...]] = {
+    "copy": ("copy", "copies", "copyright"),
+    "modify": ("modify", "modified", "change"),
+    "distribute": ("distribute", "distributed", "convey"),
+    "publish": ("publish", "published", "offer"),
+}
+
+ACTION_JSON_CONTRACT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"action": {"type": "string", "enum": sorted(ACTIONS)}},
+    "required": ["action"],
+    "additionalProperties": False,
+}
+
+
+def _sentence(rng: random.Random, keyword: str, min_fill: int = 2, max_fill: int = 4) -> str:
+    words = [rng.choice(FILLERS) for _ in range(rng.randint(min_fill, max_fill))]
+    words.insert(rng.randint(0, len(words)), keyword)
+    return " ".join(words)
+
+
+def _classify(rng: random.Random, classes: dict[str, tuple[str, ...]]) -> tuple[str, str]:
+    label = rng.choice(sorted(classes))
+    return label, rng.choice(classes[label])
+
+
+def topic(rows: int, seed: int) -> list[Row]:
+    rng = random.Random(seed)
+    out: list[Row] = []
+    for _ in range(rows):
+        label, keyword = _classify(rng, TOPICS)
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"Topic: {_sentence(rng, keyword)}"}],
+                "completion": [{"role": "assistant", "content": label}],
+            }
+        )
+    return out
+
+
+def action_json(rows: int, seed: int) -> list[Row]:
+    rng = random.Random(seed)
+    out: list[Row] = []
+    for _ in range(rows):
+        label, keyword = _classify(rng, ACTIONS)
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"Request: {_sentence(rng, keyword)}"}],
+                "completion": [{"role": "assistant", "content": json.dumps({"action": label})}],
+            }
+        )
+    return out
+
+
+TASKS: dict[str, Callable[[int, int], list[Row]]] = {"topic": topic, "action-json": action_json}
+
+
+def generate(task: str, rows: int, seed: int) -> list[Row]:
+    try:
+        make = TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}") from None
+    return make(rows, seed)
