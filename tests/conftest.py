@@ -19,7 +19,12 @@ from tests.harness import make_lora_adapter, running_engine
 BASE_NAME = "tiny"
 
 # Shared fixtures of each area live in tests/fixtures/<area>.py; list each module here once it exists.
-pytest_plugins: list[str] = ["tests.fixtures.registry", "tests.fixtures.gateway", "tests.fixtures.security", "tests.fixtures.training"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.registry",
+    "tests.fixtures.gateway",
+    "tests.fixtures.security",
+    "tests.fixtures.training",
+]
 
 
 @pytest.fixture(scope="session")

@@ -297,7 +297,9 @@ def test_score() -> None:
 
 
 def test_sft_kwargs_cpu_and_early_stopping(tmp_path: Path) -> None:
-    recipe = recipe_from_dict(apply_overrides(MINIMAL, ["early_stopping.patience=2", "early_stopping.metric=exact_match"]))
+    recipe = recipe_from_dict(
+        apply_overrides(MINIMAL, ["early_stopping.patience=2", "early_stopping.metric=exact_match"])
+    )
     kwargs = sft_kwargs(recipe, tmp_path, "messages", gpu=False)
     assert kwargs["use_cpu"] is True and kwargs["bf16"] is False
     assert kwargs["assistant_only_loss"] is True
