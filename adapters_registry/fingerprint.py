@@ -140,7 +140,10 @@ def module_shapes(model_dir: Path) -> tuple[dict[str, tuple[int, int]], dict[str
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as exc:
-        raise ValidationError(f"transformers cannot build this architecture: {exc}", path=str(model_dir)) from exc
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValidationError(
+            f"transformers cannot build this architecture: {first_line}", path=str(model_dir)
+        ) from exc
     linear: dict[str, tuple[int, int]] = {}
     embedding: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():

@@ -307,6 +307,10 @@ class Registry:
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ValidationError(f"label {key!r}={value!r}: labels are non-empty string keys to string values")
         normalized = self._normalize_contract(contract)
+        try:
+            json.dumps(training, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"training metadata must be plain JSON: {exc}") from exc
         names = classify_files(adapter_dir)
         before = _snapshot(adapter_dir, names)
         files = {f: sha256_file(adapter_dir / f) for f in names}

@@ -259,3 +259,23 @@ def test_plain_lora_is_served_as_lora(registry: Registry, adapter_dirs: list[Pat
     assert (manifest.serving, manifest.serving_reason) == ("lora", None)
     assert (manifest.r, manifest.lora_alpha, manifest.dtype, manifest.peft_type) == (8, 16.0, "float32", "LORA")
     assert manifest.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_training_metadata_must_be_json(registry: Registry, adapter_dirs: list[Path]) -> None:
+    with pytest.raises(ValidationError) as info:
+        registry.push(adapter_dirs[0], "a", "tiny", training={"metrics": {"loss": float("nan")}})
+    assert str(info.value) == "training metadata must be plain JSON: Out of range float values are not JSON compliant"
+    assert _stored(registry) == []
+
+
+def test_base_directories_are_checked(registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as info:
+        registry.add_base(tmp_path, "empty")
+    assert str(info.value) == f"{tmp_path / 'config.json'}: missing (a base model directory needs its config.json)"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-arch", "hidden_size": 8,
+                                                      "num_hidden_layers": 1, "vocab_size": 10}))  # fmt: skip
+    with pytest.raises(ValidationError) as info:
+        registry.add_base(tmp_path, "odd")
+    assert str(info.value).startswith(f"{tmp_path}: transformers cannot build this architecture: ")
+    assert "\n" not in str(info.value)
+    assert [b.name for b in registry.list_bases()] == ["tiny"]
