@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,9 @@ from gateway.keys import ObjectStore
 logger = logging.getLogger(__name__)
 AUDIT_LOGGER = "loragate.audit"
 AUDIT_PREFIX = "audit/"
+# Who the current request acts for (set by the gateway's security middleware); registry writes made while serving
+# it are attributed to that key. Copied into `asyncio.to_thread` workers like every context variable.
+CURRENT_ACTOR: ContextVar[str | None] = ContextVar("loragate_audit_actor", default=None)
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,15 @@ class AuditLog:
         return event
 
     def registry_hook(self, who: str | None = None) -> Callable[[Mapping[str, Any]], None]:
-        """A callable for the Registry's audit hook: one dict per registry write; ``who`` defaults to the CLI user."""
+        """A callable for the Registry's audit hook: one dict per registry write.
+
+        Actor: the record's ``who``, else the request's key (`CURRENT_ACTOR`), else ``who``, else the CLI user.
+        """
         actor = who or cli_actor()
 
         def hook(record: Mapping[str, Any]) -> None:
             self.record(
-                str(record.get("who") or actor),
+                str(record.get("who") or CURRENT_ACTOR.get() or actor),
                 str(record.get("action", "registry.unknown")),
                 record.get("target"),
                 str(record.get("result", "ok")),

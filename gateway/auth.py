@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Protocol
 from fastapi import Depends, Request
 from pydantic import BaseModel, Field
 
-from gateway.audit import AuditLog
+from gateway.audit import CURRENT_ACTOR, AuditLog
 from gateway.errors import GatewayError, ModelNotFound, Unavailable
 from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, ObjectStore, may_use, parse_bearer
 from gateway.limits import (
@@ -585,9 +585,11 @@ class SecurityMiddleware:
                 status = int(message["status"])
             await send(message)
 
+        token = CURRENT_ACTOR.set(principal.who)
         try:
             await self.app(scope, receive, capture)
         finally:
+            CURRENT_ACTOR.reset(token)
             method, path = scope["method"], scope["path"]
             if method in BODY_METHODS or method == "DELETE":
                 result = "ok" if status < 400 else "denied" if status in (401, 403) else "error"

@@ -159,11 +159,14 @@ def test_admin_loads_by_path_only_inside_roots(keyed_gateway: KeyedGateway) -> N
     assert reply.status_code == 200, reply.text
     assert [m.ref for m in keyed_gateway.registry.list_adapters("acme-uploaded")] == ["acme-uploaded@1"]
     assert chat(keyed_gateway, "acme", "acme-uploaded") != ""
-    results = [(e["action"], e["target"], e["result"]) for e in keyed_gateway.security.audit.read()]
-    assert results[-3:] == [
-        ("admin.POST /v1/load_lora_adapter", None, "denied"),
-        ("admin.POST /v1/load_lora_adapter", None, "denied"),
-        ("admin.POST /v1/load_lora_adapter", "acme-uploaded", "ok"),
+    events = [
+        (e["who"].split(":")[-1], e["action"], e["target"], e["result"]) for e in keyed_gateway.security.audit.read()
+    ]
+    assert events[-4:] == [
+        ("ops", "admin.POST /v1/load_lora_adapter", None, "denied"),
+        ("ops", "admin.POST /v1/load_lora_adapter", None, "denied"),
+        ("ops", "registry.push", "acme-uploaded@1", "ok"),  # the registry write, attributed to the admin key
+        ("ops", "admin.POST /v1/load_lora_adapter", "acme-uploaded", "ok"),
     ]
 
 
@@ -174,7 +177,7 @@ def test_oversize_body_and_max_tokens_get_400_naming_the_limit(keyed_gateway: Ke
     assert isinstance(refused.value.body, dict)
     assert refused.value.body["message"] == f"max_tokens is above the gateway limit max_tokens={MAX_TOKENS}"
     assert refused.value.body["param"] == "max_tokens"
-    big = [{"role": "user", "content": "x" * MAX_BODY_BYTES}]
+    big: Any = [{"role": "user", "content": "x" * MAX_BODY_BYTES}]
     with pytest.raises(openai.BadRequestError) as refused:
         everyone.chat.completions.create(model="tiny", messages=big, max_tokens=4)
     assert isinstance(refused.value.body, dict)

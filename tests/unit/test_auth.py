@@ -146,7 +146,7 @@ def make_app(store: LocalStore, settings: SecuritySettings, metrics: GatewayMetr
         return {"ok": "yes"}
 
     @app.get("/metrics")
-    async def metrics() -> str:
+    async def exposition() -> str:
         return "m 1"
 
     app.add_middleware(SecurityMiddleware)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapters_registry.local import LocalStore
-from gateway.audit import AuditLog, cli_actor
+from gateway.audit import CURRENT_ACTOR, AuditLog, cli_actor
 
 
 def test_record_goes_to_logger_file_and_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -57,10 +57,16 @@ def test_registry_hook_maps_the_registry_dict(tmp_path: Path) -> None:
     hook = log.registry_hook("gateway")
     hook({"action": "registry.push", "target": "acme@1", "result": "ok", "who": None, "error": None, "details": {}})
     hook({"action": "registry.remove", "target": "acme@1", "result": "error", "who": "ops", "error": "in use"})
+    token = CURRENT_ACTOR.set("key:abc:acme")
+    try:
+        hook({"action": "registry.promote", "target": "acme@1 -> :prod", "result": "ok", "who": None})
+    finally:
+        CURRENT_ACTOR.reset(token)
     events = log.read()
     assert [(e["who"], e["action"], e["result"], e["error"]) for e in events] == [
         ("gateway", "registry.push", "ok", None),
         ("ops", "registry.remove", "error", "in use"),
+        ("key:abc:acme", "registry.promote", "ok", None),
     ]
 
 
