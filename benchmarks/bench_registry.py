@@ -173,12 +173,13 @@ def run(work: Path, versions: int, rounds: int) -> None:
         f"base add (config only, meta-device shapes): {t_base * 1e3:.0f} ms; "
         f"populating {versions} versions: {t_pop:.1f} s"
     )
-    print(f"{'operation':44} {'median':>10} {'min':>10} {'max':>10}  n")
+    print(f"{'operation':44} {'median':>10} {'p99':>10} {'min':>10} {'max':>10}  n")
     rows = [(k, v) for k, v in push_times.items()] + [(k + f" @{versions}", v) for k, v in read_times.items()]
     rows.append((f"list {versions} versions", list_times))
     for key, samples in rows:
         med, lo, hi = statistics.median(samples), min(samples), max(samples)
-        print(f"{key:44} {med * 1e3:8.2f}ms {lo * 1e3:8.2f}ms {hi * 1e3:8.2f}ms  {len(samples)}")
+        p99 = statistics.quantiles(samples, n=100)[98] if len(samples) >= 100 else hi
+        print(f"{key:44} {med * 1e3:8.2f}ms {p99 * 1e3:8.2f}ms {lo * 1e3:8.2f}ms {hi * 1e3:8.2f}ms  {len(samples)}")
 
 
 if __name__ == "__main__":
