@@ -64,10 +64,10 @@ class MergeRefused(MergeError):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """The 4-bit load a QLoRA adapter was trained on, read from its training metadata."""
+    """The 4-bit load a QLoRA adapter was trained on (defaults: training/recipe.py's QuantSpec)."""
 
     quant_type: str = "nf4"
-    double_quant: bool = False
+    double_quant: bool = True
     compute_dtype: str = "bfloat16"
 
 
@@ -115,14 +115,21 @@ class MergeResult:
 
 
 def qlora_quant(training: Mapping[str, Any] | None) -> QuantSpec | None:
-    """The 4-bit load to rebuild when the training metadata says QLoRA (`hyperparameters.qlora`), else None."""
+    """The 4-bit load to rebuild when the training metadata says QLoRA (`hyperparameters.qlora`), else None.
+
+    The load is read from `hyperparameters.quantization` (the recipe's section: quant_type, double_quant,
+    compute_dtype) or from flat `bnb_4bit_*` keys; what is missing takes the training defaults.
+    """
     hyper = (training or {}).get("hyperparameters") or {}
     if not isinstance(hyper, Mapping) or hyper.get("qlora") is not True:
         return None
+    section = hyper.get("quantization")
+    quant = section if isinstance(section, Mapping) else {}
+    default = QuantSpec()
     return QuantSpec(
-        quant_type=str(hyper.get("bnb_4bit_quant_type", "nf4")),
-        double_quant=bool(hyper.get("bnb_4bit_use_double_quant", False)),
-        compute_dtype=str(hyper.get("bnb_4bit_compute_dtype", "bfloat16")),
+        quant_type=str(quant.get("quant_type", hyper.get("bnb_4bit_quant_type", default.quant_type))),
+        double_quant=bool(quant.get("double_quant", hyper.get("bnb_4bit_use_double_quant", default.double_quant))),
+        compute_dtype=str(quant.get("compute_dtype", hyper.get("bnb_4bit_compute_dtype", default.compute_dtype))),
     )
 
 

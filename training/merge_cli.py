@@ -11,12 +11,12 @@ it as a dedicated deployment without LoRA under the adapter's public name.
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from training.merge import MergeResult
+    from training.merge import MergeOptions, MergeResult
 
 HELM_MODEL_MOUNT = "/models"
 
@@ -86,17 +86,7 @@ def _read_probes(path: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from adapters_registry import open_registry
-    from adapters_registry.errors import NotFoundError, RegistryError
-    from loragate.cli import CLIError
-    from training.merge import (
-        DEFAULT_MIN_AGREEMENT,
-        DEFAULT_PROBES,
-        MergeError,
-        MergeOptions,
-        MergeRefused,
-        merge_adapter,
-    )
+    from training.merge import DEFAULT_MIN_AGREEMENT, DEFAULT_PROBES, MergeOptions
 
     options = MergeOptions(
         precision=args.precision,
@@ -105,21 +95,41 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         probes=_read_probes(args.probes) if args.probes else DEFAULT_PROBES,
     )
+    merge_registered(args.registry, args.ref, args.out, options, register=args.register)
+    return 0
+
+
+def merge_registered(
+    registry: str | None,
+    ref: str,
+    out: Path,
+    options: MergeOptions,
+    *,
+    register: str | None = None,
+    say: Callable[[str], None] = print,
+) -> MergeResult:
+    """Resolve `ref`, merge it into its bound base, optionally register the result; one-line `CLIError`s."""
+    from adapters_registry import open_registry
+    from adapters_registry.errors import NotFoundError, RegistryError
+    from loragate.cli import CLIError
+    from training.merge import MergeError, MergeRefused, merge_adapter
+
     try:
-        reg = open_registry(args.registry)
-        adapter = reg.resolve(args.ref)
+        reg = open_registry(registry)
+        adapter = reg.resolve(ref)
         base = reg.get_base(adapter.base)
         if adapter.base_fingerprint != base.fingerprint:
             raise CLIError(
-                f"{adapter.ref}: bound to base fingerprint {adapter.base_fingerprint}, registry has {base.fingerprint}"
+                f"{adapter.ref}: trained on base fingerprint {adapter.base_fingerprint[:19]}, "
+                f"but base {base.name!r} is now {base.fingerprint[:19]}"
             )
-        if args.register:
+        if register:
             try:
-                reg.get_base(args.register)
+                reg.get_base(register)
             except NotFoundError:
                 pass
             else:
-                raise CLIError(f"base {args.register!r} already exists in the registry")
+                raise CLIError(f"base {register!r} already exists in the registry")
         base_dir = reg.base_dir(base.name)
         adapter_dir = reg.materialize(adapter)
     except RegistryError as exc:
@@ -134,35 +144,29 @@ def run(args: argparse.Namespace) -> int:
         "base": base.name,
         "base_fingerprint": base.fingerprint,
     }
-    print(f"merging {adapter.ref} ({adapter.digest[:19]}, {adapter.serving}) into base {base.name!r}", flush=True)
+    say(f"merging {adapter.ref} ({adapter.digest[:19]}, {adapter.serving}) into base {base.name!r}")
     try:
-        result = merge_adapter(
-            base_dir, adapter_dir, args.out, options, training=adapter.training, provenance=provenance
-        )
+        result = merge_adapter(base_dir, adapter_dir, out, options, training=adapter.training, provenance=provenance)
     except MergeRefused as exc:
-        print(exc.report.summary(), file=sys.stderr)
+        say(exc.report.summary())
         raise CLIError(str(exc)) from exc
     except MergeError as exc:
         raise CLIError(str(exc)) from exc
-    _print_result(result)
+    say(result.report.summary())
+    say(f"merged into the {result.merge_base} base -> {result.out} ({result.seconds:.1f}s)")
 
-    if args.register:
+    if register:
         merged_from = {**provenance, "equivalence": result.manifest["equivalence"], "merge": result.manifest["merge"]}
         try:
             # A remote registry gets the weights themselves; a local one records where they are.
             copy = reg.location.startswith("s3://")
-            registered = reg.add_base(args.out, args.register, copy=copy, merged_from=merged_from)
+            registered = reg.add_base(out, register, copy=copy, merged_from=merged_from)
         except RegistryError as exc:
-            raise CLIError(f"merged model written to {args.out} but not registered: {exc}") from exc
-        print(f"registered base {registered.name!r} ({registered.fingerprint[:19]})")
-        for path in write_snippets(args.out, args.register, adapter.name, reg.location):
-            print(f"wrote {path}")
-    return 0
-
-
-def _print_result(result: MergeResult) -> None:
-    print(result.report.summary())
-    print(f"merged into the {result.merge_base} base -> {result.out} ({result.seconds:.1f}s)")
+            raise CLIError(f"merged model written to {out} but not registered: {exc}") from exc
+        say(f"registered base {registered.name!r} ({registered.fingerprint[:19]})")
+        for path in write_snippets(out, register, adapter.name, reg.location):
+            say(f"wrote {path}")
+    return result
 
 
 def write_snippets(out: Path, base_name: str, public_name: str, registry: str | None) -> list[Path]:

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from adapters_registry.registry import Registry
-from gateway.app import create_app
 from gateway.engine_process import free_port
-from gateway.settings import Settings, load_settings
+from gateway.settings import load_settings
 from loragate.cli import main
+from loragate.demo import running_gateway
 from loragate.tiny_model import build_random_adapter
 from tests.fixtures.gateway import GatewayUnderTest
 from training.merge import DEFAULT_PROBES
@@ -39,31 +34,6 @@ pytestmark = pytest.mark.integration
 NEW_TOKENS = 24
 MIN_SERVED_AGREEMENT = 0.93  # measured 0.972 on bare vLLM engines; the margin covers the bf16 kernel differences
 MAX_BASE_AGREEMENT = 0.6  # the control (base model, no adapter) on the adapter's trajectories
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="merged-gateway", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
-        deadline = time.monotonic() + settings.engines.start_timeout_s + 60
-        while True:
-            try:
-                engines = httpx.get(f"{url}/admin/engines", timeout=5).json()["engines"]
-                if engines and all(e["healthy"] for e in engines):
-                    break
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            assert thread.is_alive(), "the merged-model gateway exited"
-            assert time.monotonic() < deadline, "the merged-model engine never became healthy"
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def _ids(logprobs: object) -> list[int]:
@@ -132,7 +102,7 @@ def test_merged_deployment_answers_like_base_plus_adapter(
     assert all(len(generated) == NEW_TOKENS for _, generated in trajectories)
     base_agreement = _agreement(reference, "tiny", trajectories)
 
-    with serving(settings) as url:
+    with running_gateway(settings, name="merged-gateway") as url:
         merged = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         listed = [m.id for m in merged.models.list().data]
         assert listed == ["merge-bot"]

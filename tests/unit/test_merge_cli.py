@@ -85,9 +85,10 @@ def test_refused_merge_leaves_nothing(pushed: Registry, tmp_path: Path, capsys: 
     out = tmp_path / "export" / "m"
     argv = ["merge", "bot", "--out", str(out), "--min-agreement", "1", "--register", "bot-m"]
     assert main([*argv, "--registry", pushed.location]) == 2
-    err = capsys.readouterr().err
-    assert "FAILED" in err
-    assert err.strip().splitlines()[-1].startswith("error: merged model disagrees with base + adapter")
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1].endswith("FAILED")
+    assert captured.err.startswith("error: merged model disagrees with base + adapter")
+    assert captured.err.count("\n") == 1
     assert list((tmp_path / "export").iterdir()) == []
     with pytest.raises(NotFoundError):
         pushed.get_base("bot-m")

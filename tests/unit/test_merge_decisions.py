@@ -32,7 +32,11 @@ from training.merge_cli import _fraction, gateway_config, helm_values
         ({"hyperparameters": None}, None),
         ({"hyperparameters": {"qlora": False}}, None),
         ({"hyperparameters": {"qlora": "true"}}, None),  # only a real boolean counts
-        ({"hyperparameters": {"qlora": True}}, QuantSpec("nf4", False, "bfloat16")),
+        ({"hyperparameters": {"qlora": True}}, QuantSpec("nf4", True, "bfloat16")),
+        (
+            {"hyperparameters": {"qlora": True, "quantization": {"enabled": True, "double_quant": False}}},
+            QuantSpec("nf4", False, "bfloat16"),
+        ),
         (
             {
                 "hyperparameters": {

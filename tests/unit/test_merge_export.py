@@ -14,7 +14,8 @@ import pytest
 from loragate.tiny_model import build_random_adapter
 from training.merge import MANIFEST_NAME, MergeError, MergeOptions, MergeRefused, merge_adapter
 
-QLORA_TRAINING = {"hyperparameters": {"qlora": True, "bnb_4bit_quant_type": "nf4"}}
+# What training records (training/publish.py); this adapter was trained without double quantisation.
+QLORA_TRAINING = {"hyperparameters": {"qlora": True, "quantization": {"quant_type": "nf4", "double_quant": False}}}
 PROBES = 8
 TOKENS = PROBES * 16
 

@@ -1,0 +1,62 @@
+"""The demo's pure helpers: held-out questions, scoring, JSON checks, clipping; and its CLI registration."""
+
+from __future__ import annotations
+
+import pytest
+
+from loragate.cli import make_parser
+from loragate.demo import Question, clip, is_json_object, questions, recipes_dir, score
+from training.tasks import generate
+
+
+def test_questions_are_fresh_samples_of_the_task() -> None:
+    qs = questions("topic", n=4, seed=7)
+    assert qs == [Question(r["prompt"], r["completion"][0]["content"]) for r in generate("topic", 4, 7)]
+    assert all(q.text.startswith("Topic: ") for q in qs)
+    assert questions("topic", n=4, seed=7) == qs  # deterministic
+    assert questions("topic", n=4, seed=8) != qs
+
+
+def test_json_questions_expect_the_contract_shape() -> None:
+    assert all(is_json_object(q.expected, ["action"]) for q in questions("action-json", n=5))
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected", "correct"),
+    [(["a", "b"], ["a", "b"], 2), ([" a\n", "c"], ["a", "b"], 1), (["", ""], ["a", "b"], 0)],
+)
+def test_score(answers: list[str], expected: list[str], correct: int) -> None:
+    assert score(answers, expected) == correct
+
+
+def test_score_needs_equal_lengths() -> None:
+    with pytest.raises(ValueError):
+        score(["a"], ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("text", "required", "valid"),
+    [
+        ('{"action": "copy"}', ["action"], True),
+        ('{"other": 1}', ["action"], False),
+        ('["action"]', [], False),
+        ("copy", [], False),
+        ('{"action": "copy"', ["action"], False),
+    ],
+)
+def test_is_json_object(text: str, required: list[str], valid: bool) -> None:
+    assert is_json_object(text, required) is valid
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "expected"),
+    [("short", 10, "short"), ("a  b\nc", 10, "a b c"), ("abcdefghijkl", 6, "abcde~")],
+)
+def test_clip(text: str, width: int, expected: str) -> None:
+    assert clip(text, width) == expected
+
+
+def test_demo_subcommand_and_recipes() -> None:
+    args = make_parser().parse_args(["demo", "--workdir", "w", "--keep-serving"])
+    assert (str(args.workdir), args.keep_serving, args.engine_deadline) == ("w", True, 900.0)
+    assert {"tiny.yaml", "tiny-json.yaml"} <= {p.name for p in recipes_dir().iterdir()}
