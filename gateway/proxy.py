@@ -80,6 +80,14 @@ class UsageStripper:
         return rest
 
 
+class AdapterVanished(Exception):
+    """The engine answered 404 for an adapter the ledger says it holds."""
+
+
+def vanished(error: UpstreamError, target: Target) -> bool:
+    return error.status == 404 and target.key is not None and f"`{target.key}`".encode() in error.body
+
+
 class SSEAccumulator:
     """Reads an SSE stream on the side: usage, and (when hooks want it) the assembled answer."""
 
@@ -229,7 +237,10 @@ class Proxy:
             try:
                 upstream = await self.client.send(request, stream=True)
                 if upstream.status_code >= 400:
-                    raise UpstreamError(upstream.status_code, await upstream.aread())
+                    error = UpstreamError(upstream.status_code, await upstream.aread())
+                    if attempt == 0 and vanished(error, target):
+                        raise AdapterVanished(lease.engine.id)
+                    raise error
                 chunks = upstream.aiter_raw()
                 first = await anext(chunks, b"")
                 record.ttft_s = time.monotonic() - record.started
@@ -238,6 +249,13 @@ class Proxy:
                     return self._complete(upstream, b"".join(rest), record, call, body)
                 handed_off = True
                 return self._stream(upstream, first, chunks, lease, record, call, body)
+            except AdapterVanished:
+                # The engine lost the adapter behind our back (restarted between health checks, or unloaded
+                # directly): forget it there and place the request again, which re-loads it.
+                log.warning(
+                    "%s: engine %s no longer has %s; re-placing", record.request_id, lease.engine.id, target.key
+                )
+                self.adapters.ledger.record_unloaded(lease.engine.id, target.key or "")
             except RETRYABLE as exc:
                 self.supervisor.report_failure(lease.engine.id, f"{type(exc).__name__}: {exc}")
                 excluded.add(lease.engine.id)

@@ -264,6 +264,23 @@ def test_pinned_adapter_is_resident_everywhere_and_gates_readiness(gateway: Gate
     assert httpx.get(f"{gateway.url}/healthz", timeout=10).json() == {"status": "ok"}
 
 
+def test_adapter_unloaded_behind_the_gateways_back_is_reloaded(gateway: GatewayUnderTest, pushed: Any) -> None:
+    versions, _ = pushed
+    key = versions["a0@2"].engine_name
+    loaded = httpx.post(f"{gateway.url}/admin/adapters/load", json={"model": "a0@2"}, timeout=120).json()
+    engine = engine_by_id(gateway, loaded["engine"])
+    dropped = httpx.post(f"{engine['url']}/v1/unload_lora_adapter", json={"lora_name": key}, timeout=30)
+    assert dropped.status_code == 200
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model="a0@2", messages=HELLO, max_tokens=12, temperature=0
+    )
+    assert raw.headers["x-loragate-adapter"] == "a0@2"
+    served_by = engine_by_id(gateway, raw.headers["x-loragate-engine"])
+    assert key in {r["engine_name"] for r in served_by["resident"]}
+    listed = httpx.get(f"{served_by['url']}/v1/models", timeout=10).json()["data"]
+    assert key in {card["id"] for card in listed}
+
+
 def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: GatewayUnderTest, pushed: Any) -> None:
     versions, _ = pushed
     victim, survivor = gateway.engines()
