@@ -62,6 +62,8 @@ class SecurityMetrics(Protocol):
 
     def auth_failed(self, reason: str) -> None: ...
 
+    def limit_rejected(self, limit: str) -> None: ...
+
 
 class SecuritySettings(BaseModel):
     auth: Literal["auto", "required", "off"] = "auto"
@@ -110,6 +112,7 @@ class LimitExceeded(GatewayError):
     def __init__(self, violation: LimitViolation) -> None:
         super().__init__(violation.message, param=violation.param)
         self.status = violation.status
+        self.limit = violation.limit
 
 
 @dataclass(frozen=True)
@@ -303,9 +306,10 @@ class Security:
 
     def admit(self, principal: Principal, adapter: str | None) -> Lease:
         key_limits = None
-        if principal.key is not None:
-            key = principal.key
-            key_limits = Limits(rpm=key.rpm, tpm=key.tpm, max_concurrency=key.max_concurrency)
+        key = principal.key
+        if key is not None and (key.rpm or key.tpm or key.max_concurrency):
+            # values were validated when the key was created
+            key_limits = Limits.model_construct(rpm=key.rpm, tpm=key.tpm, max_concurrency=key.max_concurrency)
         scopes = self.quotas.scopes_for(principal.key_id, key_limits, adapter)
         try:
             return self.quotas.admit(scopes)
@@ -467,10 +471,10 @@ class SecurityMiddleware:
                 raise LimitExceeded(violation)
             principal = self._authenticate(security, scope, kind, method, path)
             body: bytes | None = None
+            parsed: dict[str, Any] | None = None
             pending: list[Message] = []
             if method in BODY_METHODS:
-                body, pending = await self._checked_body(security, scope, receive, path)
-            parsed = _json_object(body)
+                body, parsed, pending = await self._checked_body(security, scope, receive)
             if path in GENERATION_PATHS and parsed is not None and isinstance(parsed.get("model"), str):
                 model = parsed["model"]
                 adapter = security.adapter_of(model)
@@ -483,6 +487,8 @@ class SecurityMiddleware:
                 security.audit.record(
                     principal_who(scope), f"admin.{method} {path}", None, "denied", error=error.message
                 )
+            if isinstance(error, LimitExceeded) and security.metrics is not None:
+                security.metrics.limit_rejected(error.limit)
             await _send_error(send, error)
             return
         scope.setdefault("state", {})["principal"] = principal
@@ -514,8 +520,9 @@ class SecurityMiddleware:
 
     @staticmethod
     async def _checked_body(
-        security: Security, scope: Scope, receive: Receive, path: str
-    ) -> tuple[bytes, list[Message]]:
+        security: Security, scope: Scope, receive: Receive
+    ) -> tuple[bytes, dict[str, Any] | None, list[Message]]:
+        """The whole body within the limits, and its JSON object if it is one (parsed once, after the depth check)."""
         limits = security.settings.limits
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit():
@@ -529,15 +536,18 @@ class SecurityMiddleware:
         violation = check_json_depth(body, limits)
         if violation:
             raise LimitExceeded(violation)
-        parsed = _json_object(body) if path in GENERATION_PATHS else None
-        if parsed is not None:
+        parsed = _json_object(body)
+        if parsed is not None and scope["path"] in GENERATION_PATHS:
             violation = check_generation(parsed, limits)
             if violation:
                 raise LimitExceeded(violation)
-        return body, pending
+        return body, parsed, pending
 
     async def _metered(self, scope: Scope, receive: Receive, send: Send, call: _Call) -> None:
         """Forward an admitted completion; afterwards pay its tokens and free its concurrency slot."""
+        if not call.lease.scopes:  # nothing to charge or free: no need to read the response on the side
+            await self.app(scope, receive, send)
+            return
 
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":

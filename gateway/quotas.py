@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from pydantic import BaseModel, Field
@@ -55,7 +55,7 @@ class Bucket:
 
     def refilled(self, now: float) -> Bucket:
         elapsed = max(0.0, now - self.stamp)
-        return replace(self, balance=min(self.capacity, self.balance + elapsed * self.rate_per_s), stamp=now)
+        return Bucket(self.capacity, self.rate_per_s, min(self.capacity, self.balance + elapsed * self.rate_per_s), now)
 
     def wait_for(self, amount: float) -> float:
         """Seconds until the balance reaches ``amount`` (0 when it already has)."""
@@ -203,4 +203,4 @@ class QuotaManager:
         key = (scope.kind, scope.name, label)
         cap = share(per_minute, self._settings.replicas)
         bucket = (self._buckets.get(key) or Bucket.full(cap, now)).refilled(now)
-        self._buckets[key] = replace(bucket, balance=bucket.balance - amount)
+        self._buckets[key] = Bucket(bucket.capacity, bucket.rate_per_s, bucket.balance - amount, now)

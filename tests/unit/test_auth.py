@@ -253,7 +253,8 @@ async def test_limits_answer_400_and_431_before_the_app(store: LocalStore) -> No
     settings = SecuritySettings(
         limits=LimitSettings(max_body_bytes=2000, max_tokens=16, max_json_depth=4, max_headers=20)
     )
-    async with client_for(make_app(store, settings)) as client:
+    metrics = GatewayMetrics(registry=CollectorRegistry())
+    async with client_for(make_app(store, settings, metrics)) as client:
         over = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny", "max_tokens": 17})
         assert over.status_code == 400
         assert over.json()["error"] == {
@@ -279,6 +280,10 @@ async def test_limits_answer_400_and_431_before_the_app(store: LocalStore) -> No
         assert many.status_code == 431
         fine = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})
         assert fine.json()["who"] == "local"
+    exposition = metrics.render()[0].decode()
+    expected = {"max_tokens": 1, "max_body_bytes": 2, "max_json_depth": 1, "max_headers": 1}
+    for limit, count in expected.items():
+        assert f'loragate_limit_rejections_total{{limit="{limit}"}} {count}.0' in exposition
 
 
 def test_required_auth_needs_a_store() -> None:

@@ -33,6 +33,8 @@ LIMITS = LimitSettings(
         (b'{"a": "\\"[[["}', 1),
         (b'{"a": "\\\\", "b": [[]]}', 3),
         (b"[" * 5000 + b"]" * 5000, 5000),
+        (b'["\\\\", ["\\"[["]]', 2),  # an escaped backslash ends the escape; an escaped quote stays in the string
+        (b'[{"k": "{{{{\\u005b"}, [[]]]', 3),
         (b"", 0),
     ],
 )
@@ -43,6 +45,8 @@ def test_json_depth(raw: bytes, depth: int) -> None:
 def test_check_json_depth() -> None:
     assert check_json_depth(b"[[[]]]", LIMITS) is None
     assert check_json_depth(b"[[[[]]]]", LIMITS) == LimitViolation("max_json_depth", 3, None)
+    assert check_json_depth(b'[[["[[[[[[["]]]', LIMITS) is None  # brackets in strings do not count
+    assert check_json_depth(b"[[], [], [], [], []]", LIMITS) is None
 
 
 @pytest.mark.parametrize(
