@@ -7,6 +7,8 @@ older reader can still read a newer record's known fields.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 
 Serving = Literal["lora", "merge-only"]
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """The version digest: sha256 over the sorted (relpath, file sha256) pairs."""
+    listing = json.dumps(sorted(files.items()), separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(listing).hexdigest()
 
 
 def utc_now() -> str:

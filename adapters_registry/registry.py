@@ -27,9 +27,18 @@ from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
 
+from adapters_registry.aliases import rollback_target
 from adapters_registry.cache import BlobCache, blob_key
-from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, RegistryError, ValidationError
-from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, BaseManifest, Tombstone, utc_now
+from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, ValidationError
+from adapters_registry.manifest import (
+    AdapterManifest,
+    AliasMove,
+    AliasRecord,
+    BaseManifest,
+    Tombstone,
+    files_digest,
+    utc_now,
+)
 from adapters_registry.naming import Ref, check_alias, check_name, parse_ref
 from adapters_registry.store import ObjectStore, sha256_file
 
@@ -49,11 +58,6 @@ def _vkey(name: str, version: int) -> str:
 
 def _digest_dir(name: str, hex_digest: str) -> str:
     return f"adapters/{name}/digests/{hex_digest[:2]}/{hex_digest}"
-
-
-def _files_digest(files: dict[str, str]) -> str:
-    listing = json.dumps(sorted(files.items()), separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(listing).hexdigest()
 
 
 def _snapshot(folder: Path, names: list[str]) -> dict[str, tuple[int, int, int]]:
@@ -315,7 +319,7 @@ class Registry:
         before = _snapshot(adapter_dir, names)
         files = {f: sha256_file(adapter_dir / f) for f in names}
         _pause_point("hashed")
-        digest = _files_digest(files)
+        digest = files_digest(files)
         # identical content on the same base passed the same checks when it was pushed
         if same := self._same_content(name, digest, base_manifest.fingerprint, normalized):
             log.info("%s: identical content already registered as %s", adapter_dir, same.ref)
@@ -538,64 +542,9 @@ class Registry:
 
     def verify(self, ref: str | None = None) -> list[str]:
         """Re-hash stored content; one line per problem (empty: all good)."""
-        problems: list[str] = []
-        manifests = [self.resolve(ref)] if ref else self.list_adapters()
-        for m in manifests:
-            if _files_digest(m.files) != m.digest:
-                problems.append(f"{m.ref}: manifest digest does not match its file list")
-            for rel, hex_digest in sorted(m.files.items()):
-                problems.extend(f"{m.ref}: {rel}: {p}" for p in self._check_blob(hex_digest))
-                problems.extend(self._check_materialized(m, rel, hex_digest))
-        if ref is None:
-            for base in self.list_bases():
-                problems.extend(f"base {base.name}: {p}" for p in self._check_base(base))
-        return problems
+        from adapters_registry.verify import verify_registry
 
-    def _check_blob(self, hex_digest: str) -> list[str]:
-        key = blob_key(hex_digest)
-        path = self.store.local_path(key)
-        if path is not None:
-            if not path.is_file():
-                return [f"blob sha256:{hex_digest[:12]}... is missing"]
-            actual = sha256_file(path)
-        else:
-            data = self.store.get_bytes(key)
-            if data is None:
-                return [f"blob sha256:{hex_digest[:12]}... is missing"]
-            actual = hashlib.sha256(data).hexdigest()
-        return [] if actual == hex_digest else [f"corrupted: sha256 is {actual[:12]}..., expected {hex_digest[:12]}..."]
-
-    def _check_materialized(self, m: AdapterManifest, rel: str, hex_digest: str) -> list[str]:
-        path = self.cache.root / "adapters" / m.digest_hex / rel
-        if self.store.local_path(blob_key(hex_digest)) is not None or not path.is_file():
-            return []  # local stores hard-link the blob itself, already checked
-        return [] if sha256_file(path) == hex_digest else [f"{m.ref}: {rel}: corrupted in the local cache at {path}"]
-
-    def _check_base(self, base: BaseManifest) -> list[str]:
-        from adapters_registry.fingerprint import describe_base
-
-        if base.files:
-            return [f"{rel}: {p}" for rel, h in sorted(base.files.items()) for p in self._check_blob(h)]
-        if not base.path or not (Path(base.path) / "config.json").is_file():
-            return []  # weights live elsewhere (another machine); nothing to check here
-        try:
-            facts = describe_base(Path(base.path))
-        except RegistryError as exc:
-            return [str(exc)]
-        return [] if facts.fingerprint == base.fingerprint else [f"{base.path} no longer matches its fingerprint"]
-
-
-def rollback_target(history: list[AliasMove]) -> int | None:
-    """The version before the newest promote not yet undone by a rollback (rollbacks pop promotes like a stack)."""
-    undone = 0
-    for move in reversed(history):
-        if move.action == "rollback":
-            undone += 1
-        elif undone:
-            undone -= 1
-        else:
-            return move.from_version
-    return None
+        return verify_registry(self, ref)
 
 
 def default_cache_dir(location: str) -> Path:

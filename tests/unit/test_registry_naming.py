@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from adapters_registry.aliases import rollback_target
 from adapters_registry.errors import ValidationError
 from adapters_registry.manifest import AliasMove
 from adapters_registry.naming import Ref, check_alias, check_name, parse_ref
-from adapters_registry.registry import rollback_target
 
 
 @pytest.mark.parametrize(
