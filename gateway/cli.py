@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")
     parser.add_argument("--registry", help="registry location (directory or s3://bucket/prefix)")
-    parser.add_argument("--engines", type=int, dest="engine_count", help="number of managed vLLM engines")
+    parser.add_argument("--engines", type=int, dest="engine_count", metavar="N", help="number of managed vLLM engines")
     parser.add_argument("--max-loras", type=int, help="adapters per batch in each engine")
     parser.add_argument("--max-cpu-loras", type=int, help="adapters resident per engine (default: --max-loras)")
     parser.add_argument("--max-lora-rank", type=int, help="largest adapter rank the engines accept")
