@@ -248,7 +248,7 @@ def _load_base(base_dir: Path, quant: QuantSpec | None, *, dequantize: bool = Fa
             base_dir, quantization_config=_bnb_config(quant, "float32"), dtype=torch.float32
         )
         if dequantize:
-            model = model.dequantize().to(torch.float32)
+            model = model.dequantize(dtype=torch.float32)  # also drops quantization_config from the config
     model.eval()
     return model
 
@@ -268,9 +268,17 @@ def _with_adapter(model: Any, adapter_dir: Path) -> Any:
 # ---- export -------------------------------------------------------------------------------------------------
 
 
-def _tokenizer_source(base_dir: Path, adapter_dir: Path) -> Path:
-    """The adapter's own tokenizer when training saved one beside it (it may carry a changed chat template)."""
-    return adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir
+def _load_tokenizer(base_dir: Path, adapter_dir: Path) -> Any:
+    """The adapter's own tokenizer when training saved one beside it, else the base's; a `chat_template.jinja` in
+    the adapter folder (training writes the template it trained with) wins over the base's template."""
+    from transformers import AutoTokenizer
+
+    own = (adapter_dir / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if own else base_dir)
+    template = adapter_dir / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text()
+    return tokenizer
 
 
 def _save_tokenizer(tokenizer: Any, out: Path) -> None:
@@ -304,7 +312,6 @@ def merge_adapter(
     base name and fingerprint) is copied into the manifest.
     """
     import torch
-    from transformers import AutoTokenizer
 
     started = time.monotonic()
     adapter_config = read_adapter_config(adapter_dir)
@@ -312,7 +319,7 @@ def merge_adapter(
     merge_base = choose_merge_base(quant, options.qlora_base)
     work = _new_workdir(out)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(base_dir, adapter_dir))
+        tokenizer = _load_tokenizer(base_dir, adapter_dir)
         reference_name = "4-bit base + adapter (PEFT)" if quant else "base + adapter (PEFT)"
         logger.info("building the reference: %s", reference_name)
         reference = _with_adapter(_load_base(base_dir, quant), adapter_dir)
@@ -325,10 +332,6 @@ def merge_adapter(
         merged = _with_adapter(_load_base(base_dir, merge_quant, dequantize=True), adapter_dir).merge_and_unload()
         dtype = getattr(torch, torch_dtype_name(options.precision))
         merged = merged.to(dtype)
-        if merge_quant is not None:
-            merged.config.quantization_config = None
-            if hasattr(merged.config, "__dict__"):
-                merged.config.__dict__.pop("quantization_config", None)
         merged.config.dtype = dtype
         merged.save_pretrained(work, safe_serialization=True)
         _save_tokenizer(tokenizer, work)

@@ -110,6 +110,9 @@ def test_qlora_merges_into_dequantized_base(tiny_model: Path, adapters: dict[str
         "compute_dtype": "bfloat16",
     }
     assert _manifest(tmp_path / "deq")["adapter"]["qlora"] is True
+    config = json.loads((tmp_path / "deq" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain bf16 checkpoint any engine loads
+    assert config["dtype"] == "bfloat16"
 
     # The original-base merge drifts from what was trained: forced through, it records the worse numbers.
     original = merge_adapter(
@@ -171,3 +174,15 @@ def test_existing_output_is_refused(tiny_model: Path, adapters: dict[str, Path],
         merge_adapter(tiny_model, adapters["lora"], out)
     assert _leftovers(out) == ["keep.txt"]
     assert _leftovers(tmp_path) == ["out"]
+
+
+def test_adapter_chat_template_wins(tiny_model: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from training.merge import _load_tokenizer
+
+    adapter = tmp_path / "with-template"
+    shutil.copytree(adapters["lora"], adapter)
+    assert _load_tokenizer(tiny_model, adapter).chat_template == _load_tokenizer(tiny_model, tiny_model).chat_template
+    (adapter / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert _load_tokenizer(tiny_model, adapter).chat_template == "{{ messages[0]['content'] }}"
