@@ -209,8 +209,13 @@ class Registry:
         return sorted(int(k[len(prefix) :].removesuffix(".json")) for k in self.store.list_keys(prefix))
 
     def _head_hint(self, name: str) -> int:
-        obj = self._load_json(f"adapters/{name}/head.json")
-        return int(obj.get("version", 0)) if obj else 0
+        """A lower bound of the newest version number; an unreadable hint only costs probes, never correctness."""
+        try:
+            obj = self._load_json(f"adapters/{name}/head.json")
+            return max(0, int(obj.get("version", 0))) if obj else 0
+        except (IntegrityError, TypeError, ValueError):
+            log.warning("%s: ignoring an unreadable head hint", name)
+            return 0
 
     def _newest_number(self, name: str) -> int:
         """The highest allocated version number (live or removed); 0 when the name has none."""

@@ -289,3 +289,14 @@ def test_a_file_changed_during_the_push_registers_nothing(
     assert registry.list_adapters() == []
     monkeypatch.undo()
     assert registry.push(adapter, "support", "tiny").files["README.md"] == _sha(adapter / "README.md")
+
+
+@pytest.mark.parametrize("hint", [b"{garbage", b'{"version": "x"}', b'{"version": 99}', b'{"version": 0}'])
+def test_a_bad_head_hint_changes_nothing(registry: Registry, adapter_dirs: list[Path], hint: bytes) -> None:
+    registry.push(adapter_dirs[0], "support", "tiny")
+    registry.push(adapter_dirs[1], "support", "tiny")
+    registry.store.put_bytes("adapters/support/head.json", hint)
+    assert registry.resolve("support").version == 2
+    registry.store.put_bytes("adapters/support/head.json", hint)
+    assert registry.push(adapter_dirs[0], "support", "tiny", description="same content").version == 1
+    assert registry.push(adapter_dirs[0], "support", "tiny", contract={"regex": "x"}).version == 3
