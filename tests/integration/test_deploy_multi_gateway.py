@@ -3,7 +3,8 @@
 What the Helm chart relies on when it runs several gateway replicas in front of engine pods: each replica
 re-reads the engine set (here a discovery file; on Kubernetes the headless Service's DNS name), places an adapter
 by rendezvous hashing, and so both replicas send an adapter to the same engine; an engine that joins takes new
-adapters without moving resident ones, and an engine that dies gives up only its own adapters.
+adapters without moving resident ones, and an engine that dies gives up only its own adapters. An engine pod
+terminated the chart's way (endpoint removed, then SIGTERM with vLLM's --shutdown-timeout) finishes its streams.
 
 The gateways run with the training stack and vLLM made unimportable, as in the gateway image. The three engines
 start in parallel once per module (~9 GB together) and are stopped at its end.
@@ -20,10 +21,12 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_registry.registry import open_registry
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
@@ -35,6 +38,10 @@ pytestmark = pytest.mark.integration
 
 ADAPTERS = [f"team-{i}" for i in range(8)]
 DEADLINE_S = float(os.environ.get("LORAGATE_TEST_ENGINE_DEADLINE", "300"))
+# vLLM --shutdown-timeout per engine: the chart's drain (30 s) on engines 0 and 2; engine 1 keeps vLLM's default
+# (0: abort in-flight requests on SIGTERM) as the control that shows what the chart's flag changes.
+SHUTDOWN_TIMEOUTS = ("30", "0", "30")
+LONG_ANSWER = 900  # tokens; with ignore_eos the engine generates exactly this many unless it aborts
 
 
 # `loragate <args>` in a Python where the gateway image's missing packages cannot be imported.
@@ -171,7 +178,13 @@ def cluster(
     engines = []
     for index in range(3):
         spec = EngineSpec(
-            model=str(tiny_model), served_model_name="tiny", port=free_port(), max_loras=2, max_cpu_loras=8
+            model=str(tiny_model),
+            served_model_name="tiny",
+            port=free_port(),
+            max_loras=2,
+            max_cpu_loras=8,
+            max_model_len=1024,  # room for long answers that are still streaming when SIGTERM arrives
+            extra_args=("--shutdown-timeout", SHUTDOWN_TIMEOUTS[index]),
         )
         engines.append(EngineProcess(spec, root / f"engine-{index}.log"))
     gateways: list[GatewayProcess] = []
@@ -250,3 +263,105 @@ def test_killing_an_engine_moves_only_its_adapters(cluster: Cluster) -> None:
     cluster.publish(survivors)  # the endpoint goes away: the gateways drop the engine
     cluster.wait_until("engine 0 gone", cluster.sees(survivors))
     assert cluster.placements() == after
+
+
+def running_requests(engine: EngineProcess) -> float:
+    text = httpx.get(f"{engine.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vllm:num_requests_running"
+        for sample in family.samples
+    )
+
+
+def long_stream(client: openai.OpenAI, model: str) -> openai.Stream[Any]:
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a long story"}],
+        max_tokens=LONG_ANSWER,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+
+
+@dataclass
+class StreamEnd:
+    finish: str | None = None  # the last finish_reason seen
+    tokens: int | None = None  # completion tokens from the usage chunk
+    pieces: int = 0  # content deltas received
+    error: str | None = None  # an error event that ended the stream
+
+
+def read_to_end(stream: openai.Stream[Any], engine: EngineProcess) -> StreamEnd:
+    end = StreamEnd()
+    try:
+        for chunk in stream:
+            if chunk.usage is not None:
+                end.tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                end.finish = choice.finish_reason or end.finish
+                end.pieces += bool(choice.delta.content)
+    except openai.APITimeoutError:
+        pytest.fail(f"the stream stalled after SIGTERM; engine log:\n{engine.log_tail(60)}")
+    except openai.APIError as exc:
+        end.error = exc.message
+    return end
+
+
+def wait_exit(engine: EngineProcess, timeout_s: float = 90.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (code := engine.returncode()) is None:
+        assert time.monotonic() < deadline, "vLLM did not exit after SIGTERM"
+        time.sleep(0.2)
+    return code
+
+
+def test_engine_pod_termination_drains_streams_through_the_gateway(cluster: Cluster) -> None:
+    """The chart's sequence: the pod leaves the headless Service, then vLLM gets SIGTERM and finishes its work."""
+    engine, url = cluster.engines[2], cluster.urls[2]
+    assert engine.returncode() is None, "the engine this test drains is not running"
+    live = [u for u, e in zip(cluster.urls, cluster.engines, strict=True) if e.returncode() is None]
+    cluster.publish(live)
+    cluster.wait_until("the live engines", cluster.sees(live))
+    adapter = next((a for a, e in cluster.placements().items() if e == url), None)
+    assert adapter is not None, "no adapter is placed on the engine to drain"
+
+    client = openai.OpenAI(base_url=f"{cluster.gateways[0].url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with long_stream(client, adapter) as stream:
+        chunks = iter(stream)
+        next(chunks)  # the answer has started on the engine to be drained
+        cluster.publish([u for u in live if u != url])  # endpoint removed (the preStop sleep runs now)
+        cluster.wait_until("the engine gone", cluster.sees([u for u in live if u != url]))
+        assert running_requests(engine) == 1  # still generating when the kubelet sends SIGTERM
+        assert engine.pid is not None
+        os.kill(engine.pid, signal.SIGTERM)  # PID 1 of the pod: the API server only, not the process group
+        end = read_to_end(stream, engine)
+    assert (end.finish, end.tokens, end.error) == ("length", LONG_ANSWER, None)
+    assert wait_exit(engine) == 0
+    survivors = [u for u in live if u != url]
+    expected = rendezvous_order(survivors, cluster.keys[adapter])[0]
+    assert [gateway.route(adapter) for gateway in cluster.gateways] == [expected] * 2
+
+
+def test_without_the_drain_flag_sigterm_aborts_in_flight_requests(cluster: Cluster) -> None:
+    """Control for the test above: vLLM's default --shutdown-timeout 0 cuts the same kind of stream short."""
+    engine = cluster.engines[1]
+    assert engine.returncode() is None, "the control engine is not running"
+    client = openai.OpenAI(base_url=f"{engine.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with long_stream(client, "tiny") as stream:
+        chunks = iter(stream)
+        next(chunks)
+        assert running_requests(engine) == 1
+        assert engine.pid is not None
+        os.kill(engine.pid, signal.SIGTERM)
+        end = read_to_end(stream, engine)
+    # vLLM 0.32 ends an aborted stream either with finish_reason "abort" or with an error event (engine gone).
+    assert (
+        end.finish == "abort"
+        or end.error == "EngineCore encountered an issue. See stack trace (above) for the root cause."
+    )
+    assert end.pieces < LONG_ANSWER
+    assert wait_exit(engine) == 0
