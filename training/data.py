@@ -171,7 +171,9 @@ def make_splits(rows: list[Row], spec: DataSpec) -> Splits:
     splits = Splits(normalised["train"], normalised["eval"], normalised["test"], fmt, removed)
     for split_name, size in splits.sizes().items():
         if size == 0:
-            raise DataError(f"the {split_name} split is empty ({len(rows)} rows in all); add data or change the fractions")
+            raise DataError(
+                f"the {split_name} split is empty ({len(rows)} rows in all); add data or change the fractions"
+            )
     if len(splits.eval) < MIN_EVAL_ROWS:
         log.warning(
             "eval split has %s rows (< %s): eval loss and exact match will be noisy", len(splits.eval), MIN_EVAL_ROWS

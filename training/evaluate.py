@@ -106,7 +106,7 @@ def generate_constrained(
 
     kind = contract["type"]
     if kind == "json_schema":
-        output_type: Any = JsonSchema(contract["schema"])
+        output_type: Any = JsonSchema(contract["schema"], whitespace_pattern=r"[ ]?")  # compact, like the answers
     elif kind == "regex":
         output_type = Regex(contract["regex"])
     else:

@@ -68,7 +68,7 @@ ACTION_JSON_CONTRACT: dict[str, Any] = {
 }
 
 
-def _sentence(rng: random.Random, keyword: str, min_fill: int = 2, max_fill: int = 4) -> str:
+def _sentence(rng: random.Random, keyword: str, min_fill: int = 1, max_fill: int = 3) -> str:
     words = [rng.choice(FILLERS) for _ in range(rng.randint(min_fill, max_fill))]
     words.insert(rng.randint(0, len(words)), keyword)
     return " ".join(words)

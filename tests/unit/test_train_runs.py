@@ -67,6 +67,14 @@ def test_published_run_shows_in_registry(
     assert shown["base"] == "tiny-lm" and shown["r"] == 16
 
 
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's one-line error (progress bars of model loading may precede it on stderr)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0]
+    return errors[0]
+
+
 def _raw_base_recipe(tmp_path: Path, data: Path, base: Path) -> Path:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -99,11 +107,10 @@ def test_preflight_refuses_masked_end_of_turn(tmp_path: Path, capsys: pytest.Cap
     recipe = _raw_base_recipe(tmp_path, _messages_jsonl(tmp_path / "d.jsonl"), base)
     out = tmp_path / "run"
     assert loragate_main(["train", "--config", str(recipe), "--output-dir", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: example 0: the assistant's end-of-turn token is masked out of the loss")
-    assert err.count("\n") == 1
+    error = _error_line(capsys)
+    assert error.startswith("error: example 0: the assistant's end-of-turn token is masked out of the loss")
     assert "REFUSED:" in (out / "preflight.txt").read_text()
-    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+    assert not (out / "adapter").exists() and not list(out.glob("checkpoints/checkpoint-*"))
 
 
 def test_preflight_accepts_the_good_template_and_refuses_a_trained_prompt(
@@ -118,7 +125,8 @@ def test_preflight_accepts_the_good_template_and_refuses_a_trained_prompt(
         ["train", "--config", str(recipe), "--output-dir", str(out), "--set", "sft.completion_only_loss=false"]
     )
     assert status == 2
-    assert "prompt token(s) are trained on" in capsys.readouterr().err
+    error = _error_line(capsys)
+    assert error.startswith("error: example 0: ") and "prompt token(s) are trained on" in error
     assert not (out / "adapter").exists()
 
 
@@ -137,7 +145,30 @@ def test_serving_lint_refuses(
     sets = [x for o in [*overrides, "base.tiny.pretrain_steps=0"] for x in ("--set", o)]
     argv = ["train", "--config", str(RECIPES / "tiny.yaml"), "--output-dir", str(tmp_path / "run"), *sets]
     assert loragate_main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {message}")
-    assert err.count("\n") == 1
+    assert _error_line(capsys).startswith(f"error: {message}")
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_constrained_generation_follows_the_contract(tiny_model: Path, tmp_path: Path) -> None:
+    """outlines-constrained generation on a random adapter: every output complies, whatever the weights say."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loragate.tiny_model import build_random_adapter
+    from training.evaluate import complies, generate_constrained
+    from training.recipe import EvalSpec
+    from training.tasks import ACTION_JSON_CONTRACT, action_json
+
+    adapter = build_random_adapter(tiny_model, tmp_path / "adapter", seed=3)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = action_json(3, seed=0)
+    for contract in (
+        {"type": "json_schema", "schema": ACTION_JSON_CONTRACT},
+        {"type": "choice", "choice": ["yes", "no"]},
+        {"type": "regex", "regex": "[a-c]{2}-[0-9]"},
+    ):
+        texts = generate_constrained(model, tokenizer, rows, EvalSpec(max_new_tokens=24), contract)
+        assert len(texts) == 3
+        assert all(complies(text, contract) for text in texts), (contract, texts)
