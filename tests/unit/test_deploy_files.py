@@ -260,6 +260,9 @@ def interpolate(value: Any) -> Any:
     return value
 
 
+HOST_REGISTRY = "~/.loragate/registry"  # loragate's default local registry ($LORAGATE_REGISTRY_DIR overrides)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     loaded: dict[str, Any] = interpolate(yaml.safe_load((DEPLOY / "compose.yaml").read_text()))
@@ -289,7 +292,7 @@ def test_compose_bind_mounts_exist(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source in named:
+            if source in named or source == HOST_REGISTRY:
                 continue
             assert source.startswith("./"), f"{name}: {source} is neither a named volume nor a relative path"
             assert (DEPLOY / source).exists(), f"{name}: mounts missing {source}"
@@ -308,7 +311,10 @@ def test_compose_engine_is_private_and_runs_lora(compose: dict[str, Any]) -> Non
     assert gateway["environment"]["LORAGATE_EXTERNAL__MAX_LORAS"] == "4"
     assert gateway["environment"]["LORAGATE_EXTERNAL__MAX_CPU_LORAS"] == "8"
     assert "backend" in gateway["networks"] and "frontend" in gateway["networks"]
-    assert "/registry:ro" in " ".join(engine["volumes"]) and "registry:/registry" in gateway["volumes"]
+    # The host's registry folder: read-write for the gateway (as the host user), read-only for the engine.
+    assert f"{HOST_REGISTRY}:/registry:ro" in engine["volumes"]
+    assert f"{HOST_REGISTRY}:/registry" in gateway["volumes"]
+    assert gateway["user"] == "1000:1000"
 
 
 def test_compose_gateway_env_builds_the_gateways_settings(
