@@ -128,18 +128,28 @@ def prompt_length(body: Mapping[str, Any]) -> int:
     return _text_length(body.get("prompt"))
 
 
-def _int_field(body: Mapping[str, Any], name: str) -> int | None:
+def _numeric_field(body: Mapping[str, Any], name: str) -> float | None:
+    """A number field as the engine's lax validation would read it: 5, 5.0 and "5" all mean 5."""
     value = body.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def check_generation(body: Mapping[str, Any], limits: LimitSettings) -> LimitViolation | None:
-    """Caps on a chat or completions request body; fields of the wrong type are left to request validation."""
+    """Caps on a chat or completions request body; other wrong types are left to the engine's validation."""
     for name in ("max_tokens", "max_completion_tokens"):
-        value = _int_field(body, name)
+        value = _numeric_field(body, name)
         if value is not None and value > limits.max_tokens:
             return LimitViolation("max_tokens", limits.max_tokens, name)
-    n = _int_field(body, "n")
+    n = _numeric_field(body, "n")
     if n is not None and n > limits.max_n:
         return LimitViolation("max_n", limits.max_n, "n")
     messages = body.get("messages")

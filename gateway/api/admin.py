@@ -121,6 +121,7 @@ async def reload_registry(gateway: GatewayDep) -> dict[str, Any]:
         adapters = await asyncio.to_thread(registry.list_adapters)
     except RegistryError as exc:
         raise Unavailable(f"registry unreachable: {exc}", code="registry_unavailable") from exc
+    registry.audit = gateway.registry.audit  # registry writes through the gateway stay audited
     gateway.registry = registry
     gateway.adapters.registry = registry
     return {"registry": gateway.settings.registry, "adapter_versions": len(adapters)}

@@ -1,7 +1,8 @@
 """Schemathesis over the gateway's OpenAPI schema, against a running keyed gateway on the real vLLM (CPU) engine.
 
 Every operation gets positive and negative cases (derandomized, so a run is repeatable), sent with an admin key so
-the whole surface is reachable; completion cases mostly name a served model so that they reach the engine.
+the whole surface is reachable; completion cases mostly name a served model, with max_tokens and n clamped under the
+gateway's limits, so that they reach the engine.
 Bounded: `MAX_EXAMPLES` per operation and mode, `BUDGET_S` for the whole run (the remaining operations are skipped
 once it is spent and the count says so), `CALL_TIMEOUT_S` per call (a hang fails).
 No answer may be a 5xx or carry a Python traceback.
@@ -23,7 +24,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from tests.fixtures.security import KeyedGateway
+from tests.fixtures.security import MAX_TOKENS, KeyedGateway
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -68,7 +69,12 @@ def test_openapi_fuzz_no_5xx_no_hang_no_traceback(keyed_gateway: KeyedGateway) -
                 if time.monotonic() - started > BUDGET_S:
                     return
                 if model and case.operation.path in COMPLETION_PATHS and isinstance(case.body, dict):
-                    case.body["model"] = model  # reach the engine, not only the unknown-model 404
+                    # Reach the engine, not only the unknown-model 404 and the max_tokens/n limits (tested elsewhere).
+                    case.body["model"] = model
+                    for field, cap in (("max_tokens", MAX_TOKENS), ("n", 2)):
+                        value = case.body.get(field)
+                        if isinstance(value, int):
+                            case.body[field] = min(value, cap)
                 try:
                     response = case.call(base_url=keyed_gateway.url, headers=headers, timeout=CALL_TIMEOUT_S)
                 except requests.Timeout:
@@ -76,6 +82,8 @@ def test_openapi_fuzz_no_5xx_no_hang_no_traceback(keyed_gateway: KeyedGateway) -
                     return
                 counts["cases"] += 1
                 counts[f"{response.status_code // 100}xx"] += 1
+                if case.operation.path in COMPLETION_PATHS:
+                    counts[f"completions {response.status_code}"] += 1
                 if response.status_code >= 500:
                     failures.append(f"{case.operation.label} -> {response.status_code}: {response.text[:300]}")
                 if any(leak in response.text for leak in LEAKS):

@@ -74,8 +74,14 @@ def test_check_body_size() -> None:
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "n": 2, "stop": ["a", "b"]}, None),
         ({"max_tokens": 65}, LimitViolation("max_tokens", 64, "max_tokens")),
         ({"max_completion_tokens": 65}, LimitViolation("max_tokens", 64, "max_completion_tokens")),
-        ({"max_tokens": "many"}, None),  # wrong types are the route's validation
+        ({"max_tokens": "many"}, None),  # wrong types are the engine's validation
         ({"max_tokens": True}, None),
+        # the engine's lax validation reads 1e9 and "65" as integers: so does the limit (found by the fuzzer)
+        ({"max_tokens": 1e9}, LimitViolation("max_tokens", 64, "max_tokens")),
+        ({"max_tokens": " 65 "}, LimitViolation("max_tokens", 64, "max_tokens")),
+        ({"max_tokens": "64"}, None),
+        ({"n": "3"}, LimitViolation("max_n", 2, "n")),
+        ({"n": 2.0}, None),
         ({"n": 3}, LimitViolation("max_n", 2, "n")),
         ({"messages": [{"content": "x"}] * 4}, LimitViolation("max_messages", 3, "messages")),
         (
