@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from gateway.engine_process import EngineProcess
-from tests.fixtures.security import MAX_BODY_BYTES, MAX_TOKENS, KeyedGateway
+from tests.fixtures.security import MAX_BODY_BYTES, MAX_TOKENS, KeyedGateway, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +114,7 @@ def test_concurrency_limit_gives_rate_limit_error(keyed_gateway: KeyedGateway, v
     first.join(timeout=120)
     assert len(answers) == 1 and answers[0] != ""
     assert quotas.inflight("key", key_id) == 0
+    wait_ready(keyed_gateway.url, keyed_gateway.keys["admin"], 120)  # in case a health check saw the paused engine
     assert chat(keyed_gateway, "conc", "tiny") != ""
 
 
