@@ -298,6 +298,16 @@ def test_compose_bind_mounts_exist(compose: dict[str, Any]) -> None:
             assert (DEPLOY / source).exists(), f"{name}: mounts missing {source}"
 
 
+def test_compose_publishes_ports_on_the_hosts_loopback_only(compose: dict[str, Any]) -> None:
+    published = {name: service.get("ports", []) for name, service in compose["services"].items()}
+    assert published == {
+        "gateway": ["127.0.0.1:8080:8080"],
+        "engine": [],
+        "prometheus": ["127.0.0.1:9090:9090"],
+        "grafana": ["127.0.0.1:3000:3000"],
+    }
+
+
 def test_compose_engine_is_private_and_runs_lora(compose: dict[str, Any]) -> None:
     engine = compose["services"]["engine"]
     assert "ports" not in engine, "the engine's runtime LoRA API must not be published"
@@ -325,6 +335,8 @@ def test_compose_gateway_env_builds_the_gateways_settings(
         monkeypatch.setenv(name, str(value))
     settings = settings_module.Settings()
     assert settings.mode == "external"
+    assert settings.security.allow_open_bind is True
+    assert settings.security.metrics_auth == "none"  # Prometheus scrapes without a key
     assert settings.external.discovery_host == "engine"
     assert settings.external.discovery_port == 8000
     assert settings.registry == "/registry"

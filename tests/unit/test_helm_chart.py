@@ -104,6 +104,8 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"engine": {"podSecurityContext": {"runAsUser": 0}}}, "at '/engine/podSecurityContext/runAsUser': minimum"),
     ({"engine": {"image": {"digest": "sha256:xyz"}}}, "at '/engine/image/digest'"),
     ({"registry": {"s3": {"endpoint": "minio:9000"}}}, "at '/registry/s3/endpoint'"),
+    ({"gateway": {"security": {"auth": "maybe"}}}, "at '/gateway/security/auth': value must be one of 'auto'"),
+    ({"engine": {"lora": {"enabled": "no"}}}, "at '/engine/lora/enabled': got string, want boolean"),
 ]
 
 
@@ -183,6 +185,15 @@ def test_engine_requests_gpus_and_tolerates_gpu_nodes(chart: Any) -> None:
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"]["medium"] == "Memory"
+
+
+def test_engines_without_lora_serve_a_merged_model(chart: Any) -> None:
+    objs = render(chart, {"engine": {"lora": {"enabled": False}, "model": "/models/bot-merged"}})
+    vllm = container(objs, f"{FULL}-engine", "vllm")
+    assert not [arg for arg in vllm["args"] if "lora" in arg]
+    assert env_of(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
+    pod = objs[("Deployment", f"{FULL}-engine")]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["vllm"]
 
 
 def test_cpu_engines_request_no_gpu(chart: Any) -> None:
@@ -308,6 +319,9 @@ def test_gateway_env_builds_the_gateways_own_settings(chart: Any, monkeypatch: p
         16,
     )
     assert settings.drain_grace_s == 60 - 5 - 5
+    assert settings.security.auth == "required"
+    assert settings.security.allow_open_bind is True  # a pod listens on its pod IP
+    assert settings.security.metrics_auth == "none"
 
 
 def test_pod_disruption_budgets(chart: Any) -> None:
