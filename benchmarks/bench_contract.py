@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from outlines_core.json_schema import build_regex_from_schema
 
-from adapters_registry.contract import contract_satisfied, normalize_contract
+from adapters_registry.contract import canonical_json, contract_satisfied, normalize_contract
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
 from gateway.structured import prepare_request
 
@@ -73,6 +74,17 @@ async def ask_all(
         return list(await asyncio.gather(*(ask(i, ex) for i, ex in enumerate(examples))))
 
 
+def contract_modes(contract: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """What each mode sends: nothing; the contract as the gateway forwards it; for a JSON schema also the same schema
+    compiled by outlines into a regex that allows one optional space between tokens (the engine's JSON grammar
+    runs with disable_any_whitespace, i.e. compact JSON only)."""
+    modes: dict[str, dict[str, Any] | None] = {"without contract": None, "with contract": contract}
+    if contract["type"] == "json_schema":
+        pattern = build_regex_from_schema(canonical_json(contract["schema"]), r"[ ]?")
+        modes["contract as regex"] = {"type": "regex", "regex": pattern}
+    return modes
+
+
 def judge(text: str, expected: str, contract: dict[str, Any]) -> tuple[bool, bool]:
     valid = contract_satisfied(contract, text)
     correct = text.strip() == expected.strip() or (valid and json.loads(text) == json.loads(expected))
@@ -83,10 +95,11 @@ def evaluate(
     engine: EngineProcess, examples: list[Example], contract: dict[str, Any], temperatures: list[float], seed: int
 ) -> list[Row]:
     rows = []
-    plan = [(mode, t) for t in temperatures for mode in ("without contract", "with contract")]
-    random.Random(seed).shuffle(plan)  # no systematic order between the two modes
+    modes = contract_modes(contract)
+    plan = [(mode, t) for t in temperatures for mode in modes]
+    random.Random(seed).shuffle(plan)  # no systematic order between the modes
     for mode, temperature in plan:
-        applied = contract if mode == "with contract" else None
+        applied = modes[mode]
         answers = asyncio.run(ask_all(engine.url, examples, applied, temperature, seed))
         verdicts = [judge(text, ex.expected, contract) for (text, _), ex in zip(answers, examples, strict=True)]
         rows.append(
@@ -99,7 +112,7 @@ def evaluate(
                 [tokens for _, tokens in answers],
             )
         )
-    rows.sort(key=lambda r: (r.temperature, r.mode != "without contract"))
+    rows.sort(key=lambda r: (r.temperature, list(modes).index(r.mode)))
     return rows
 
 
