@@ -125,6 +125,16 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
+def trained_base(adapter: Path) -> Path | None:
+    """The base the adapter was trained on, as the training module recorded it (a recipe edit can change the
+    base that `resolve_base` builds today)."""
+    info = adapter / "training.json"
+    if not info.is_file():
+        return None
+    path = json.loads(info.read_text()).get("base_path")
+    return Path(path) if isinstance(path, str) else None
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--recipe", type=Path, default=RECIPE)
@@ -153,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     contract = normalize_contract(recipe.evaluation.contract)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-contract-"))
     work.mkdir(parents=True, exist_ok=True)
-    base = resolve_base(recipe.base)
     test_rows = make_splits(load_rows(recipe.data), recipe.data).test[: args.heldout]
     examples = [
         Example(row["prompt"] if "prompt" in row else row["messages"][:-1], reference(row)) for row in test_rows
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         adapter = sft.train(recipe, work / "run")
         print(f"trained {adapter} in {time.monotonic() - started:.0f}s")
+    base = trained_base(adapter) or resolve_base(recipe.base)
     spec = EngineSpec(
         model=str(base),
         served_model_name="base",
