@@ -38,6 +38,15 @@ class GenerationEval(TrainerCallback):  # type: ignore[misc]
         log.info("epoch %.2f: %s", state.epoch or 0.0, ", ".join(f"{k} {v:.3f}" for k, v in scored.items()))
 
 
+class LogToFile(TrainerCallback):  # type: ignore[misc]
+    """The trainer's periodic logs (loss, learning rate, eval metrics) as log records, so train.log has them."""
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        logs = kwargs.get("logs") or {}
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+        log.info("step %s/%s: %s", state.global_step, state.max_steps, shown)
+
+
 def early_stopping(spec: EarlyStopping) -> list[Any]:
     if spec.patience is None:
         return []

@@ -17,6 +17,14 @@ def on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Tiny models gain nothing from several intra-op threads, and on a busy host they lose a lot (spinning)."""
+    if threads is not None and not on_gpu():
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 

@@ -133,6 +133,7 @@ class ServingSpec(_Section):
 class Recipe(_Section):
     name: str = "adapter"
     seed: int = 42
+    cpu_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on the CPU; None: torch's default
     base: BaseSpec
     data: DataSpec
     lora: LoraSpec = LoraSpec()

@@ -109,6 +109,9 @@ def run(
     from training import lint
     from training.base import resolve_base
     from training.errors import TrainingError
+    from training.model import set_cpu_threads
+
+    set_cpu_threads(recipe.cpu_threads)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = _file_log(output_dir / "train.log")
@@ -148,7 +151,7 @@ def _train(
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
-    from training.callbacks import GenerationEval, early_stopping
+    from training.callbacks import GenerationEval, LogToFile, early_stopping
     from training.evaluate import evaluate_run
     from training.model import load_model, lora_config, make_sft_config
     from training.preflight import run_preflight
@@ -158,7 +161,8 @@ def _train(
     checkpoints = output_dir / CHECKPOINTS_DIR
     sft_config = make_sft_config(recipe, checkpoints, splits.format)
     generation_eval = GenerationEval(splits.eval, recipe.evaluation, contract, tokenizer)
-    callbacks: list[Any] = [generation_eval] if recipe.evaluation.per_epoch_generation else []
+    callbacks: list[Any] = [LogToFile()]
+    callbacks += [generation_eval] if recipe.evaluation.per_epoch_generation else []
     callbacks += early_stopping(recipe.early_stopping)
     trainer = SFTTrainer(
         model=model,
@@ -251,8 +255,6 @@ def _file_log(path: Path) -> logging.Handler:
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
-    for name in ("transformers", "trl", "peft"):
-        logging.getLogger(name).propagate = True
     return handler
 
 

@@ -5,7 +5,9 @@ token of the tiny model's tokenizer, and every answer starts with a token unique
 two-layer model can learn the task with a LoRA adapter in a few hundred steps.
 
 - `topic`: the answer is the class name as plain text (`license`, `software`, `document`, `author`).
-- `action-json`: the answer is a JSON object `{"action": "<verb>"}`; `ACTION_JSON_CONTRACT` is its output contract.
+- `action-json`: the answer is a JSON object `{"<verb>": true}`; `ACTION_JSON_CONTRACT` is its output contract.
+  (The verb comes first: with `{"action": "<verb>"}` the class token sits eight tokens into the answer, and the
+  tiny model did not learn it in 3 epochs: exact match 0.20, chance level, while the format was perfect.)
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "publish": ("publish", "published", "offer"),
 }
 
+# Exactly one of the action flags, set to true: `{"modify": true}`.
 ACTION_JSON_CONTRACT: dict[str, Any] = {
     "type": "object",
-    "properties": {"action": {"type": "string", "enum": sorted(ACTIONS)}},
-    "required": ["action"],
+    "properties": {action: {"const": True} for action in sorted(ACTIONS)},
     "additionalProperties": False,
+    "minProperties": 1,
+    "maxProperties": 1,
 }
 
 
@@ -101,7 +105,7 @@ def action_json(rows: int, seed: int) -> list[Row]:
         out.append(
             {
                 "prompt": [{"role": "user", "content": f"Request: {_sentence(rng, keyword)}"}],
-                "completion": [{"role": "assistant", "content": json.dumps({"action": label})}],
+                "completion": [{"role": "assistant", "content": json.dumps({label: True})}],
             }
         )
     return out

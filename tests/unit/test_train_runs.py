@@ -18,6 +18,12 @@ from training.tasks import generate
 pytestmark = pytest.mark.slow
 
 # The end-of-turn token moved outside {% generation %}: TRL's assistant mask then leaves it out of the loss.
+SCHEMA = {
+    "type": "object",
+    "properties": {"action": {"type": "string", "enum": ["copy", "modify"]}},
+    "required": ["action"],
+    "additionalProperties": False,
+}
 BROKEN_TEMPLATE = CHAT_TEMPLATE.replace(
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}",
     "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>' }}",
@@ -158,14 +164,14 @@ def test_constrained_generation_follows_the_contract(tiny_model: Path, tmp_path:
     from loragate.tiny_model import build_random_adapter
     from training.evaluate import complies, generate_constrained
     from training.recipe import EvalSpec
-    from training.tasks import ACTION_JSON_CONTRACT, action_json
+    from training.tasks import action_json
 
     adapter = build_random_adapter(tiny_model, tmp_path / "adapter", seed=3)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     rows = action_json(3, seed=0)
     for contract in (
-        {"type": "json_schema", "schema": ACTION_JSON_CONTRACT},
+        {"type": "json_schema", "schema": SCHEMA},
         {"type": "choice", "choice": ["yes", "no"]},
         {"type": "regex", "regex": "[a-c]{2}-[0-9]"},
     ):

@@ -272,10 +272,12 @@ SCHEMA = {"type": "json_schema", "schema": ACTION_JSON_CONTRACT}
 @pytest.mark.parametrize(
     ("text", "contract", "ok"),
     [
-        ('{"action": "copy"}', SCHEMA, True),
-        ('{"action": "steal"}', SCHEMA, False),
-        ('{"action": "copy"', SCHEMA, False),
-        ('{"action": "copy", "x": 1}', SCHEMA, False),
+        ('{"copy": true}', SCHEMA, True),
+        ('{"steal": true}', SCHEMA, False),
+        ('{"copy": false}', SCHEMA, False),
+        ("{}", SCHEMA, False),
+        ('{"copy": true, "modify": true}', SCHEMA, False),
+        ('{"copy": true', SCHEMA, False),
         ("AB-12", {"type": "regex", "regex": "[A-Z]+-[0-9]+"}, True),
         ("AB-12x", {"type": "regex", "regex": "[A-Z]+-[0-9]+"}, False),
         ("yes", {"type": "choice", "choice": ["yes", "no"]}, True),
@@ -287,8 +289,8 @@ def test_complies(text: str, contract: dict[str, object], ok: bool) -> None:
 
 
 def test_score() -> None:
-    rows = [_pc("a", '{"action": "copy"}'), _pc("b", '{"action": "modify"}'), _pc("c", '{"action": "publish"}')]
-    gens = [Generation('{"action": "copy"}', True), Generation('{"action": "copy"}', True), Generation("{", False)]
+    rows = [_pc("a", '{"copy": true}'), _pc("b", '{"modify": true}'), _pc("c", '{"publish": true}')]
+    gens = [Generation('{"copy": true}', True), Generation('{"copy": true}', True), Generation("{", False)]
     assert score(gens, rows, SCHEMA) == {"exact_match": 1 / 3, "stop_rate": 2 / 3, "format_compliance": 2 / 3}
     assert score(gens, rows, None) == {"exact_match": 1 / 3, "stop_rate": 2 / 3}
 
