@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -35,7 +36,8 @@ TOPIC, ACTION = "topic", "action-json"
 RECIPES = {TOPIC: "tiny.yaml", ACTION: "tiny-json.yaml"}
 HELD_OUT_SEED = 2026
 QUESTIONS = 6
-OFF_TASK_PROMPT = "Hello! Tell me about yourself."
+CONTRACT_SAMPLES = 6
+CONTRACT_TEMPERATURE = 1.5
 
 
 def register(sub: Any) -> None:
@@ -66,16 +68,28 @@ def questions(task: str, n: int = QUESTIONS, seed: int = HELD_OUT_SEED) -> list[
     return [Question(row["prompt"], row["completion"][0]["content"]) for row in generate(task, n, seed)]
 
 
-def score(answers: Sequence[str], expected: Sequence[str]) -> int:
-    return sum(a.strip() == e.strip() for a, e in zip(answers, expected, strict=True))
-
-
-def is_json_object(text: str, required: Sequence[str] = ()) -> bool:
+def same_answer(answer: str, expected: str) -> bool:
+    """Equal text, or equal JSON values (constrained decoding drops the spaces the training data had)."""
+    if answer.strip() == expected.strip():
+        return True
     try:
-        value = json.loads(text)
+        return bool(json.loads(answer) == json.loads(expected))
     except ValueError:
         return False
-    return isinstance(value, dict) and all(key in value for key in required)
+
+
+def score(answers: Sequence[str], expected: Sequence[str]) -> int:
+    return sum(same_answer(a, e) for a, e in zip(answers, expected, strict=True))
+
+
+def valid_for(text: str, schema: dict[str, Any]) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def recipes_dir() -> Path:
@@ -230,12 +244,14 @@ class Demo:
         return 0
 
     @staticmethod
-    def ask(client: openai.OpenAI, model: str, messages: list[dict[str, str]], **kw: Any) -> tuple[str, dict[str, str]]:
+    def ask(
+        client: openai.OpenAI, model: str, messages: list[dict[str, str]], temperature: float = 0.0, **kw: Any
+    ) -> tuple[str, dict[str, str]]:
         raw = client.chat.completions.with_raw_response.create(
             model=model,
             messages=messages,  # type: ignore[arg-type]
             max_tokens=16,
-            temperature=0,
+            temperature=temperature,
             **kw,
         )
         reply = raw.parse()
@@ -265,15 +281,28 @@ class Demo:
     def contract(self, client: openai.OpenAI) -> None:
         from adapters_registry import open_registry
 
-        contract = open_registry(self.registry).resolve(ACTION).contract
-        print(f"    contract: {json.dumps(contract, separators=(',', ':'))[:110]}")
-        messages = [{"role": "user", "content": OFF_TASK_PROMPT}]
-        free, _ = self.ask(client, ACTION, messages, response_format={"type": "text"})
-        print(f"    off-task prompt {OFF_TASK_PROMPT!r}")
-        print(f"      contract off (response_format text): {free!r}  valid JSON: {is_json_object(free, ['action'])}")
-        held, headers = self.ask(client, ACTION, messages)
-        valid = headers.get("x-loragate-output-valid", "not checked")
-        print(f"      contract on (the default):           {held!r}  x-loragate-output-valid: {valid}")
+        contract = open_registry(self.registry).resolve(ACTION).contract or {}
+        schema = contract.get("schema", {})
+        print(f"    contract in the registry: {json.dumps(schema, separators=(',', ':'))}")
+        question = questions(ACTION, 1, seed=HELD_OUT_SEED + 1)[0]
+        print(f"    {CONTRACT_SAMPLES} samples at temperature {CONTRACT_TEMPERATURE} for {question.text!r}:")
+        for label, extra in (
+            ("contract off (response_format text)", {"response_format": {"type": "text"}}),
+            ("contract on (the default)          ", {}),
+        ):
+            texts, flags = [], []
+            for seed in range(CONTRACT_SAMPLES):
+                text, headers = self.ask(
+                    client, ACTION, question.messages, temperature=CONTRACT_TEMPERATURE, seed=seed, **extra
+                )
+                texts.append(text)
+                flags.append(headers.get("x-loragate-output-valid", "-"))
+            valid = sum(valid_for(t, schema) for t in texts)
+            example = next((t for t in texts if not valid_for(t, schema)), texts[0])
+            print(
+                f"      {label}: {valid}/{len(texts)} match the schema, e.g. {clip(example, 34)!r}; "
+                f"x-loragate-output-valid: {','.join(flags)}"
+            )
 
     def merge_and_serve(self, stack: contextlib.ExitStack) -> str:
         from training.merge import MergeOptions
@@ -319,6 +348,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The demo prints its own summary of each step; the trainers' progress bars stay, their INFO chatter goes.
+    quiet = ("training.sft", "training.preflight", "training.publish", "adapters_registry", "gateway", "httpx2")
+    for chatty in quiet:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loragate-demo-")))
