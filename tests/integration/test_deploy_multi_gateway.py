@@ -38,10 +38,12 @@ pytestmark = pytest.mark.integration
 
 ADAPTERS = [f"team-{i}" for i in range(8)]
 DEADLINE_S = float(os.environ.get("LORAGATE_TEST_ENGINE_DEADLINE", "300"))
-# vLLM --shutdown-timeout per engine: the chart's drain (30 s) on engines 0 and 2; engine 1 keeps vLLM's default
-# (0: abort in-flight requests on SIGTERM) as the control that shows what the chart's flag changes.
-SHUTDOWN_TIMEOUTS = ("30", "0", "30")
-LONG_ANSWER = 900  # tokens; with ignore_eos the engine generates exactly this many unless it aborts
+# vLLM --shutdown-timeout per engine: the chart's default drain (120 s) on engines 0 and 2; engine 1 keeps vLLM's
+# default (0: abort in-flight requests on SIGTERM) as the control that shows what the chart's flag changes.
+# (Seen at load 35 on 2 cores: a 900-token answer outlived a 30 s drain; vLLM then killed its engine core and left
+# the client's stream open.)
+SHUTDOWN_TIMEOUTS = ("120", "0", "120")
+LONG_ANSWER = 600  # tokens; with ignore_eos the engine generates exactly this many unless it aborts
 
 
 # `loragate <args>` in a Python where the gateway image's missing packages cannot be imported.
@@ -329,7 +331,7 @@ def test_engine_pod_termination_drains_streams_through_the_gateway(cluster: Clus
     adapter = next((a for a, e in cluster.placements().items() if e == url), None)
     assert adapter is not None, "no adapter is placed on the engine to drain"
 
-    client = openai.OpenAI(base_url=f"{cluster.gateways[0].url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{cluster.gateways[0].url}/v1", api_key="unused", max_retries=0, timeout=180)
     with long_stream(client, adapter) as stream:
         chunks = iter(stream)
         next(chunks)  # the answer has started on the engine to be drained
