@@ -1,8 +1,9 @@
 """The base model a recipe trains on: a local directory, or the tiny local Llama built (and optionally given a short
 language-model training of its own on local text) and cached by content key.
 
-A randomly initialised base has near-uniform output logits; `pretrain_steps` gives it a few hundred steps of
-next-token training on the tokenizer's corpus so that the base behaves like a (very small) language model.
+A randomly initialised base has near-uniform output logits (QLoRA on it learned nothing); `pretrain_steps` gives it
+some next-token training on the tokenizer's corpus so that it behaves like a (very small) language model. The
+result is cached under `$LORAGATE_CACHE/pretrained-base/<key>` (default ~/.cache/loragate/pretrained-base).
 """
 
 from __future__ import annotations
