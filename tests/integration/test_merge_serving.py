@@ -32,8 +32,10 @@ from training.merge import DEFAULT_PROBES
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 24
-MIN_SERVED_AGREEMENT = 0.93  # measured 0.972 on bare vLLM engines; the margin covers the bf16 kernel differences
-MAX_BASE_AGREEMENT = 0.6  # the control (base model, no adapter) on the adapter's trajectories
+# Measured: merged 191/192 (0.995) through the gateways, 280/288 (0.972) on bare engines with other prompts; the
+# margin covers bf16 rounding on near-ties. The control (base, no adapter) matched 1/192 of the adapter's tokens.
+MIN_SERVED_AGREEMENT = 0.93
+MAX_BASE_AGREEMENT = 0.2
 
 
 def _ids(logprobs: object) -> list[int]:
