@@ -83,6 +83,7 @@ class AdapterManager:
         engines: dict[str, Engine],
         *,
         base_name: str,
+        bound_base: str | None = None,
         policy: Policy,
         load_timeout_s: float,
         metrics: GatewayMetrics | None = None,
@@ -91,6 +92,7 @@ class AdapterManager:
         self.client = client
         self.engines = engines
         self.base_name = base_name
+        self.bound_base = bound_base or base_name  # the registry base adapters must be bound to
         self.policy = policy
         self.load_timeout_s = load_timeout_s
         self.metrics = metrics
@@ -119,7 +121,7 @@ class AdapterManager:
             raise InvalidRequest(f"invalid model '{model}': {exc}", param="model") from exc
         except RegistryError as exc:
             raise Unavailable(f"registry unavailable: {exc}", code="registry_unavailable") from exc
-        reason = refusal_reason(manifest, self.base_name, self.max_lora_rank())
+        reason = refusal_reason(manifest, self.bound_base, self.max_lora_rank())
         if reason:
             raise AdapterRefused(reason, param="model")
         self.manifests[manifest.engine_name] = manifest

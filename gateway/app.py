@@ -61,6 +61,13 @@ def resolve_base(settings: Settings, registry: Registry) -> tuple[str | None, st
     return str(registry.base_dir(settings.base)), settings.base_name or settings.base
 
 
+def bound_base_name(settings: Settings, served_name: str) -> str:
+    """The registry base that adapters must be bound to: `base` when it names a registry base, else the served name."""
+    if settings.base and not Path(settings.base).expanduser().is_dir():
+        return settings.base
+    return served_name
+
+
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
     up = settings.upstream
     return httpx.AsyncClient(
@@ -174,6 +181,7 @@ def create_app(
             client,
             engines,
             base_name=base_name,
+            bound_base=bound_base_name(settings, base_name),
             policy=policy,
             load_timeout_s=settings.adapters.load_timeout_s,
             metrics=metrics,

@@ -242,3 +242,17 @@ def test_serve_refuses_an_unknown_base_in_one_line(tmp_path: Path, capsys: pytes
     assert capsys.readouterr().err == "error: base 'no-such-base' is neither a directory nor a registered base\n"
     assert main(["serve", "--base", "tiny", "--engines", "0", "--registry", str(tmp_path / "reg")]) == 2
     assert "invalid settings (engines.count): Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_adapters_are_bound_to_the_registry_base_not_the_served_name(tmp_path: Path) -> None:
+    from gateway.app import bound_base_name
+    from gateway.settings import load_settings
+
+    registry_base = load_settings(base="tiny", base_name="public-name", registry=str(tmp_path))
+    assert bound_base_name(registry_base, "public-name") == "tiny"
+    model_dir = load_settings(base=str(tmp_path), registry=str(tmp_path))
+    assert bound_base_name(model_dir, tmp_path.name) == tmp_path.name
+    external = load_settings(
+        mode="external", base_name="served", registry=str(tmp_path), external={"urls": ["http://127.0.0.1:1"]}
+    )
+    assert bound_base_name(external, "served") == "served"
