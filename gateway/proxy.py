@@ -97,12 +97,16 @@ class SSEAccumulator:
         self.usage: dict[str, Any] | None = None
         self.texts: dict[int, list[str]] = {}
         self.finish_reasons: dict[int, str | None] = {}
+        self.done = False  # the `[DONE]` sentinel passed: the answer is complete
 
     def feed(self, chunk: bytes) -> None:
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            if line.strip() == b"data: [DONE]":
+                self.done = True
+                continue
+            if not line.startswith(b"data: "):
                 continue
             if not self.collect_text and b'"usage":{' not in line and b'"usage": {' not in line:
                 continue
@@ -340,6 +344,9 @@ class Proxy:
         async def close(disconnected: bool) -> None:
             await upstream.aclose()
             lease.release()
+            # SDKs hang up as soon as they read `[DONE]`, sometimes before the upstream's own EOF reaches us:
+            # that is a finished request, not a disconnect.
+            disconnected = disconnected and not side.done
             if disconnected:
                 log.info("%s: client disconnected; upstream request on %s closed", record.request_id, lease.engine.id)
                 record.status, record.error_code = 499, "client_disconnected"

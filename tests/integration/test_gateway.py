@@ -210,8 +210,15 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
     before = {e["url"]: {name: engine_metric(e["url"], name) for name in counters} for e in gateway.engines()}
     with httpx.stream("POST", f"{gateway.base_url}/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
-        engine_url = engine_by_id(gateway, response.headers["x-loragate-engine"])["url"]
+        engine = engine_by_id(gateway, response.headers["x-loragate-engine"])
+        engine_url = engine["url"]
         next(response.iter_raw())
+        # Freeze the engine so the answer cannot finish before the hang-up reaches it, however fast the machine.
+        os.killpg(engine["pid"], signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the gateway notices the hang-up and closes its upstream connection
+    finally:
+        os.killpg(engine["pid"], signal.SIGCONT)
     deadline = time.monotonic() + 120
     while engine_metric(engine_url, "vllm:num_requests_running") + engine_metric(
         engine_url, "vllm:num_requests_waiting"

@@ -144,8 +144,12 @@ def test_sse_accumulator_reads_usage_and_text_across_chunk_boundaries() -> None:
     ]
     stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     side = SSEAccumulator(collect_text=True)
-    for i in range(0, len(stream), 7):
-        side.feed(stream[i : i + 7])
+    head, sentinel = stream[: -len(b"data: [DONE]\n\n")], b"data: [DONE]\n\n"
+    for i in range(0, len(head), 7):
+        side.feed(head[i : i + 7])
+    assert not side.done
+    side.feed(sentinel)
+    assert side.done
     assert side.usage == {"prompt_tokens": 4, "completion_tokens": 2}
     assert side.answer("chat")["choices"] == [
         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello"}}
