@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from adapters_registry import open_registry
-from adapters_registry.errors import RegistryError
+from adapters_registry.errors import ConflictError, NotFoundError, RegistryError, ValidationError
 from gateway.deps import Gateway, GatewayDep
 from gateway.errors import InvalidRequest, ModelNotFound, Unavailable
 
@@ -21,6 +21,16 @@ probes = APIRouter(tags=["probes"])
 class AdapterAction(BaseModel):
     model: str
     engine: str | None = None
+
+
+class AliasPromote(BaseModel):
+    ref: str
+    alias: str
+
+
+class AliasRollback(BaseModel):
+    name: str
+    alias: str
 
 
 def engine_view(gateway: Gateway, engine_id: str) -> dict[str, Any]:
@@ -112,6 +122,30 @@ async def unpin_adapter(action: AdapterAction, request: Request, gateway: Gatewa
         raise InvalidRequest(f"{target.label} is not pinned", param="model")
     gateway.adapters.unpin(target.key)
     return {"model": action.model, "ref": target.label, "pinned": False}
+
+
+async def _move_alias(gateway: Gateway, move: Any, *args: str) -> dict[str, Any]:
+    try:
+        manifest = await asyncio.to_thread(move, *args)  # audited by the registry hook, as the calling key
+    except NotFoundError as exc:
+        raise ModelNotFound(args[0]) from exc
+    except (ValidationError, ConflictError) as exc:
+        raise InvalidRequest(str(exc), param="alias") from exc
+    except RegistryError as exc:
+        raise Unavailable(f"registry unavailable: {exc}", code="registry_unavailable") from exc
+    return {"name": manifest.name, "alias": args[-1], "ref": manifest.ref, "digest": manifest.digest}
+
+
+@router.post("/aliases/promote")
+async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, Any]:
+    """Point `name:alias` at the version `ref` names (what `loragate registry promote` does)."""
+    return await _move_alias(gateway, gateway.registry.promote, body.ref, body.alias)
+
+
+@router.post("/aliases/rollback")
+async def rollback_alias(body: AliasRollback, gateway: GatewayDep) -> dict[str, Any]:
+    """Move `name:alias` back to the version it pointed at before its last move."""
+    return await _move_alias(gateway, gateway.registry.rollback, body.name, body.alias)
 
 
 @router.post("/registry/reload")

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -128,18 +129,22 @@ def test_concurrency_limit_gives_rate_limit_error(keyed_gateway: KeyedGateway, v
         ("/admin/adapters/unload", {"model": "acme-support"}),
         ("/admin/adapters/pin", {"model": "acme-support"}),
         ("/admin/registry/reload", {}),
+        ("/admin/aliases/promote", {"ref": "acme-support@1", "alias": "prod"}),
+        ("/admin/aliases/rollback", {"name": "acme-support", "alias": "prod"}),
     ],
 )
-def test_non_admin_key_cannot_load_unload_push_or_pin(
+def test_non_admin_key_cannot_load_unload_push_promote_or_pin(
     keyed_gateway: KeyedGateway, path: str, body: dict[str, str]
 ) -> None:
     versions = len(keyed_gateway.registry.list_adapters())
+    aliases = keyed_gateway.registry.aliases("acme-support")
     if "lora_path" in body:
         body = {**body, "lora_path": body["lora_path"].replace("PATH_ROOT", str(keyed_gateway.path_root))}
     reply = httpx.post(f"{keyed_gateway.url}{path}", json=body, headers=keyed_gateway.headers("acme"), timeout=60)
     assert reply.status_code == 403
     assert reply.json()["error"]["code"] == "admin_required"
     assert len(keyed_gateway.registry.list_adapters()) == versions
+    assert keyed_gateway.registry.aliases("acme-support") == aliases
     events = keyed_gateway.security.audit.read()
     assert events[-1]["action"] == f"admin.POST {path}" and events[-1]["result"] == "denied"
     assert events[-1]["who"].endswith(":acme")
@@ -203,3 +208,30 @@ def test_probes_open_and_metrics_need_an_admin_key(keyed_gateway: KeyedGateway) 
         httpx.get(f"{keyed_gateway.url}/admin/engines", headers=keyed_gateway.headers("acme"), timeout=10).status_code
         == 403
     )
+
+
+def test_admin_promotes_and_rolls_back_an_alias(keyed_gateway: KeyedGateway, adapter_dirs: list[Path]) -> None:
+    admin = keyed_gateway.headers("admin")
+    url = keyed_gateway.url
+    second = keyed_gateway.registry.push(adapter_dirs[0], "globex", "tiny")
+    for ref in ("globex@1", second.ref):
+        promoted = httpx.post(f"{url}/admin/aliases/promote", json={"ref": ref, "alias": "canary"}, headers=admin)
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["ref"] == ref
+    assert keyed_gateway.registry.aliases("globex")["canary"] == second.version
+    back = httpx.post(f"{url}/admin/aliases/rollback", json={"name": "globex", "alias": "canary"}, headers=admin)
+    assert back.status_code == 200, back.text
+    assert keyed_gateway.registry.aliases("globex")["canary"] == 1
+    unknown = httpx.post(f"{url}/admin/aliases/promote", json={"ref": "globex@99", "alias": "canary"}, headers=admin)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    moves = [
+        (e["who"].split(":")[-1], e["action"], e["result"])
+        for e in keyed_gateway.security.audit.read()
+        if e["action"] in ("registry.promote", "registry.rollback")
+    ]
+    assert moves[-4:] == [
+        ("ops", "registry.promote", "ok"),
+        ("ops", "registry.promote", "ok"),
+        ("ops", "registry.rollback", "ok"),
+        ("ops", "registry.promote", "error"),
+    ]
