@@ -105,7 +105,9 @@ def action_json(rows: int, seed: int) -> list[Row]:
         out.append(
             {
                 "prompt": [{"role": "user", "content": f"Request: {_sentence(rng, keyword)}"}],
-                "completion": [{"role": "assistant", "content": json.dumps({label: True})}],
+                # Compact JSON, the form the serving grammar produces when the gateway enforces the contract
+                # (vLLM's xgrammar with disable_any_whitespace): trained and enforced answers then agree.
+                "completion": [{"role": "assistant", "content": json.dumps({label: True}, separators=(",", ":"))}],
             }
         )
     return out
