@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_contract.py [--set sft.num_train_epochs=1] [--temperatures 0 1]
 
 Steps: train the recipe training/recipes/tiny-json.yaml with the training module (a tiny base pretrained on local
-text, a LoRA adapter answering `{"action": "<verb>"}`; its JSON schema is the output contract); start one vLLM (CPU)
+text, a LoRA adapter answering `{"<verb>":true}`; its JSON schema is the output contract); start one vLLM (CPU)
 engine with that base and adapter; send every prompt of the recipe's held-out test split (rows training never saw)
 without a constraint, with the contract applied the way the gateway applies it (`gateway.structured.prepare_request`)
 and with the schema as an outlines regex that allows optional spaces; print, per temperature and mode, the share of
