@@ -75,6 +75,20 @@ def refusal_reason(manifest: AdapterManifest, base_name: str, max_lora_rank: int
     return None
 
 
+def no_engine_error(engines: list[Engine]) -> Unavailable:
+    """Why no engine can take a request: still starting (retry soon), or every one given up (retrying won't help)."""
+    if not engines:
+        return Unavailable("no engine is configured or discovered yet; retry shortly", code="engines_not_ready")
+    if all(engine.gave_up for engine in engines):
+        reasons = "; ".join(f"{engine.id}: {engine.last_error or 'down'}" for engine in engines)
+        return Unavailable(
+            f"every engine is down and its restart budget is spent ({reasons}); the gateway needs an operator",
+            retry_after_s=60,
+            code="engines_down",
+        )
+    return Unavailable("no engine is ready yet; retry shortly", code="engines_not_ready")
+
+
 class AdapterManager:
     def __init__(
         self,
@@ -152,7 +166,7 @@ class AdapterManager:
                 key, self._loads(exclude), self.ledger, self.policy, busy=self._busy, spread_key=request_id
             )
             if decision is Refusal.NO_ENGINE:
-                raise Unavailable("no engine is ready yet; retry shortly", code="engines_not_ready")
+                raise no_engine_error(list(self.engines.values()))
             if decision is Refusal.BUSY:
                 raise Unavailable("all engines are busy; retry shortly", code="engines_busy")
             if isinstance(decision, Placement):

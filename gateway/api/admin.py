@@ -172,6 +172,9 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     healthy = [engine for engine in gateway.supervisor.engines.values() if engine.healthy]
     if not healthy:
         problems.append("no healthy engine")
+    for engine in gateway.supervisor.engines.values():
+        if engine.gave_up:
+            problems.append(f"{engine.id}: restart budget spent ({engine.last_error})")
     for engine in healthy:
         if not gateway.adapters.pinned_resident(engine):
             problems.append(f"{engine.id}: pinned adapters not resident")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from gateway.adapters import AdapterManager, Target, refusal_reason
+from gateway.adapters import AdapterManager, Target, no_engine_error, refusal_reason
 from gateway.cli import overrides
 from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
 from gateway.proxy import CallRecord, Proxy, SSEAccumulator, UsageStripper, with_usage
@@ -134,6 +134,18 @@ def test_parse_queue_and_backoff_and_engine_file(tmp_path: Path) -> None:
     listing = tmp_path / "engines.txt"
     listing.write_text("# engines\nhttp://a:8000/\n\nhttp://b:8000  # second\n")
     assert read_engine_file(listing) == {"http://a:8000", "http://b:8000"}
+
+
+def test_no_engine_error_tells_starting_from_given_up() -> None:
+    def engine(id: str, gave_up: bool, error: str | None = None) -> Engine:
+        return Engine(id, f"http://{id}", 2, 2, 16, gave_up=gave_up, last_error=error)
+
+    assert no_engine_error([]).code == "engines_not_ready"
+    starting = no_engine_error([engine("e0", False), engine("e1", True, "vLLM exited with status 1")])
+    assert (starting.code, starting.retry_after_s) == ("engines_not_ready", 5)
+    down = no_engine_error([engine("e0", True, "vLLM exited with status 2"), engine("e1", True)])
+    assert (down.code, down.retry_after_s) == ("engines_down", 60)
+    assert "e0: vLLM exited with status 2; e1: down" in down.message
 
 
 def test_sse_accumulator_reads_usage_and_text_across_chunk_boundaries() -> None:
