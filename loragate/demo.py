@@ -367,7 +367,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The demo prints its own summary of each step; the trainers' progress bars stay, their INFO chatter goes.
+    # The demo prints its own summary of each step; the trainers' progress bars stay, their INFO chatter and the
+    # "Loading weights" bar of every model load go.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     quiet = ("training.sft", "training.preflight", "training.publish", "adapters_registry", "gateway", "httpx2")
     for chatty in quiet:
         logging.getLogger(chatty).setLevel(logging.WARNING)
