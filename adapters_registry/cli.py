@@ -1,4 +1,5 @@
-"""`loragate registry ...`: push, list, show, aliases, promote, rollback, rm, verify, materialize, `base add|list|show`.
+"""`loragate registry ...`: push, list, show, aliases, promote, rollback, rm, verify, materialize, gc,
+`base add|list|show`.
 
 The location comes from `--registry DIR|s3://bucket/prefix`, else $LORAGATE_REGISTRY, else ~/.loragate/registry.
 Every read command takes `--json`. This module imports only argparse at load time.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,6 +196,41 @@ def _verify(reg: Registry, args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `1h`, `2d` -> seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration like 3600s, 30m, 1h or 2d")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def _size(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+def _gc(reg: Registry, args: argparse.Namespace) -> int:
+    report = reg.gc(min_age_s=args.min_age, dry_run=args.dry_run)
+    if args.json:
+        _emit(report.to_dict())
+        return 0
+    verb = "would delete" if report.dry_run else "deleted"
+    for key in report.deleted:
+        print(f"{verb} {key}")
+    print(
+        f"{verb} {len(report.deleted)} blob(s), {_size(report.bytes_freed)}; kept {report.kept}, "
+        f"of which {len(report.young)} unreferenced but younger than {report.min_age_s:g}s"
+    )
+    return 0
+
+
 def _base_add(reg: Registry, args: argparse.Namespace) -> int:
     base = reg.add_base(Path(args.dir), args.name, copy=args.copy)
     if args.json:
@@ -275,6 +312,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("ref", metavar="REF")
     p = add("verify", _verify, "re-hash stored content and report corruption", reads)
     p.add_argument("ref", metavar="REF", nargs="?")
+    p = add("gc", _gc, "delete blobs that no live version or copied base uses", reads)
+    p.add_argument(
+        "--min-age",
+        type=parse_duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="only delete blobs older than this (default 1h): a push in progress writes its blobs first",
+    )
+    p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
 
     base = cmds.add_parser("base", parents=[common], help="base models")
     base_cmds = base.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)

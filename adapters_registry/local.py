@@ -2,7 +2,8 @@
 
 Every write goes to a temporary file in `<root>/.tmp` first. Plain writes then `os.replace` it; create-only writes
 `os.link` it (which fails when the target exists, so two writers cannot both win); compare-and-swap writes hold an
-exclusive `flock` on a per-key lock file in `<root>/.locks` while they compare and replace.
+exclusive `flock` on a per-key lock file in `<root>/.locks` while they compare and replace. `delete_if_older` first
+renames the file aside (atomic), so a concurrent `touch` either lands before the age check or finds no file.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from adapters_registry.errors import StorageError
-from adapters_registry.store import ObjectStore, check_key
+from adapters_registry.store import ObjectStat, ObjectStore, check_key
 
 _PRIVATE = (".tmp", ".locks", ".cache")
 
@@ -143,3 +146,38 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def stats(self, prefix: str) -> dict[str, ObjectStat]:
+        out: dict[str, ObjectStat] = {}
+        for key in self.list_keys(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            out[key] = ObjectStat(st.st_size, st.st_mtime)
+        return out
+
+    def now(self) -> float:
+        return time.time()
+
+    def touch(self, key: str) -> bool:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete_if_older(self, key: str, cutoff: float) -> bool:
+        target = self._path(key)
+        aside = self.root / ".tmp" / f"gc-{uuid.uuid4().hex}"
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime <= cutoff:
+            aside.unlink()
+            return True
+        with contextlib.suppress(FileExistsError):  # touched meanwhile: put it back, unless a push re-uploaded it
+            os.link(aside, target)
+        aside.unlink()
+        return False

@@ -10,6 +10,8 @@ Storage layout (keys):
 
 A push uploads blobs first and creates the version record last, so a push killed half-way leaves unreferenced blobs
 and no visible version; two concurrent pushes race on the create-only record and the loser takes the next number.
+`gc` deletes unreferenced blobs once they are old enough; a push touches the blobs it finds already stored so that
+they count as young (see gc.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import ValidationError as PydanticValidationError
 from adapters_registry.aliases import rollback_target
 from adapters_registry.cache import BlobCache, blob_key
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, ValidationError
+from adapters_registry.gc import GcReport, collect_garbage
 from adapters_registry.manifest import (
     AdapterManifest,
     AliasMove,
@@ -175,6 +178,15 @@ class Registry:
             record["target"] = manifest.ref
             return manifest
 
+    def gc(self, *, min_age_s: float = 3600, dry_run: bool = False) -> GcReport:
+        """Delete blobs no live version or copied base references and older than `min_age_s` (see gc.py)."""
+        if dry_run:  # reads only: nothing to audit
+            return collect_garbage(self, min_age_s=min_age_s, dry_run=True)
+        with self._audited("gc", self.location, None, min_age_s=min_age_s) as record:
+            report = collect_garbage(self, min_age_s=min_age_s, dry_run=False)
+            record["details"].update(deleted=len(report.deleted), bytes_freed=report.bytes_freed, kept=report.kept)
+            return report
+
     @property
     def location(self) -> str:
         return self.store.location
@@ -244,7 +256,7 @@ class Registry:
             files = {}
             for path in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
                 files[path.name] = sha256_file(path)
-                self.store.put_file(blob_key(files[path.name]), path, if_absent=True)
+            self._refresh_blobs(files, model_dir, self._upload_blobs(files, model_dir))
         manifest = BaseManifest(
             name=name,
             fingerprint=facts.fingerprint,
@@ -265,6 +277,7 @@ class Registry:
             merged_from=merged_from,
         )
         if self.store.put_bytes(f"bases/{name}.json", manifest.to_json(), if_absent=True):
+            self._restore_blobs(files or {}, model_dir)
             log.info("registered base %s (%s)", name, facts.fingerprint)
             return manifest
         existing = self.get_base(name)
@@ -338,12 +351,13 @@ class Registry:
 
             run_effect_check(self.base_dir(base), adapter_dir)
 
-        for rel, hex_digest in files.items():
-            self.store.put_file(blob_key(hex_digest), adapter_dir / rel, if_absent=True)
+        stored = self._upload_blobs(files, adapter_dir)
         if (
             _snapshot(adapter_dir, names) != before
         ):  # e.g. a trainer still writing: what we hashed is not what we stored
             raise ConflictError(f"{adapter_dir}: files changed during the push; nothing was registered, try again")
+        # after the snapshot: a folder materialized from a local store shares its files' inodes (and mtimes) with them
+        self._refresh_blobs(files, adapter_dir, stored)
         _pause_point("blobs-written")
         fields: dict[str, Any] = dict(
             name=name,
@@ -374,11 +388,36 @@ class Registry:
                 break
             version += 1  # a concurrent push took this number
         _pause_point("version-written")
+        self._restore_blobs(files, adapter_dir)
         self.store.put_bytes(f"{_digest_dir(name, manifest.digest_hex)}/{version:09d}", b"", if_absent=True)
         if self._head_hint(name) < version:
             self.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": version}).encode())
         log.info("pushed %s (%s, serving=%s)", manifest.ref, digest, manifest.serving)
         return manifest
+
+    # ---- blobs: written before the record that references them, refreshed so that gc sees them young ----------------
+    def _upload_blobs(self, files: dict[str, str], folder: Path) -> list[str]:
+        """Upload the files whose blob is absent; the relpaths of those already stored."""
+        return [rel for rel, h in files.items() if not self.store.put_file(blob_key(h), folder / rel, if_absent=True)]
+
+    def _reupload(self, rel: str, hex_digest: str, folder: Path) -> None:
+        if sha256_file(folder / rel) != hex_digest:
+            raise ConflictError(f"{folder}: {rel} changed during the push; try again")
+        self.store.put_file(blob_key(hex_digest), folder / rel, if_absent=True)
+
+    def _refresh_blobs(self, files: dict[str, str], folder: Path, rels: list[str]) -> None:
+        """Touch blobs that were already stored (perhaps old orphans a gc is about to delete)."""
+        for rel in rels:
+            if not self.store.touch(blob_key(files[rel])):
+                log.info("%s: blob of %s vanished (gc); uploading it again", folder, rel)
+                self._reupload(rel, files[rel], folder)
+
+    def _restore_blobs(self, files: dict[str, str], folder: Path) -> None:
+        """After the commit: re-upload any blob a concurrent gc deleted before it could see the new record."""
+        for rel, hex_digest in files.items():
+            if not self.store.exists(blob_key(hex_digest)):
+                log.warning("%s: blob of %s vanished after the commit (gc); uploading it again", folder, rel)
+                self._reupload(rel, hex_digest, folder)
 
     @staticmethod
     def _normalize_contract(contract: dict[str, Any] | None) -> dict[str, Any] | None:

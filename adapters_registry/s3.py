@@ -2,21 +2,25 @@
 
 Create-only writes use a conditional put (`IfNoneMatch="*"`), alias updates a conditional put on the ETag
 (`IfMatch`), so no lock service is needed. Blobs are content-addressed, so they are uploaded with an existence check
-and a plain (multipart-capable) upload: two writers of one blob write the same bytes. The endpoint comes from
+and a plain (multipart-capable) upload: two writers of one blob write the same bytes. `touch` copies an object onto
+itself with `MetadataDirective=REPLACE` (S3 refuses a plain self-copy), which gives it a new LastModified; ages are
+measured on the server's clock (the `Date` header), not this machine's. The endpoint comes from
 $LORAGATE_S3_ENDPOINT_URL or $AWS_ENDPOINT_URL; credentials from the usual AWS variables or files.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from adapters_registry.errors import StorageError
-from adapters_registry.store import ObjectStore, check_key
+from adapters_registry.store import ObjectStat, ObjectStore, check_key
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +142,52 @@ class S3Store(ObjectStore):
     def delete(self, key: str) -> None:
         with self._errors(key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def stats(self, prefix: str) -> dict[str, ObjectStat]:
+        out: dict[str, ObjectStat] = {}
+        with self._errors(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(self.prefix) :]] = ObjectStat(int(obj["Size"]), obj["LastModified"].timestamp())
+        return out
+
+    def now(self) -> float:
+        with self._errors(""):
+            response = self.client.head_bucket(Bucket=self.bucket)
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            log.warning("%s: no Date header; measuring ages on this machine's clock", self.location)
+            return time.time()
+        return email.utils.parsedate_to_datetime(date).timestamp()
+
+    def touch(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        source = {"Bucket": self.bucket, "Key": self._key(key)}
+        with self._errors(key):
+            try:  # the managed copy switches to a multipart copy above 5 GB, where copy_object would fail
+                self.client.copy(source, self.bucket, self._key(key), ExtraArgs={"MetadataDirective": "REPLACE"})
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return False
+                raise
+        return True
+
+    def delete_if_older(self, key: str, cutoff: float) -> bool:
+        from botocore.exceptions import ClientError
+
+        # S3 has no conditional delete on age: a touch landing between these two requests is lost (see gc.py)
+        with self._errors(key):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return False
+                raise
+            if head["LastModified"].timestamp() > cutoff:
+                return False
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        return True

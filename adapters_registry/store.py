@@ -2,7 +2,9 @@
 
 Keys are '/'-separated relative paths (`blobs/sha256/ab/abcd...`). Writes are all-or-nothing: a reader never sees a
 partial object. `put_bytes(..., if_absent=True)` is a create-only write (False when the key exists), and
-`put_if_match` is a compare-and-swap on the token that `get_with_token` returned.
+`put_if_match` is a compare-and-swap on the token that `get_with_token` returned. Every object has a modification
+time on the store's own clock (`stats`, `now`), which `touch` refreshes and `delete_if_older` checks; the garbage
+collector relies on them (see gc.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapters_registry.errors import StorageError
@@ -26,6 +29,12 @@ def check_key(key: str) -> str:
 def sha256_file(path: Path) -> str:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    size: int
+    mtime: float  # seconds since the epoch, on the store's clock
 
 
 class ObjectStore(ABC):
@@ -56,6 +65,25 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the key; no error when it is already gone."""
+
+    @abstractmethod
+    def stats(self, prefix: str) -> dict[str, ObjectStat]:
+        """Size and modification time of every key starting with `prefix`, in one listing (not one request per key)."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The store's clock, comparable with `ObjectStat.mtime`."""
+
+    @abstractmethod
+    def touch(self, key: str) -> bool:
+        """Set the object's modification time to now, content unchanged. False when it does not exist."""
+
+    @abstractmethod
+    def delete_if_older(self, key: str, cutoff: float) -> bool:
+        """Delete the key unless it was written or touched after `cutoff`; True when deleted.
+
+        A `touch` that returned True before this call started makes it keep the key.
+        """
 
     def exists(self, key: str) -> bool:
         return self.get_bytes(key) is not None

@@ -1,0 +1,81 @@
+"""`gc`: delete blobs that no live version and no copied base references, once they are old enough.
+
+Orphans come from pushes killed before their version record and from removed versions (a Tombstone keeps no blobs).
+There is no lock: safety rests on ages. A push writes or `touch`es every blob before it creates its version record,
+and checks them again after it. The collector reads the references first, then lists the blobs, and deletes an
+unreferenced blob only if it is at least `min_age_s` old, re-checked by `ObjectStore.delete_if_older` as it deletes.
+So a blob of a push in flight is kept, assuming a push commits within `min_age_s` (minus the collector's own run
+time) of writing its blobs. On S3 a touch that lands between the collector's age check and its delete (one round
+trip) is lost; the push's check after its commit re-uploads the blob unless it too falls in that gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from adapters_registry.cache import blob_key
+from adapters_registry.store import ObjectStat
+
+if TYPE_CHECKING:
+    from adapters_registry.registry import Registry
+
+log = logging.getLogger(__name__)
+
+BLOBS = "blobs/"
+_BLOB_KEY = re.compile(r"blobs/sha256/([0-9a-f]{2})/(\1[0-9a-f]{62})")
+
+
+class GcPlan(NamedTuple):
+    delete: list[str]  # unreferenced and at least min_age_s old
+    young: list[str]  # unreferenced but younger: perhaps a push in flight
+
+
+@dataclass(frozen=True)
+class GcReport:
+    dry_run: bool
+    min_age_s: float
+    kept: int
+    deleted: list[str]  # deleted, or that a dry run would delete
+    bytes_freed: int
+    young: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_gc(referenced: set[str], stats: Mapping[str, ObjectStat], now: float, min_age_s: float) -> GcPlan:
+    """Which blob keys to delete; keys that are not well-formed blob keys are never deleted."""
+    if min_age_s < 0:
+        raise ValueError(f"min_age_s must be >= 0, got {min_age_s}")
+    orphans = sorted(k for k in stats if k not in referenced and _BLOB_KEY.fullmatch(k))
+    delete = [k for k in orphans if now - stats[k].mtime >= min_age_s]
+    return GcPlan(delete, [k for k in orphans if now - stats[k].mtime < min_age_s])
+
+
+def referenced_blobs(reg: Registry) -> set[str]:
+    """Blob keys of every live version and every base registered with its weights copied in."""
+    keys = {blob_key(h) for m in reg.list_adapters() for h in m.files.values()}
+    keys.update(blob_key(h) for base in reg.list_bases() for h in (base.files or {}).values())
+    return keys
+
+
+def collect_garbage(reg: Registry, *, min_age_s: float, dry_run: bool) -> GcReport:
+    referenced = referenced_blobs(reg)  # before listing blobs: a version committed later has only young blobs
+    stats = reg.store.stats(BLOBS)
+    now = reg.store.now()
+    plan = plan_gc(referenced, stats, now, min_age_s)
+    deleted: list[str] = []
+    young = list(plan.young)
+    for key in plan.delete:
+        if dry_run or reg.store.delete_if_older(key, now - min_age_s):
+            deleted.append(key)
+        else:
+            young.append(key)  # touched (re-used by a push) since the listing
+    freed, kept = sum(stats[k].size for k in deleted), len(stats) - len(deleted)
+    verb = "would delete" if dry_run else "deleted"
+    log.info("gc %s: %s %d blobs (%d bytes), kept %d", reg.location, verb, len(deleted), freed, kept)
+    return GcReport(dry_run, min_age_s, kept, deleted, freed, sorted(young))
