@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,24 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 PACKAGES = ("loragate", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "outlines")
+
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it after the weights and optimizer: a checkpoint's seal
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint a run left whole; one cut short by a kill mid-save (no readable state) is skipped."""
+    if not folder.is_dir():
+        return None
+    numbered = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    for _, path in sorted(numbered, reverse=True):
+        try:
+            json.loads((path / TRAINER_STATE).read_text())
+            return path
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s (no readable %s)", path, TRAINER_STATE)
+    return None
 
 
 @dataclass(frozen=True)
@@ -148,7 +167,6 @@ def _train(
 ) -> RunResult:
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     from training.callbacks import GenerationEval, LogToFile, early_stopping
@@ -176,10 +194,10 @@ def _train(
     view = run_preflight(trainer, splits.train, output_dir)
     log.info("loss-mask preflight (%s):\n%s", output_dir / "preflight.txt", view)
 
-    checkpoint = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    checkpoint = last_complete_checkpoint(checkpoints) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     log.info("evaluating base and adapter on %s held-out rows", min(len(splits.test), recipe.evaluation.max_examples))
     metrics = evaluate_run(trainer, splits.test, recipe.evaluation, contract)
