@@ -1,5 +1,6 @@
-"""A training run killed mid-way resumes from its last whole checkpoint when re-run with the same output folder;
-a checkpoint cut short by the kill (no readable trainer state) is skipped, not loaded."""
+"""Runs that stop early. One killed mid-way resumes from its last whole checkpoint when re-run with the same output
+folder (a checkpoint cut short by the kill, with no readable trainer state, is skipped, not loaded); one whose eval
+loss stops improving is ended by early stopping."""
 
 from __future__ import annotations
 
@@ -71,3 +72,15 @@ def test_a_killed_run_resumes_from_its_last_whole_checkpoint(tmp_path: Path) -> 
     state = json.loads((out / "checkpoints" / f"checkpoint-{3 * STEPS_PER_EPOCH}" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 * STEPS_PER_EPOCH
     assert run.metrics["adapter"]["exact_match"] >= 0.8
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # Epoch 1 sets the best eval loss; epoch 2 cannot beat it by 100 nats, so patience 1 is spent after epoch 2.
+    run = train_with_cli(out, "--set", "early_stopping.patience=1", "--set", "early_stopping.threshold=100")
+    assert run.metrics["train"]["epoch"] == 2.0
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert f"checkpoint-{2 * STEPS_PER_EPOCH}" in saved and f"checkpoint-{3 * STEPS_PER_EPOCH}" not in saved
+    assert run.info["sft_config"]["load_best_model_at_end"] is True
+    assert run.info["sft_config"]["metric_for_best_model"] == "eval_loss"
