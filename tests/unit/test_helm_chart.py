@@ -70,6 +70,7 @@ GOOD_VALUES: list[dict[str, Any]] = [
     {"engine": {"autoscaling": {"hpa": {"enabled": True}}}, "gateway": {"autoscaling": {"enabled": False}}},
     {"engine": {"image": {"digest": "sha256:" + "a" * 64}}, "metrics": {"serviceMonitor": {"enabled": True}}},
     {"engine": {"gpu": {"count": 4}, "tensorParallelSize": 4, "lora": {"maxLoraRank": 64}}},
+    {"registry": {"mode": "pvc", "gc": {"enabled": True, "minAge": "2d", "schedule": "*/30 * * * *"}}},
 ]
 
 
@@ -106,6 +107,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"registry": {"s3": {"endpoint": "minio:9000"}}}, "at '/registry/s3/endpoint'"),
     ({"gateway": {"security": {"auth": "maybe"}}}, "at '/gateway/security/auth': value must be one of 'auto'"),
     ({"engine": {"lora": {"enabled": "no"}}}, "at '/engine/lora/enabled': got string, want boolean"),
+    ({"registry": {"gc": {"minAge": "1 week"}}}, "at '/registry/gc/minAge'"),
 ]
 
 
@@ -396,6 +398,42 @@ def test_pvc_registry_is_shared_by_gateway_and_engines(chart: Any) -> None:
     }
 
 
+def test_registry_gc_cronjob_is_optional_and_runs_the_real_cli(
+    chart: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not any(kind == "CronJob" for kind, _ in render(chart))
+    s3 = {"existingSecret": "registry-creds", "bucket": "adapters"}
+    objs = render(chart, {"registry": {"s3": s3, "gc": {"enabled": True, "minAge": "36h"}}})
+    job = objs[("CronJob", f"{FULL}-registry-gc")]["spec"]
+    assert (job["schedule"], job["concurrencyPolicy"]) == ("17 3 * * *", "Forbid")
+    pod = job["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+    (gc,) = pod["containers"]
+    assert gc["image"] == "ghcr.io/loragate/gateway:0.1.0"  # its entrypoint is `loragate`
+    assert gc["args"] == ["registry", "gc", "--min-age", "36h"]
+    env = env_of(gc)
+    assert env["LORAGATE_REGISTRY"] == "s3://adapters/registry"
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "registry-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert gc["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in gc["volumeMounts"]} >= {"/tmp", env["LORAGATE_CACHE"]}
+
+    pvc = render(chart, {"registry": {"mode": "pvc", "gc": {"enabled": True}}})
+    pod = pvc[("CronJob", f"{FULL}-registry-gc")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "registry")["persistentVolumeClaim"] == {
+        "claimName": f"{FULL}-registry"
+    }
+    long_name = render(chart, {"fullnameOverride": "x" * 53, "registry": {"gc": {"enabled": True}}})
+    (name,) = [n for kind, n in long_name if kind == "CronJob"]
+    assert len(name) <= 52  # Kubernetes appends 11 characters for each Job
+
+    # The rendered arguments are ones the real CLI accepts: here against an empty local registry.
+    monkeypatch.setenv("LORAGATE_REGISTRY", str(tmp_path / "registry"))
+    from loragate.cli import main as loragate_main
+
+    assert loragate_main(gc["args"]) == 0
+    assert "deleted 0 blob(s)" in capsys.readouterr().out
+
+
 # -- scaling and monitoring ------------------------------------------------------------------------------------------
 
 
@@ -458,7 +496,10 @@ def test_alert_rules_match_deploy_prometheus(chart: Any) -> None:
 
 
 def test_every_object_carries_the_standard_labels(chart: Any) -> None:
-    values = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+    values = {
+        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        "registry": {"gc": {"enabled": True}},
+    }
     for (kind, name), obj in render(chart, values).items():
         if kind == "NOTES":
             continue
