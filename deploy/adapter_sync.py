@@ -7,15 +7,21 @@ containers and on the gateway), so the folder the gateway names already exists o
 
     python deploy/adapter_sync.py --once          # one pass, exit status 1 if any version failed
     python deploy/adapter_sync.py --interval 10   # forever (the sidecar)
+
+Each pass also deletes what no servable version needs any more (folders of removed versions, their downloaded
+blobs), so the pod's cache follows `loragate registry rm` and `gc` instead of growing until the emptyDir's limit
+evicts the pod. vLLM reads a folder only while it loads it, so deleting a removed version's folder is safe.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adapters_registry import open_registry
 from adapters_registry.registry import Registry
@@ -28,12 +34,21 @@ class SyncReport:
     materialized: list[str] = field(default_factory=list)  # refs assembled in this pass (new or already there)
     skipped: list[str] = field(default_factory=list)  # merge-only versions: vLLM never loads them as LoRA
     failed: dict[str, str] = field(default_factory=dict)  # ref -> one-line reason
+    pruned: list[str] = field(default_factory=list)  # cache entries deleted: no servable version needs them
+
+
+def stale_entries(cache: Path, folders: Collection[str], blobs: Collection[str]) -> list[Path]:
+    """Version folders (`adapters/<digest>`) and downloaded blobs (`blobs/<hh>/<hex>`) outside the keep sets."""
+    stale = [p for p in sorted(cache.glob("adapters/*")) if p.is_dir() and p.name not in folders]
+    return stale + [p for p in sorted(cache.glob("blobs/*/*")) if p.is_file() and p.name not in blobs]
 
 
 def sync_once(registry: Registry) -> SyncReport:
-    """Materialise every servable version; a failing version is reported and the others still sync."""
+    """Materialise every servable version (a failing one is reported, the others still sync), then prune the rest."""
     report = SyncReport()
-    for manifest in registry.list_adapters():
+    manifests = registry.list_adapters()
+    servable = [m for m in manifests if m.serving == "lora"]
+    for manifest in manifests:
         if manifest.serving != "lora":
             report.skipped.append(manifest.ref)
             continue
@@ -44,6 +59,14 @@ def sync_once(registry: Registry) -> SyncReport:
             log.warning("adapter-sync: %s failed: %s", manifest.ref, report.failed[manifest.ref])
         else:
             report.materialized.append(manifest.ref)
+    keep_blobs = {h for m in servable for h in m.files.values()}
+    keep_blobs |= {h for base in registry.list_bases() for h in (base.files or {}).values()}
+    for path in stale_entries(registry.cache.root, {m.digest_hex for m in servable}, keep_blobs):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        report.pruned.append(str(path.relative_to(registry.cache.root)))
     return report
 
 
@@ -68,10 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("adapter-sync: listing %s failed: %s", registry.location, exc)
         else:
             log.info(
-                "adapter-sync: %d ready, %d merge-only skipped, %d failed",
+                "adapter-sync: %d ready, %d merge-only skipped, %d failed, %d pruned",
                 len(report.materialized),
                 len(report.skipped),
                 len(report.failed),
+                len(report.pruned),
             )
             if args.once:
                 return 1 if report.failed else 0

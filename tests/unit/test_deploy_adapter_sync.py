@@ -72,3 +72,30 @@ def test_sidecar_reports_a_broken_version_and_still_syncs_the_others(
     assert "adapter-sync: broken@1 failed: NotFoundError" in proc.stderr
     cache = tmp_path / "cache" / "registry" / default_cache_dir(s3_registry.location).name / "adapters"
     assert sorted(p.name for p in cache.iterdir()) == [good.digest_hex]
+
+
+def test_sidecar_prunes_what_removed_versions_left_in_the_pod_cache(
+    s3_registry: Registry,
+    adapter_dirs: list[Path],
+    moto_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    kept = s3_registry.push(adapter_dirs[0], "kept", "tiny")
+    gone = s3_registry.push(adapter_dirs[1], "gone", "tiny")
+    shared = set(kept.files.values()) & set(gone.files.values())
+    only_gone = set(gone.files.values()) - shared
+    assert only_gone, "the two adapters must differ in some file"
+    cache = tmp_path / "cache" / "registry" / default_cache_dir(s3_registry.location).name
+    assert run_sync(s3_registry.location, tmp_path / "cache", moto_endpoint).returncode == 0
+    assert sorted(p.name for p in (cache / "adapters").iterdir()) == sorted([kept.digest_hex, gone.digest_hex])
+    (cache / "adapters" / ("0" * 64)).mkdir()  # a folder of some version removed long ago
+
+    s3_registry.remove(gone.ref)
+    proc = run_sync(s3_registry.location, tmp_path / "cache", moto_endpoint)
+    assert proc.returncode == 0, proc.stderr
+    assert f"1 ready, 0 merge-only skipped, 0 failed, {2 + len(only_gone)} pruned" in proc.stderr
+    assert [p.name for p in (cache / "adapters").iterdir()] == [kept.digest_hex]
+    cached_blobs = {p.name for p in (cache / "blobs").glob("*/*")}
+    assert cached_blobs == set(kept.files.values())  # shared files stay, the removed version's own go
+    folder = cache / "adapters" / kept.digest_hex
+    assert {p.name: sha256_file(p) for p in folder.iterdir()} == kept.files
