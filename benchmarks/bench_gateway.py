@@ -1,12 +1,20 @@
-"""Gateway overhead: the same request set sent directly to one vLLM (CPU) engine and through the gateway.
+"""Gateway overhead: the same request set sent directly to one vLLM engine and through the gateway.
 
     .venv/bin/python benchmarks/bench_gateway.py [--rounds 3] [--requests 64] [--concurrency 16] [--stream]
+    python benchmarks/bench_gateway.py --engine-url URL --gateway-url URL --base NAME --adapters a,b,c \
+        --assignment round-robin --requests 512 --concurrency 128 --max-tokens 128 --prompt-words 150 [--stream]
 
-One engine serves both paths (the gateway runs as a separate `loragate serve` process in external mode in front of
-it), so the difference is the gateway alone. Every round runs the targets in a shuffled order; "direct-2" repeats
-the direct target so the table shows the machine's own noise. Prints throughput, p50/p99 latency and the time to
-the first byte per target (median over rounds) and the ratios to "direct". `--stream` streams the answers (the
-first byte is then the first token). Not a test: nothing is asserted.
+By default the script builds its own stack: the tiny model and 4 random adapters in a temporary registry, one vLLM
+CPU engine, and `loragate serve` in external mode in front of it. With `--engine-url` it measures a stack that is
+already running instead (`benchmarks/gpu/` runs it on a GPU): a vLLM engine, and a gateway in external mode over it
+whose registry holds `--adapters` bound to the base `--base`. Either way one engine serves both paths, so the
+difference is the gateway alone; the gateway loads every adapter first and the direct path uses the same loaded
+adapters under their engine names.
+
+Every round runs the targets in a shuffled order; "direct-2" repeats the direct target so the table shows the
+machine's own noise. Prints throughput, p50/p99 latency and the time to the first byte per target (median over
+rounds) and the ratios to "direct". `--stream` streams the answers (the first byte is then the first token). Not a
+test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -21,15 +29,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from adapters_registry.registry import open_registry
-from gateway.engine_process import EngineProcess, EngineSpec, free_port
-from loragate.tiny_model import build_random_adapter, cached_tiny_model
-
 ADAPTERS = 4
+# Filler for --prompt-words: common words, so that a word is one or two tokens.
+WORDS = ("the", "of", "and", "to", "in", "is", "for", "on", "that", "with", "data", "model", "server", "token")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What the benchmark talks to: one engine, a gateway in front of it, and the models both serve."""
+
+    engine_url: str
+    gateway_url: str
+    base: str
+    adapters: list[str]
+    label: str
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -40,31 +60,51 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream", action="store_true", help="stream the answers (adds time to first byte)")
+    parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to every prompt")
+    parser.add_argument(
+        "--assignment",
+        choices=("random", "round-robin"),
+        default="random",
+        help="how requests are spread over the base and the adapters",
+    )
+    parser.add_argument("--warmup", type=int, default=8, help="requests sent to each path before the rounds")
+    running = parser.add_argument_group("an already running stack (all four, or none)")
+    running.add_argument("--engine-url", help="vLLM engine URL (the direct path)")
+    running.add_argument("--gateway-url", help="URL of a gateway in external mode over that engine")
+    running.add_argument("--base", help="served name of the base model")
+    running.add_argument("--adapters", help="comma-separated adapter names in the gateway's registry")
     return parser
 
 
 async def run_set(
     url: str, bodies: list[dict[str, object]], concurrency: int
-) -> tuple[float, list[float], list[float], int]:
-    """(wall seconds, per-request latencies, times to first byte, completion tokens) for the whole set."""
+) -> tuple[float, list[float], list[float], int, int]:
+    """(wall seconds, latencies, times to first byte, completion tokens, failed requests) for the whole set."""
     latencies: list[float] = []
     first_bytes: list[float] = []
-    tokens = 0
+    tokens = failed = 0
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
         async def one(body: dict[str, object]) -> None:
-            nonlocal tokens
+            nonlocal tokens, failed
             async with gate:
                 started = time.perf_counter()
-                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    response.raise_for_status()
-                    content = b""
-                    async for chunk in response.aiter_raw():
-                        if not content:
-                            first_bytes.append(time.perf_counter() - started)
-                        content += chunk
+                first_byte = 0.0
+                try:
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                        response.raise_for_status()
+                        content = b""
+                        async for chunk in response.aiter_raw():
+                            if not content:
+                                first_byte = time.perf_counter() - started
+                            content += chunk
+                except httpx.HTTPError as exc:  # counted and shown in the table; the set goes on
+                    print(f"request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    failed += 1
+                    return
+                first_bytes.append(first_byte)
                 latencies.append(time.perf_counter() - started)
                 if body.get("stream"):
                     usage_line = [line for line in content.split(b"\n") if b'"usage":{' in line][-1]
@@ -74,7 +114,7 @@ async def run_set(
 
         started = time.perf_counter()
         await asyncio.gather(*(one(body) for body in bodies))
-        return time.perf_counter() - started, latencies, first_bytes, tokens
+        return time.perf_counter() - started, latencies, first_bytes, tokens, failed
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,7 +122,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main(args: argparse.Namespace) -> int:
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"gateway did not become ready; see {log}")
+        time.sleep(0.5)
+
+
+@contextmanager
+def cpu_stack() -> Iterator[Stack]:
+    """The tiny model, 4 random adapters, one vLLM CPU engine and a gateway over it, all torn down at exit."""
+    # Imported here: a running stack needs nothing but httpx (the GPU machine has no training stack).
+    from adapters_registry.registry import open_registry
+    from gateway.engine_process import EngineProcess, EngineSpec, free_port
+    from loragate.tiny_model import build_random_adapter, cached_tiny_model
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     model = cached_tiny_model()
@@ -122,82 +182,119 @@ def main(args: argparse.Namespace) -> int:
             env={**os.environ, "LORAGATE_HEALTH_INTERVAL_S": "2"},
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{gateway_url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if gateway.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"gateway did not become ready; see {work / 'gateway.log'}")
-            time.sleep(0.5)
-
-        # Warm up: the gateway loads every adapter (under its engine name), which the direct path then uses too.
-        engine_names = {}
-        for name in names:
-            warm = httpx.post(f"{gateway_url}/admin/adapters/load", json={"model": name}, timeout=120)
-            warm.raise_for_status()
-            engine_names[name] = warm.json()["engine_name"]
-
-        rng = random.Random(args.seed)
-        models = [rng.choice([*names, "tiny"]) for _ in range(args.requests)]
-
-        stream = {"stream": True, "stream_options": {"include_usage": True}} if args.stream else {}
-
-        def bodies(direct: bool) -> list[dict[str, object]]:
-            return [
-                {
-                    "model": engine_names.get(m, m) if direct else m,
-                    "messages": [{"role": "user", "content": f"Hi {i}"}],
-                    "max_tokens": args.max_tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    **stream,
-                }
-                for i, m in enumerate(models)
-            ]
-
-        targets = {
-            "direct": (spec.url, bodies(True)),
-            "direct-2": (spec.url, bodies(True)),
-            "gateway": (gateway_url, bodies(False)),
-        }
-        asyncio.run(run_set(gateway_url, bodies(False)[:8], args.concurrency))
-        asyncio.run(run_set(spec.url, bodies(True)[:8], args.concurrency))
-        results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in targets}
-        for round_ in range(args.rounds):
-            order = list(targets)
-            rng.shuffle(order)
-            for name in order:
-                url, set_ = targets[name]
-                wall, latencies, first, tokens = asyncio.run(run_set(url, set_, args.concurrency))
-                results[name].append(
-                    (tokens / wall, percentile(latencies, 0.5), percentile(latencies, 0.99), percentile(first, 0.5))
-                )
-            print(f"round {round_ + 1}/{args.rounds}: order {', '.join(order)}", file=sys.stderr)
+        wait_ready(gateway_url, gateway, work / "gateway.log", timeout_s=120)
+        yield Stack(spec.url, gateway_url, "tiny", names, "one vLLM CPU engine")
     finally:
         if gateway is not None:
             gateway.terminate()
             gateway.wait(timeout=60)
         engine.stop()
 
+
+@contextmanager
+def running_stack(args: argparse.Namespace) -> Iterator[Stack]:
+    yield Stack(
+        args.engine_url.rstrip("/"),
+        args.gateway_url.rstrip("/"),
+        args.base,
+        [name for name in args.adapters.split(",") if name],
+        f"engine {args.engine_url}",
+    )
+
+
+Row = tuple[float, float, float, float, float]  # tok/s, p50, p99, TTFB p50, TTFB p99
+
+
+def measure(stack: Stack, args: argparse.Namespace) -> tuple[dict[str, list[Row]], dict[str, int]]:
+    # Warm up: the gateway loads every adapter (under its engine name), which the direct path then uses too.
+    engine_names = {}
+    for name in stack.adapters:
+        warm = httpx.post(f"{stack.gateway_url}/admin/adapters/load", json={"model": name}, timeout=120)
+        warm.raise_for_status()
+        engine_names[name] = warm.json()["engine_name"]
+
+    rng = random.Random(args.seed)
+    choices = [*stack.adapters, stack.base]
+    if args.assignment == "round-robin":
+        models = [choices[i % len(choices)] for i in range(args.requests)]
+    else:
+        models = [rng.choice(choices) for _ in range(args.requests)]
+    prompts = [" ".join([f"Hi {i}", *rng.choices(WORDS, k=args.prompt_words)]) for i in range(args.requests)]
+
+    stream = {"stream": True, "stream_options": {"include_usage": True}} if args.stream else {}
+
+    def bodies(direct: bool) -> list[dict[str, object]]:
+        return [
+            {
+                "model": engine_names.get(m, m) if direct else m,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                **stream,
+            }
+            for m, prompt in zip(models, prompts, strict=True)
+        ]
+
+    targets = {
+        "direct": (stack.engine_url, bodies(True)),
+        "direct-2": (stack.engine_url, bodies(True)),
+        "gateway": (stack.gateway_url, bodies(False)),
+    }
+    asyncio.run(run_set(stack.gateway_url, bodies(False)[: args.warmup], args.concurrency))
+    asyncio.run(run_set(stack.engine_url, bodies(True)[: args.warmup], args.concurrency))
+    results: dict[str, list[Row]] = {name: [] for name in targets}
+    failures = dict.fromkeys(targets, 0)
+    for round_ in range(args.rounds):
+        order = list(targets)
+        rng.shuffle(order)
+        for name in order:
+            url, set_ = targets[name]
+            wall, latencies, first, tokens, failed = asyncio.run(run_set(url, set_, args.concurrency))
+            failures[name] += failed
+            results[name].append(
+                (
+                    tokens / wall,
+                    percentile(latencies, 0.5),
+                    percentile(latencies, 0.99),
+                    percentile(first, 0.5),
+                    percentile(first, 0.99),
+                )
+            )
+        print(f"round {round_ + 1}/{args.rounds}: order {', '.join(order)}", file=sys.stderr)
+    return results, failures
+
+
+def print_table(
+    results: dict[str, list[Row]], failures: dict[str, int], stack: Stack, args: argparse.Namespace
+) -> None:
     kind = "streamed chat" if args.stream else "chat"
+    prompt = f", prompts + {args.prompt_words} words" if args.prompt_words else ""
     print(
         f"{args.requests} {kind} requests x {args.rounds} rounds, concurrency {args.concurrency}, "
-        f"{args.max_tokens} tokens each, {ADAPTERS} adapters + base, one vLLM CPU engine (medians over rounds)"
+        f"{args.max_tokens} tokens each{prompt}, {len(stack.adapters)} adapters + base ({args.assignment}), "
+        f"{stack.label} (medians over rounds)"
     )
     print(
-        f"{'target':<10} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFB p50':>9} {'tok/s vs direct':>16} "
-        f"{'p50 vs direct':>14}"
+        f"{'target':<10} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFB p50':>9} {'TTFB p99':>9} "
+        f"{'tok/s vs direct':>16} {'p50 vs direct':>14} {'p99 vs direct':>14} {'TTFB vs direct':>15} {'failed':>6}"
     )
     medians = {name: [statistics.median(col) for col in zip(*rows, strict=True)] for name, rows in results.items()}
-    base_tps, base_p50 = medians["direct"][0], medians["direct"][1]
-    for name, (tps, p50, p99, ttfb) in medians.items():
+    base_tps, base_p50, base_p99, base_ttfb = medians["direct"][:4]
+    for name, (tps, p50, p99, ttfb, ttfb99) in medians.items():
         print(
-            f"{name:<10} {tps:>9.1f} {p50:>8.3f} {p99:>8.3f} {ttfb:>9.3f} {tps / base_tps:>16.3f} "
-            f"{p50 / base_p50:>14.3f}"
+            f"{name:<10} {tps:>9.1f} {p50:>8.3f} {p99:>8.3f} {ttfb:>9.3f} {ttfb99:>9.3f} {tps / base_tps:>16.3f} "
+            f"{p50 / base_p50:>14.3f} {p99 / base_p99:>14.3f} {ttfb / base_ttfb:>15.3f} {failures[name]:>6}"
         )
+
+
+def main(args: argparse.Namespace) -> int:
+    external = [args.engine_url, args.gateway_url, args.base, args.adapters]
+    if any(external) and not all(external):
+        raise SystemExit("--engine-url, --gateway-url, --base and --adapters go together")
+    with running_stack(args) if args.engine_url else cpu_stack() as stack:
+        results, failures = measure(stack, args)
+    print_table(results, failures, stack, args)
     return 0
 
 
