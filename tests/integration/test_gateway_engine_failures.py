@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,12 +10,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from adapters_registry.registry import Registry
 from gateway.app import create_app
 from gateway.engine_process import free_port
 from gateway.settings import load_settings
+from tests.fixtures.gateway import served
 
 pytestmark = pytest.mark.integration
 
@@ -39,17 +38,8 @@ def broken_gateway(gateway_registry: Registry, engine_logs: Path) -> Iterator[st
         health_interval_s=0.5,
         drain_grace_s=1.0,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="broken-gateway", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with served(create_app(settings), port, "broken-gateway") as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def engine_state(url: str) -> dict[str, Any]:
