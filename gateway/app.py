@@ -74,7 +74,11 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         timeout=httpx.Timeout(
             connect=up.connect_timeout_s, read=up.read_timeout_s, write=up.write_timeout_s, pool=up.pool_timeout_s
         ),
-        limits=httpx.Limits(max_connections=up.max_connections, max_keepalive_connections=up.max_connections),
+        limits=httpx.Limits(
+            max_connections=up.max_connections,
+            max_keepalive_connections=up.max_connections,
+            keepalive_expiry=up.keepalive_s,
+        ),
     )
 
 

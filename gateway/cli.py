@@ -109,6 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         host=host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_grace_s),
+        timeout_keep_alive=settings.keep_alive_s,
         log_level="info",
         access_log=False,
     )

@@ -3,7 +3,9 @@
 A `CompletionHook` sees every chat/completions call twice: `prepare` may rewrite the outgoing body (after `model`
 was replaced by the engine name) or raise a `GatewayError` to refuse it; `finish` gets the final answer (the
 engine's JSON body, or for a stream the answer assembled from its chunks) and returns whether the output was
-valid (None: not checked). `call.notes` carries a hook's state from `prepare` to `finish`.
+valid (None: not checked); for a stream, `finish` runs only if some hook's `wants_answer` said so after `prepare`
+(assembling a stream's answer costs a JSON decode per chunk). `call.notes` carries a hook's state from `prepare`
+to `finish`.
 Hooks are listed in `app.state.hooks`; `create_app` builds them.
 """
 
@@ -27,5 +29,7 @@ class CallContext:
 
 class CompletionHook(Protocol):
     def prepare(self, call: CallContext, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def wants_answer(self, call: CallContext) -> bool: ...
 
     def finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None: ...

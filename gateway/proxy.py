@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from starlette.responses import Response, StreamingResponse
@@ -26,9 +26,32 @@ from gateway.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-# The engine went away before answering: safe to retry elsewhere (nothing reached the client yet).
-RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.PoolTimeout)
+# Failures before any answer byte reached the client, so the request can be retried once.
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)  # nothing listens there: the engine is gone
+DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # a connection broke before the answer
+RETRYABLE = (*UNREACHABLE, *DROPPED, httpx.PoolTimeout)
 PASSED_HEADERS = ("content-type",)
+
+
+class FailureVerdict(NamedTuple):
+    mark_unhealthy: bool  # stop routing to the engine until its health check passes again
+    probe_now: bool  # run the engine's health check at once instead of at the next interval
+    retry_elsewhere: bool  # exclude the engine from the retry
+
+
+def failure_verdict(exc: Exception, another_engine_ready: bool) -> FailureVerdict:
+    """What a failure before any answer byte says about the engine, and where the one retry goes.
+
+    A refused connection means the engine is gone. A broken one is most often an idle keep-alive connection the
+    engine closed just as the gateway reused it, so the engine stays in rotation and is probed at once; the retry
+    goes to another ready engine, else to a fresh connection on the same one. A full gateway pool says nothing
+    about the engine.
+    """
+    if isinstance(exc, UNREACHABLE):
+        return FailureVerdict(mark_unhealthy=True, probe_now=False, retry_elsewhere=True)
+    if isinstance(exc, DROPPED):
+        return FailureVerdict(mark_unhealthy=False, probe_now=True, retry_elsewhere=another_engine_ready)
+    return FailureVerdict(mark_unhealthy=False, probe_now=False, retry_elsewhere=False)
 
 
 @dataclass
@@ -261,9 +284,18 @@ class Proxy:
                 )
                 self.adapters.ledger.record_unloaded(lease.engine.id, target.key or "")
             except RETRYABLE as exc:
-                self.supervisor.report_failure(lease.engine.id, f"{type(exc).__name__}: {exc}")
-                excluded.add(lease.engine.id)
-                log.warning("%s: engine %s failed before answering (%s)", record.request_id, lease.engine.id, exc)
+                failed = lease.engine.id
+                others = any(e.healthy and e.id not in excluded | {failed} for e in self.supervisor.engines.values())
+                verdict = failure_verdict(exc, others)
+                if verdict.mark_unhealthy:
+                    self.supervisor.report_failure(failed, f"{type(exc).__name__}: {exc}")
+                elif verdict.probe_now:
+                    self.supervisor.probe_now(failed)
+                if verdict.retry_elsewhere:
+                    excluded.add(failed)
+                log.warning(
+                    "%s: engine %s failed before answering (%s: %s)", record.request_id, failed, type(exc).__name__, exc
+                )
                 if attempt == 1:
                     raise Unavailable("the engine failed while answering and the retry failed too") from exc
             finally:
@@ -320,7 +352,7 @@ class Proxy:
         call: CallContext,
         body: dict[str, Any],
     ) -> Response:
-        side = SSEAccumulator(collect_text=bool(self.hooks))
+        side = SSEAccumulator(collect_text=any(hook.wants_answer(call) for hook in self.hooks))
 
         stripper = UsageStripper() if record.strip_usage else None
 
@@ -353,7 +385,7 @@ class Proxy:
             if side.usage:
                 record.prompt_tokens = side.usage.get("prompt_tokens")
                 record.completion_tokens = side.usage.get("completion_tokens")
-            if self.hooks and not disconnected:
+            if side.collect_text and not disconnected:
                 record.output_valid = self._finish(call, body, side.answer(call.route))
             self.observe(record)
 

@@ -74,6 +74,9 @@ class UpstreamSettings(BaseModel):
     write_timeout_s: float = 30.0
     pool_timeout_s: float = 30.0
     max_connections: int = 512
+    # Idle engine connections are closed after this. Below the engines' own keep-alive (vLLM: 5 s), so the gateway
+    # never sends a request on a connection the engine is closing.
+    keepalive_s: float = Field(default=2.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -94,6 +97,9 @@ class Settings(BaseSettings):
     usage_webhook_url: str | None = None
     metrics_max_adapter_labels: int = 50
     drain_grace_s: float = 30.0
+    # How long an idle client connection stays open. Above the idle timeouts of clients and load balancers (httpx and
+    # the OpenAI SDK: 5 s; AWS ALB: 60 s), so the gateway never closes a connection a client is about to reuse.
+    keep_alive_s: int = Field(default=75, ge=1)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @model_validator(mode="after")

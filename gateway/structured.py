@@ -316,6 +316,9 @@ class StructuredOutputs:
         call.notes[_CONSTRAINT_NOTE] = prepared.constraint
         return prepared.body
 
+    def wants_answer(self, call: CallContext) -> bool:
+        return call.notes.get(_CONSTRAINT_NOTE) is not None  # nothing to check without a constraint
+
     def finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None:
         constraint: Constraint | None = call.notes.get(_CONSTRAINT_NOTE)
         valid = None if body.get("echo") else check_output(answer, constraint)  # echoed text starts with the prompt

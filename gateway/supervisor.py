@@ -173,6 +173,11 @@ class Supervisor:
         engine.last_error = error
         self._wake[engine_id].set()
 
+    def probe_now(self, engine_id: str) -> None:
+        """Something looked wrong (a dropped connection): run the engine's health check now, not at the next tick."""
+        if (wake := self._wake.get(engine_id)) is not None:
+            wake.set()
+
     async def _probe(self, engine: Engine) -> bool:
         try:
             health = await self.client.get(f"{engine.url}/health", timeout=5.0)

@@ -38,13 +38,13 @@ ADAPTER_DIRS=$(for i in $(seq 0 $((ADAPTER_COUNT - 1))); do echo -n "$HOME/loras
 ADAPTERS=$(for i in $(seq 0 $((ADAPTER_COUNT - 1))); do echo -n "lora$i,"; done)
 
 # 3. registry (in the background) and the vLLM server; no static adapters: the gateway loads them at run time.
-# vLLM's keep-alive (5 s by default) equals httpx's keep-alive expiry: the gateway then sometimes reuses a connection
-# vLLM has just closed, takes the ReadError for an engine failure and answers 503 until the next health check.
+# vLLM keeps its default keep-alive (5 s): the gateway drops idle engine connections after 2 s (upstream.keepalive_s),
+# so it never reuses one vLLM is closing. (Before that setting existed, it did, and answered 503s: README.)
 rm -rf $HOME/reg
 PYTHONPATH=$L:$PYTHONPATH python3 $L/benchmarks/gpu/register.py $HOME/reg $MODEL $NAME $ADAPTER_DIRS \
   > $R/register.log 2>&1 & RPID=$!
 T=$(now)
-VLLM_HTTP_TIMEOUT_KEEP_ALIVE=${KEEP_ALIVE_S:-300} VLLM_ALLOW_RUNTIME_LORA_UPDATING=True setsid python3 -m vllm.entrypoints.openai.api_server \
+VLLM_HTTP_TIMEOUT_KEEP_ALIVE=${KEEP_ALIVE_S:-5} VLLM_ALLOW_RUNTIME_LORA_UPDATING=True setsid python3 -m vllm.entrypoints.openai.api_server \
   --model $MODEL --served-model-name $NAME --dtype bfloat16 --max-model-len 2048 --port $PORT \
   --enable-lora --max-lora-rank 16 --max-loras $ADAPTER_COUNT --max-cpu-loras $((2 * ADAPTER_COUNT)) \
   --disable-uvicorn-access-log > $R/server_lora.log 2>&1 < /dev/null &

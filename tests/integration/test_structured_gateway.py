@@ -164,7 +164,17 @@ def test_invalid_constraint_is_a_bad_request(
     }
 
 
-def test_streaming_with_a_schema(client: openai.OpenAI) -> None:
+def test_streaming_with_a_schema(client: openai.OpenAI, gateway: GatewayUnderTest) -> None:
+    def counts() -> tuple[float, float]:  # the base's streamed answers judged valid / not judged
+        return structured_count(gateway, "", "valid", ""), structured_count(gateway, "", "none", "")
+
+    def settled(expected: tuple[float, float]) -> bool:  # a stream is judged after the client read its end
+        deadline = time.monotonic() + 15
+        while counts() != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return counts() == expected
+
+    valid, unjudged = counts()
     stream = client.chat.completions.create(
         model="tiny",
         messages=MESSAGES,
@@ -176,6 +186,11 @@ def test_streaming_with_a_schema(client: openai.OpenAI) -> None:
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert len([p for p in pieces if p]) > 1
     jsonschema.validate(json.loads("".join(pieces)), VERDICT)
+    assert settled((valid + 1, unjudged))  # the gateway assembled the stream and checked it against the schema
+
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, stream=True)
+    assert [chunk for chunk in plain]
+    assert settled((valid + 1, unjudged + 1))  # nothing to check: the stream is not assembled
 
 
 def engine_requests(gateway: GatewayUnderTest) -> float:
@@ -195,9 +210,9 @@ def wait_engine_requests(gateway: GatewayUnderTest, at_least: float, timeout_s: 
     return total
 
 
-def structured_count(gateway: GatewayUnderTest, adapter: str, result: str) -> float:
+def structured_count(gateway: GatewayUnderTest, adapter: str, result: str, version: str = "1") -> float:
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    wanted = {"adapter": adapter, "version": "1", "result": result}
+    wanted = {"adapter": adapter, "version": version, "result": result}
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gateway.adapters import AdapterManager, Target, no_engine_error, refusal_reason
 from gateway.cli import overrides
 from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
-from gateway.proxy import CallRecord, Proxy, SSEAccumulator, UsageStripper, with_usage
+from gateway.proxy import CallRecord, Proxy, SSEAccumulator, UsageStripper, failure_verdict, with_usage
 from gateway.routing import Policy
 from gateway.settings import load_settings
 from gateway.supervisor import Engine, Supervisor, backoff_s, parse_queue, read_engine_file
@@ -171,57 +171,94 @@ def test_sse_accumulator_reads_usage_and_text_across_chunk_boundaries() -> None:
     assert usage_only.usage == {"prompt_tokens": 4, "completion_tokens": 2} and usage_only.texts == {}
 
 
-def test_request_dropped_before_any_byte_is_retried_once_on_another_engine() -> None:
-    seen: list[str] = []
+@pytest.mark.parametrize(
+    ("exc", "another_ready", "expected"),
+    [
+        (httpx.ConnectError("refused"), True, (True, False, True)),
+        (httpx.ConnectTimeout("slow accept"), False, (True, False, True)),
+        (httpx.RemoteProtocolError("closed"), True, (False, True, True)),
+        (httpx.ReadError("reset"), False, (False, True, False)),
+        (httpx.PoolTimeout("gateway pool full"), True, (False, False, False)),
+    ],
+)
+def test_failure_verdict(exc: Exception, another_ready: bool, expected: tuple[bool, bool, bool]) -> None:
+    assert tuple(failure_verdict(exc, another_ready)) == expected
+
+
+FAILURES: dict[str, list[Exception]] = {}  # host -> what its next requests raise, in order (then it answers)
+
+
+def failing_engines(request: httpx.Request) -> httpx.Response:
+    pending = FAILURES.get(request.url.host, [])
+    if pending:
+        raise pending.pop(0)
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    return httpx.Response(200, headers={"content-type": "application/json"}, content=_chunks(body))
+
+
+async def forward_once(hosts: list[str], seen: list[str]) -> tuple[Any, list[CallRecord], Supervisor]:
+    """One completion through a Proxy over `hosts` (the first one is the least loaded, so it is tried first)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.url.host)
-        if request.url.host == "dies":
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-        body = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
-        return httpx.Response(200, headers={"content-type": "application/json"}, content=_chunks(body))
+        return failing_engines(request)
 
-    async def run(hosts: list[str]) -> tuple[httpx.Response | Exception, list[CallRecord], dict[str, Engine]]:
-        settings = load_settings(mode="external", base_name="tiny", external={"urls": [f"http://{h}" for h in hosts]})
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            # "works" already has a request in flight, so the least-loaded choice tries "dies" first
-            engines = {h: Engine(h, f"http://{h}", 2, 2, 16, healthy=True, inflight=int(h == "works")) for h in hosts}
-            adapters = AdapterManager(
-                None,
-                client,
-                engines,
-                base_name="tiny",
-                policy=Policy(),  # type: ignore[arg-type]
-                load_timeout_s=1,
+    settings = load_settings(mode="external", base_name="tiny", external={"urls": [f"http://{h}" for h in hosts]})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        engines = {h: Engine(h, f"http://{h}", 2, 2, 16, healthy=True, inflight=i) for i, h in enumerate(hosts)}
+        policy = Policy()  # type: ignore[arg-type]
+        adapters = AdapterManager(None, client, engines, base_name="tiny", policy=policy, load_timeout_s=1)
+        for h in hosts:
+            adapters.ledger.add_engine(h, 2)
+        supervisor = Supervisor(
+            settings, client, model_path=None, served_name="tiny", on_ready=_noop, on_down=_noop, on_tick=_noop
+        )
+        supervisor.engines = engines
+        supervisor._wake = {h: asyncio.Event() for h in hosts}
+        records: list[CallRecord] = []
+        proxy = Proxy(client, supervisor, adapters, [], records.append)
+        try:
+            response: Any = await proxy.forward(
+                "/v1/completions", "completions", {"model": "tiny", "prompt": "x"}, Target("tiny", None, "tiny"), "r1"
             )
-            for h in hosts:
-                adapters.ledger.add_engine(h, 2)
-            supervisor = Supervisor(
-                settings, client, model_path=None, served_name="tiny", on_ready=_noop, on_down=_noop, on_tick=_noop
-            )
-            supervisor.engines = engines
-            supervisor._wake = {h: asyncio.Event() for h in hosts}
-            records: list[CallRecord] = []
-            proxy = Proxy(client, supervisor, adapters, [], records.append)
-            target = Target("tiny", None, "tiny")
-            try:
-                response: httpx.Response | Exception = await proxy.forward(
-                    "/v1/completions", "completions", {"model": "tiny", "prompt": "x"}, target, "r1"
-                )
-            except Exception as exc:
-                response = exc
-            return response, records, engines
+        except Exception as exc:
+            response = exc
+        return response, records, supervisor
 
-    response, records, engines = asyncio.run(run(["dies", "works"]))
+
+def test_an_engine_that_refuses_connections_is_dropped_and_the_request_retried_elsewhere() -> None:
+    seen: list[str] = []
+    FAILURES["gone"] = [httpx.ConnectError("All connection attempts failed")]
+    response, records, supervisor = asyncio.run(forward_once(["gone", "works"], seen))
     assert getattr(response, "status_code", None) == 200
-    assert seen == ["dies", "works"]
+    assert seen == ["gone", "works"]
     assert records[-1].engine == "works" and records[-1].completion_tokens == 2
-    assert (engines["works"].inflight, engines["dies"].inflight, engines["dies"].healthy) == (1, 0, False)
+    engines = supervisor.engines
+    assert (engines["works"].inflight, engines["gone"].inflight, engines["gone"].healthy) == (1, 0, False)
 
+
+def test_a_connection_dropped_before_the_answer_is_retried_without_condemning_the_engine() -> None:
+    # Two engines: the retry goes to the other one; the first is probed at once but stays in rotation.
+    seen: list[str] = []
+    FAILURES["dies"] = [httpx.RemoteProtocolError("Server disconnected without sending a response.")]
+    response, _, supervisor = asyncio.run(forward_once(["dies", "works"], seen))
+    assert getattr(response, "status_code", None) == 200 and seen == ["dies", "works"]
+    assert supervisor.engines["dies"].healthy and supervisor._wake["dies"].is_set()
+
+    # One engine whose idle connection was closed under the gateway (keep-alive race): a fresh connection to the
+    # same engine answers, instead of a 503 until the next health check.
     seen.clear()
-    failed, records, _ = asyncio.run(run(["dies"]))
-    assert isinstance(failed, Unavailable) and failed.code == "engines_not_ready"
-    assert seen == ["dies"] and records[-1].status == 503
+    FAILURES["only"] = [httpx.ReadError("connection reset")]
+    response, records, supervisor = asyncio.run(forward_once(["only"], seen))
+    assert getattr(response, "status_code", None) == 200 and seen == ["only", "only"]
+    assert records[-1].status == 200 and supervisor.engines["only"].healthy
+
+    # Both attempts dropped: a 503, the engine still probed rather than condemned.
+    seen.clear()
+    FAILURES["only"] = [httpx.ReadError("reset"), httpx.ReadError("reset again")]
+    failed, records, supervisor = asyncio.run(forward_once(["only"], seen))
+    assert isinstance(failed, Unavailable) and "the retry failed too" in failed.message
+    assert seen == ["only", "only"] and records[-1].status == 503
 
 
 async def _chunks(body: bytes) -> Any:
