@@ -511,6 +511,10 @@ class Registry:
         """A local folder holding the version's files, each checked against its sha256."""
         return self.cache.assemble(manifest.files, f"adapters/{manifest.digest_hex}")
 
+    def materialized_path(self, manifest: AdapterManifest) -> Path:
+        """Where `materialize` puts the version, without touching the store or the disk."""
+        return self.cache.root / "adapters" / manifest.digest_hex
+
     # ---- aliases -------------------------------------------------------------------------------------------------
     def _alias(self, name: str, alias: str) -> tuple[AliasRecord, str] | None:
         got = self.store.get_with_token(f"adapters/{name}/aliases/{alias}.json")

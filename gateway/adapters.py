@@ -101,6 +101,7 @@ class AdapterManager:
         policy: Policy,
         load_timeout_s: float,
         metrics: GatewayMetrics | None = None,
+        materialize: bool = True,
     ) -> None:
         self.registry = registry
         self.client = client
@@ -110,6 +111,7 @@ class AdapterManager:
         self.policy = policy
         self.load_timeout_s = load_timeout_s
         self.metrics = metrics
+        self.materialize = materialize  # False: the engines' own synced cache holds the files; only name the folder
         self.ledger = ResidencyLedger()
         self.manifests: dict[str, AdapterManifest] = {}
         self.pinned_refs: dict[str, str] = {}  # engine name -> the ref it was pinned by
@@ -212,7 +214,9 @@ class AdapterManager:
     async def _local_path(self, manifest: AdapterManifest) -> Path:
         key = manifest.engine_name
         async with self._path_locks[key]:
-            if key not in self._paths:
+            if key not in self._paths and not self.materialize:
+                self._paths[key] = self.registry.materialized_path(manifest)
+            elif key not in self._paths:
                 self._paths[key] = await asyncio.to_thread(self.registry.materialize, manifest)
             return self._paths[key]
 

@@ -189,6 +189,7 @@ def create_app(
             policy=policy,
             load_timeout_s=settings.adapters.load_timeout_s,
             metrics=metrics,
+            materialize=settings.adapters.materialize,
         )
 
         async def on_ready(engine: Engine) -> None:

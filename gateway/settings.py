@@ -66,6 +66,10 @@ class RoutingSettings(BaseModel):
 class AdapterSettings(BaseModel):
     pinned: list[str] = []
     load_timeout_s: float = 120.0
+    # False when the engines fill their own adapter cache (the chart's S3 mode, with the adapter-sync sidecar on each
+    # engine pod): the gateway then only names the folder, instead of downloading every version it routes to a disk
+    # of its own that nothing reads.
+    materialize: bool = True
 
 
 class UpstreamSettings(BaseModel):

@@ -52,6 +52,7 @@ def test_sidecar_fills_the_folder_the_gateway_will_name(
         assert expected.is_dir(), "the sidecar did not assemble the version where the gateway looks"
         assert {p.name: sha256_file(p) for p in expected.iterdir()} == manifest.files
         assert open_registry(location).materialize(manifest) == expected
+        assert open_registry(location).materialized_path(manifest) == expected  # what a non-materializing gateway names
 
 
 def test_sidecar_reports_a_broken_version_and_still_syncs_the_others(

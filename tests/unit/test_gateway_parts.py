@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from adapters_registry.registry import open_registry
 from gateway.adapters import AdapterManager, Target, no_engine_error, refusal_reason
 from gateway.cli import overrides
 from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
@@ -309,3 +311,25 @@ def test_adapters_are_bound_to_the_registry_base_not_the_served_name(tmp_path: P
         mode="external", base_name="served", registry=str(tmp_path), external={"urls": ["http://127.0.0.1:1"]}
     )
     assert bound_base_name(external, "served") == "served"
+
+
+def test_without_materializing_the_gateway_names_the_folder_the_engines_sidecar_fills(
+    registry_template: Path, adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    shutil.copytree(registry_template, tmp_path / "registry")
+    registry = open_registry(tmp_path / "registry", cache_dir=tmp_path / "gateway-cache")
+    manifest = registry.push(adapter_dirs[0], "named-only", "tiny")
+
+    async def path_of(materialize: bool) -> Path:
+        async with httpx.AsyncClient() as client:
+            policy = Policy()  # type: ignore[arg-type]
+            manager = AdapterManager(
+                registry, client, {}, base_name="tiny", policy=policy, load_timeout_s=1, materialize=materialize
+            )
+            return await manager._local_path(manifest)
+
+    named = asyncio.run(path_of(materialize=False))
+    assert named == registry.materialized_path(manifest)
+    assert not named.exists()  # nothing downloaded or assembled on the gateway's disk
+    assert asyncio.run(path_of(materialize=True)) == named  # the folder a sync pass (or the gateway) assembles
+    assert {p.name for p in named.iterdir()} == set(manifest.files)

@@ -353,6 +353,8 @@ def test_s3_credentials_come_from_an_existing_secret(chart: Any) -> None:
             "secretKeyRef": {"name": "registry-creds", "key": "AWS_SECRET_ACCESS_KEY"}
         }
     assert not any(kind == "Secret" for kind, _ in objs)
+    # The engines' sidecars fill the adapter folders: the gateway pod does not download them too.
+    assert env_of(container(objs, f"{FULL}-gateway", "gateway"))["LORAGATE_ADAPTERS__MATERIALIZE"] == "false"
 
 
 def test_s3_credentials_given_inline_become_a_chart_secret(chart: Any) -> None:
@@ -384,7 +386,9 @@ def test_pvc_registry_is_shared_by_gateway_and_engines(chart: Any) -> None:
         pod = objs[("Deployment", deployment)]["spec"]["template"]["spec"]
         volume = next(v for v in pod["volumes"] if v["name"] == "registry")
         assert volume["persistentVolumeClaim"]["claimName"] == f"{FULL}-registry"
-    assert env_of(container(objs, f"{FULL}-gateway", "gateway"))["LORAGATE_REGISTRY"] == "/registry"
+    gateway_env = env_of(container(objs, f"{FULL}-gateway", "gateway"))
+    assert gateway_env["LORAGATE_REGISTRY"] == "/registry"
+    assert "LORAGATE_ADAPTERS__MATERIALIZE" not in gateway_env  # the gateway assembles onto the shared volume
     vllm_mount = next(m for m in container(objs, f"{FULL}-engine", "vllm")["volumeMounts"] if m["name"] == "registry")
     assert vllm_mount == {"name": "registry", "mountPath": "/registry", "readOnly": True}
     # The gateway materialises onto the shared volume itself: no sync sidecar.
