@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from adapters_registry.errors import IntegrityError, NotFoundError
@@ -22,6 +23,20 @@ log = logging.getLogger(__name__)
 
 def blob_key(hex_digest: str) -> str:
     return f"blobs/sha256/{hex_digest[:2]}/{hex_digest}"
+
+
+def stale_entries(root: Path, folders: Collection[str], blobs: Collection[str]) -> list[Path]:
+    """A cache's version folders (`adapters/<digest>`) and downloaded blobs (`blobs/<hh>/<hex>`) outside the keep
+    sets (digest hexes of the versions still needed, sha256 hexes of the files still needed)."""
+    stale = [p for p in sorted(root.glob("adapters/*")) if p.is_dir() and p.name not in folders]
+    return stale + [p for p in sorted(root.glob("blobs/*/*")) if p.is_file() and p.name not in blobs]
+
+
+def remove_entry(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class BlobCache:

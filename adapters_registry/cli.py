@@ -228,6 +228,8 @@ def _gc(reg: Registry, args: argparse.Namespace) -> int:
         f"{verb} {len(report.deleted)} blob(s), {_size(report.bytes_freed)}; kept {report.kept}, "
         f"of which {len(report.young)} unreferenced but younger than {report.min_age_s:g}s"
     )
+    if report.cache_pruned:
+        print(f"{'would prune' if report.dry_run else 'pruned'} {len(report.cache_pruned)} local cache entries")
     return 0
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from adapters_registry.cache import blob_key
+from adapters_registry.cache import blob_key, remove_entry, stale_entries
 from adapters_registry.store import ObjectStat
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class GcReport:
     deleted: list[str]  # deleted, or that a dry run would delete
     bytes_freed: int
     young: list[str]
+    cache_pruned: list[str] = field(default_factory=list)  # this machine's cached copies no live version needs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,4 +80,22 @@ def collect_garbage(reg: Registry, *, min_age_s: float, dry_run: bool) -> GcRepo
     freed, kept = sum(stats[k].size for k in deleted), len(stats) - len(deleted)
     verb = "would delete" if dry_run else "deleted"
     log.info("gc %s: %s %d blobs (%d bytes), kept %d", reg.location, verb, len(deleted), freed, kept)
-    return GcReport(dry_run, min_age_s, kept, deleted, freed, sorted(young))
+    pruned = prune_cache(reg, referenced, min_age_s, dry_run)
+    return GcReport(dry_run, min_age_s, kept, deleted, freed, sorted(young), pruned)
+
+
+def prune_cache(reg: Registry, referenced: set[str], min_age_s: float, dry_run: bool) -> list[str]:
+    """This machine's cached folders and downloads that no live version needs (a local registry's cache hard-links
+    its blobs, so without this a removed version's disk space would stay taken). The same age rule keeps a folder
+    just assembled for a version pushed during the run."""
+    live = {m.digest_hex for m in reg.list_adapters()}
+    hexes = {key.rsplit("/", 1)[1] for key in referenced}
+    cutoff = time.time() - min_age_s
+    pruned = []
+    for path in stale_entries(reg.cache.root, live, hexes):
+        if path.stat().st_mtime > cutoff:
+            continue
+        if not dry_run:
+            remove_entry(path)
+        pruned.append(str(path.relative_to(reg.cache.root)))
+    return pruned

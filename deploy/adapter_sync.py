@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from adapters_registry import open_registry
+from adapters_registry.cache import remove_entry, stale_entries
 from adapters_registry.registry import Registry
 
 log = logging.getLogger("loragate.adapter_sync")
@@ -35,12 +34,6 @@ class SyncReport:
     skipped: list[str] = field(default_factory=list)  # merge-only versions: vLLM never loads them as LoRA
     failed: dict[str, str] = field(default_factory=dict)  # ref -> one-line reason
     pruned: list[str] = field(default_factory=list)  # cache entries deleted: no servable version needs them
-
-
-def stale_entries(cache: Path, folders: Collection[str], blobs: Collection[str]) -> list[Path]:
-    """Version folders (`adapters/<digest>`) and downloaded blobs (`blobs/<hh>/<hex>`) outside the keep sets."""
-    stale = [p for p in sorted(cache.glob("adapters/*")) if p.is_dir() and p.name not in folders]
-    return stale + [p for p in sorted(cache.glob("blobs/*/*")) if p.is_file() and p.name not in blobs]
 
 
 def sync_once(registry: Registry) -> SyncReport:
@@ -62,10 +55,7 @@ def sync_once(registry: Registry) -> SyncReport:
     keep_blobs = {h for m in servable for h in m.files.values()}
     keep_blobs |= {h for base in registry.list_bases() for h in (base.files or {}).values()}
     for path in stale_entries(registry.cache.root, {m.digest_hex for m in servable}, keep_blobs):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_entry(path)
         report.pruned.append(str(path.relative_to(registry.cache.root)))
     return report
 

@@ -169,6 +169,25 @@ def test_removed_version_frees_only_unshared_blobs(
     assert registry.gc().deleted == []  # nothing left to collect
 
 
+def test_gc_prunes_the_local_cache_of_removed_versions(
+    registry: Registry, adapter_dirs: list[Path], tmp_path: Path
+) -> None:
+    one = registry.push(adapter_dirs[0], "support", "tiny")
+    two = registry.push(_variant(adapter_dirs[0], tmp_path / "v2", "only in v2"), "support", "tiny")
+    kept, gone = registry.materialize(one), registry.materialize(two)
+    registry.remove("support@2")
+
+    assert registry.gc(min_age_s=HOUR).cache_pruned == []  # folders as young as a push in flight stay
+    old = time.time() - 2 * HOUR
+    os.utime(gone, (old, old))
+    dry = registry.gc(min_age_s=HOUR, dry_run=True)
+    assert dry.cache_pruned == [f"adapters/{two.digest_hex}"] and gone.is_dir()
+    assert registry.gc(min_age_s=HOUR).cache_pruned == [f"adapters/{two.digest_hex}"]
+    assert not gone.exists() and kept.is_dir()
+    assert {p.name: _sha(p) for p in kept.iterdir()} == one.files  # the live version's folder is intact
+    assert registry.materialize(one) == kept
+
+
 def test_push_reusing_an_old_orphan_refreshes_its_age(
     registry: Registry, adapter_dirs: list[Path], tmp_path: Path
 ) -> None:
@@ -260,6 +279,7 @@ def test_cli(registry: Registry, adapter_dirs: list[Path], tmp_path: Path, capsy
         "deleted": keys,
         "bytes_freed": size,
         "young": [],
+        "cache_pruned": [],
     }
     assert main(["registry", "gc", "--min-age", "1h", *loc]) == 0
     lines = capsys.readouterr().out.splitlines()
