@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # Failures before any answer byte reached the client, so the request can be retried once.
 UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)  # nothing listens there: the engine is gone
 DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # a connection broke before the answer
-RETRYABLE = (*UNREACHABLE, *DROPPED, httpx.PoolTimeout)
+RETRYABLE = (*UNREACHABLE, *DROPPED)
 PASSED_HEADERS = ("content-type",)
 
 
@@ -44,14 +44,11 @@ def failure_verdict(exc: Exception, another_engine_ready: bool) -> FailureVerdic
 
     A refused connection means the engine is gone. A broken one is most often an idle keep-alive connection the
     engine closed just as the gateway reused it, so the engine stays in rotation and is probed at once; the retry
-    goes to another ready engine, else to a fresh connection on the same one. A full gateway pool says nothing
-    about the engine.
+    goes to another ready engine, else to a fresh connection on the same one.
     """
     if isinstance(exc, UNREACHABLE):
         return FailureVerdict(mark_unhealthy=True, probe_now=False, retry_elsewhere=True)
-    if isinstance(exc, DROPPED):
-        return FailureVerdict(mark_unhealthy=False, probe_now=True, retry_elsewhere=another_engine_ready)
-    return FailureVerdict(mark_unhealthy=False, probe_now=False, retry_elsewhere=False)
+    return FailureVerdict(mark_unhealthy=False, probe_now=True, retry_elsewhere=another_engine_ready)
 
 
 @dataclass
@@ -212,6 +209,7 @@ class Proxy:
         observe: Callable[[CallRecord], None],
     ) -> None:
         self.client = client
+        self.client_limit = supervisor.settings.upstream.max_connections
         self.supervisor = supervisor
         self.adapters = adapters
         self.hooks = hooks
@@ -283,6 +281,12 @@ class Proxy:
                     "%s: engine %s no longer has %s; re-placing", record.request_id, lease.engine.id, target.key
                 )
                 self.adapters.ledger.record_unloaded(lease.engine.id, target.key or "")
+            except httpx.PoolTimeout as exc:  # the gateway's own connection limit, not the engine's fault
+                raise Unavailable(
+                    f"the gateway has {self.client_limit} requests in flight to its engines; retry shortly",
+                    retry_after_s=1,
+                    code="engines_busy",
+                ) from exc
             except RETRYABLE as exc:
                 failed = lease.engine.id
                 others = any(e.healthy and e.id not in excluded | {failed} for e in self.supervisor.engines.values())

@@ -180,7 +180,6 @@ def test_sse_accumulator_reads_usage_and_text_across_chunk_boundaries() -> None:
         (httpx.ConnectTimeout("slow accept"), False, (True, False, True)),
         (httpx.RemoteProtocolError("closed"), True, (False, True, True)),
         (httpx.ReadError("reset"), False, (False, True, False)),
-        (httpx.PoolTimeout("gateway pool full"), True, (False, False, False)),
     ],
 )
 def test_failure_verdict(exc: Exception, another_ready: bool, expected: tuple[bool, bool, bool]) -> None:
@@ -261,6 +260,15 @@ def test_a_connection_dropped_before_the_answer_is_retried_without_condemning_th
     failed, records, supervisor = asyncio.run(forward_once(["only"], seen))
     assert isinstance(failed, Unavailable) and "the retry failed too" in failed.message
     assert seen == ["only", "only"] and records[-1].status == 503
+
+
+def test_the_gateways_own_full_pool_is_a_busy_503_not_an_engine_failure() -> None:
+    seen: list[str] = []
+    FAILURES["busy"] = [httpx.PoolTimeout("no connection available")]
+    failed, records, supervisor = asyncio.run(forward_once(["busy", "idle"], seen))
+    assert isinstance(failed, Unavailable) and (failed.code, failed.retry_after_s) == ("engines_busy", 1)
+    assert seen == ["busy"] and records[-1].status == 503  # not retried: the limit is the gateway's own
+    assert supervisor.engines["busy"].healthy and not supervisor._wake["busy"].is_set()
 
 
 async def _chunks(body: bytes) -> Any:
