@@ -7,7 +7,6 @@ disconnects mid-stream closes the upstream connection, which makes vLLM abort th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -188,8 +187,10 @@ class UpstreamStreamResponse(StreamingResponse):
         try:
             done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
             if pump_task in done:
-                with contextlib.suppress(OSError):
+                try:
                     pump_task.result()
+                except OSError:  # the server found the client gone while writing to it, before we heard so
+                    disconnected = True
             else:
                 disconnected = True
         finally:

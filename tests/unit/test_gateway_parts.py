@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,15 @@ from adapters_registry.registry import open_registry
 from gateway.adapters import AdapterManager, Target, no_engine_error, refusal_reason
 from gateway.cli import overrides
 from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
-from gateway.proxy import CallRecord, Proxy, SSEAccumulator, UsageStripper, failure_verdict, with_usage
+from gateway.proxy import (
+    CallRecord,
+    Proxy,
+    SSEAccumulator,
+    UpstreamStreamResponse,
+    UsageStripper,
+    failure_verdict,
+    with_usage,
+)
 from gateway.routing import Policy
 from gateway.settings import load_settings
 from gateway.supervisor import Engine, Supervisor, backoff_s, parse_queue, read_engine_file
@@ -341,3 +350,42 @@ def test_without_materializing_the_gateway_names_the_folder_the_engines_sidecar_
     assert not named.exists()  # nothing downloaded or assembled on the gateway's disk
     assert asyncio.run(path_of(materialize=True)) == named  # the folder a sync pass (or the gateway) assembles
     assert {p.name for p in named.iterdir()} == set(manifest.files)
+
+
+@pytest.mark.parametrize("hang_up", ["heard", "write_failed"])
+def test_a_client_hang_up_closes_the_upstream_however_the_server_notices_it(hang_up: str) -> None:
+    """uvicorn reports a hang-up either as `http.disconnect` or by failing the next write (ClientDisconnected, an
+    OSError), whichever comes first: both must count as a disconnect."""
+    closed: list[bool] = []
+    sent: list[bytes] = []
+    first_sent = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:  # a long answer, still streaming
+        yield b"data: 1\n\n"
+        first_sent.set()
+        if hang_up == "write_failed":
+            yield b"data: 2\n\n"
+        await asyncio.sleep(3600)
+        yield b"never"
+
+    async def on_close(disconnected: bool) -> None:
+        closed.append(disconnected)
+
+    async def receive() -> dict[str, Any]:
+        await first_sent.wait()
+        if hang_up == "write_failed":
+            await asyncio.sleep(3600)  # the server has not heard of the hang-up yet
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            if sent:
+                raise OSError("client disconnected")
+            sent.append(message["body"])
+
+    async def run() -> None:
+        response = UpstreamStreamResponse(chunks(), status_code=200, headers={}, on_close=on_close)
+        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
+
+    asyncio.run(run())
+    assert closed == [True] and sent == [b"data: 1\n\n"]
