@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -212,39 +214,86 @@ def disconnects_seen(gateway: GatewayUnderTest) -> float:
     )
 
 
+def completions_seen(gateway: GatewayUnderTest) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "loragate_requests_total" and sample.labels.get("route") == "completions"
+    ]
+
+
+# Runs in its own process, so the rhythm does not depend on this process's GIL (shared with the gateway's threads).
+THROTTLE = """
+import os, select, signal, sys, time
+
+pids = [int(pid) for pid in sys.argv[1:]]
+
+
+def send(signum):
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+frozen = False
+send(signal.SIGSTOP)
+print("ready", flush=True)
+while True:
+    if select.select([sys.stdin], [], [], 0.05)[0]:
+        command = sys.stdin.readline().strip()
+        if command in ("", "exit"):
+            break
+        frozen = command == "freeze"
+        print(command, flush=True)  # the engines are stopped whenever a command is read
+    elif not frozen:
+        send(signal.SIGCONT)
+        time.sleep(0.003)
+        send(signal.SIGSTOP)
+send(signal.SIGCONT)
+"""
+
+
 class Throttle:
     """Keeps every engine's core and workers (not the API servers) SIGSTOPped, letting them run 3 ms in every 50 ms,
     or not at all while frozen: a tiny model cannot race through its answer, however fast the machine."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.lock = threading.Lock()  # held while the engines run
-        self.frozen = False
-        self.stopped = threading.Event()
-        self._signal(signal.SIGSTOP)
-        self.thread = threading.Thread(target=self._crawl, daemon=True)
-        self.thread.start()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", THROTTLE, *map(str, pids)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect("ready")
 
-    def _signal(self, signum: int) -> None:
-        for pid in self.pids:
-            os.kill(pid, signum)
-
-    def _crawl(self) -> None:
-        while not self.stopped.wait(0.05):
-            with self.lock:
-                if not self.frozen:
-                    self._signal(signal.SIGCONT)
-                    time.sleep(0.003)
-                    self._signal(signal.SIGSTOP)
+    def _expect(self, line: str) -> None:
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == line, "the throttle process failed"
 
     def freeze(self, frozen: bool = True) -> None:
-        with self.lock:
-            self.frozen = frozen
+        """Returns once the engines are stopped (frozen) or back to the 3-in-50 ms rhythm."""
+        assert self.proc.stdin is not None
+        command = "freeze" if frozen else "thaw"
+        self.proc.stdin.write(f"{command}\n")
+        self.proc.stdin.flush()
+        self._expect(command)
 
     def close(self) -> None:
-        self.stopped.set()
-        self.thread.join()
-        self._signal(signal.SIGCONT)
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("exit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            for pid in self.pids:  # whatever happened to the throttle, leave no engine stopped
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 @contextmanager
@@ -288,12 +337,13 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
     with throttled_engines(gateway) as throttle:
         with httpx.stream("POST", f"{gateway.base_url}/completions", json=body, timeout=60) as response:
             assert response.status_code == 200
-            engine_url = engine_by_id(gateway, response.headers["x-loragate-engine"])["url"]
             next(response.iter_raw())
             throttle.freeze()  # no token is generated while the hang-up travels
+            # Hang up at once: nothing (not even a call to the gateway) between the first chunk and the close.
+        engine_url = engine_by_id(gateway, response.headers["x-loragate-engine"])["url"]
         # The gateway notices the hang-up itself (the engine is frozen) and closes its upstream connection.
         wait_for(lambda: not gateway.state.inflight(), "the gateway never noticed the hang-up")
-        assert disconnects_seen(gateway) == disconnects + 1  # recorded as a 499 client_disconnected
+        assert disconnects_seen(gateway) == disconnects + 1, completions_seen(gateway)  # recorded as a 499
         # vLLM notices the closed connection on its next write and aborts the request.
         throttle.freeze(False)
         wait_for(lambda: not engine_busy(), "the request never left the engine")
