@@ -56,22 +56,19 @@ def test_hold(tmp_path):
 """
 
 
+INNER_RUN = (
+    "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(pytest.main())"
+)
+
+
 def test_ctrl_c_leaves_no_engine_running(tmp_path: Path) -> None:
     inner = tmp_path / "test_inner.py"
     inner.write_text(INNER_TEST)
     pidfile = tmp_path / "pid"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            str(tmp_path),
-            str(inner),
-        ],
+        # A terminal's foreground pytest takes Ctrl-C as KeyboardInterrupt; a pytest started in the background by a
+        # non-interactive shell inherits SIGINT ignored, so restore Python's handler before the inner run starts.
+        [sys.executable, "-c", INNER_RUN, "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(inner)],
         cwd=REPO,
         env={**os.environ, "PIDFILE": str(pidfile), "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
