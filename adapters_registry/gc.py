@@ -22,6 +22,7 @@ from adapters_registry.cache import blob_key, remove_entry, stale_entries
 from adapters_registry.store import ObjectStat
 
 if TYPE_CHECKING:
+    from adapters_registry.manifest import AdapterManifest
     from adapters_registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,19 @@ def plan_gc(referenced: set[str], stats: Mapping[str, ObjectStat], now: float, m
     return GcPlan(delete, [k for k in orphans if now - stats[k].mtime < min_age_s])
 
 
-def referenced_blobs(reg: Registry) -> set[str]:
-    """Blob keys of every live version and every base registered with its weights copied in."""
-    keys = {blob_key(h) for m in reg.list_adapters() for h in m.files.values()}
-    keys.update(blob_key(h) for base in reg.list_bases() for h in (base.files or {}).values())
-    return keys
+def referenced_hexes(reg: Registry, live: list[AdapterManifest]) -> set[str]:
+    """sha256 hexes of the files of the `live` versions and of every base registered with its weights copied in."""
+    hexes = {h for m in live for h in m.files.values()}
+    hexes.update(h for base in reg.list_bases() for h in (base.files or {}).values())
+    return hexes
 
 
 def collect_garbage(reg: Registry, *, min_age_s: float, dry_run: bool) -> GcReport:
-    referenced = referenced_blobs(reg)  # before listing blobs: a version committed later has only young blobs
+    live = reg.list_adapters()  # before listing blobs: a version committed later has only young blobs
+    hexes = referenced_hexes(reg, live)
     stats = reg.store.stats(BLOBS)
     now = reg.store.now()
-    plan = plan_gc(referenced, stats, now, min_age_s)
+    plan = plan_gc({blob_key(h) for h in hexes}, stats, now, min_age_s)
     deleted: list[str] = []
     young = list(plan.young)
     for key in plan.delete:
@@ -80,19 +82,17 @@ def collect_garbage(reg: Registry, *, min_age_s: float, dry_run: bool) -> GcRepo
     freed, kept = sum(stats[k].size for k in deleted), len(stats) - len(deleted)
     verb = "would delete" if dry_run else "deleted"
     log.info("gc %s: %s %d blobs (%d bytes), kept %d", reg.location, verb, len(deleted), freed, kept)
-    pruned = prune_cache(reg, referenced, min_age_s, dry_run)
+    pruned = prune_cache(reg, {m.digest_hex for m in live}, hexes, min_age_s, dry_run)
     return GcReport(dry_run, min_age_s, kept, deleted, freed, sorted(young), pruned)
 
 
-def prune_cache(reg: Registry, referenced: set[str], min_age_s: float, dry_run: bool) -> list[str]:
-    """This machine's cached folders and downloads that no live version needs (a local registry's cache hard-links
-    its blobs, so without this a removed version's disk space would stay taken). The same age rule keeps a folder
-    just assembled for a version pushed during the run."""
-    live = {m.digest_hex for m in reg.list_adapters()}
-    hexes = {key.rsplit("/", 1)[1] for key in referenced}
+def prune_cache(reg: Registry, folders: set[str], hexes: set[str], min_age_s: float, dry_run: bool) -> list[str]:
+    """This machine's cached folders and downloads outside the keep sets (a local registry's cache hard-links its
+    blobs, so without this a removed version's disk space would stay taken). The same age rule keeps a folder just
+    assembled for a version pushed during the run."""
     cutoff = time.time() - min_age_s
     pruned = []
-    for path in stale_entries(reg.cache.root, live, hexes):
+    for path in stale_entries(reg.cache.root, folders, hexes):
         if path.stat().st_mtime > cutoff:
             continue
         if not dry_run:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from adapters_registry import open_registry
-from adapters_registry.cache import remove_entry, stale_entries
+from adapters_registry.gc import prune_cache, referenced_hexes
 from adapters_registry.registry import Registry
 
 log = logging.getLogger("loragate.adapter_sync")
@@ -52,11 +52,9 @@ def sync_once(registry: Registry) -> SyncReport:
             log.warning("adapter-sync: %s failed: %s", manifest.ref, report.failed[manifest.ref])
         else:
             report.materialized.append(manifest.ref)
-    keep_blobs = {h for m in servable for h in m.files.values()}
-    keep_blobs |= {h for base in registry.list_bases() for h in (base.files or {}).values()}
-    for path in stale_entries(registry.cache.root, {m.digest_hex for m in servable}, keep_blobs):
-        remove_entry(path)
-        report.pruned.append(str(path.relative_to(registry.cache.root)))
+    # The sidecar is the only writer of this cache: no age rule needed.
+    hexes = referenced_hexes(registry, servable)
+    report.pruned = prune_cache(registry, {m.digest_hex for m in servable}, hexes, min_age_s=0, dry_run=False)
     return report
 
 

@@ -190,7 +190,7 @@ def test_streaming_with_a_schema(client: openai.OpenAI, gateway: GatewayUnderTes
 
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, stream=True)
     assert [chunk for chunk in plain]
-    assert settled((valid + 1, unjudged + 1))  # nothing to check: the stream is not assembled
+    assert settled((valid + 1, unjudged + 1))  # nothing to check: counted as not judged
 
 
 def engine_requests(gateway: GatewayUnderTest) -> float:

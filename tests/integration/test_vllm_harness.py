@@ -47,9 +47,6 @@ from loragate.tiny_model import cached_tiny_model
 from tests.harness import running_engine
 
 def test_hold(tmp_path):
-    import signal
-    blocked = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-    Path(os.environ["PIDFILE"] + ".signals").write_text(f"{signal.getsignal(signal.SIGINT)!r} blocked={blocked}")
     with running_engine(cached_tiny_model(), "tiny", tmp_path, enable_lora=True) as engine:
         Path(os.environ["PIDFILE"]).write_text(str(engine.pid))
         time.sleep(600)
@@ -88,9 +85,7 @@ def test_ctrl_c_leaves_no_engine_running(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             output = proc.communicate()[0].decode(errors="replace")
-            signals = Path(f"{pidfile}.signals").read_text()
-            outer = f"outer: blocked={sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))}"
-            pytest.fail(f"pytest did not exit within 120 s of SIGINT ({signals}; {outer}); output:\n{output[-4000:]}")
+            pytest.fail(f"pytest did not exit within 120 s of SIGINT; its output:\n{output[-4000:]}")
         assert not group_alive(pgid, settle_s=10), "vLLM's process group survived Ctrl-C"
     finally:
         if proc.poll() is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from adapters_registry.registry import Registry, open_registry
 from adapters_registry.s3 import S3Store
 from adapters_registry.store import ObjectStat
 from loragate.cli import main
+from tests.unit.test_registry import _sha, _variant
 from tests.unit.test_registry_concurrency import PUSH, _spawn
 
 HOUR = 3600.0
@@ -74,16 +74,6 @@ def _age(reg: Registry, seconds: float) -> None:
         path = reg.store.local_path(key)
         assert path is not None
         os.utime(path, (stat.mtime - seconds, stat.mtime - seconds))
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _variant(src: Path, dest: Path, readme: str) -> Path:
-    shutil.copytree(src, dest)
-    (dest / "README.md").write_text(readme)
-    return dest
 
 
 def _paused_push(reg: Registry, adapter: Path, stage: str, marker: Path, seconds: float) -> subprocess.Popen[str]:
