@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -226,11 +227,15 @@ def completions_seen(gateway: GatewayUnderTest) -> list[tuple[dict[str, str], fl
     ]
 
 
-# Runs in its own process, so the rhythm does not depend on this process's GIL (shared with the gateway's threads).
-THROTTLE = """
-import os, select, signal, sys, time
+# Runs in its own process, so a pulse's length does not depend on this process's GIL (shared with the gateway's
+# threads), and real-time, so runnable engine threads cannot starve its wake-up: a pulse stretched by the scheduler
+# (seen: 0.6-2.3 s under the full suite) lets a tiny model run through its whole answer.
+PULSER = """
+import contextlib, os, signal, sys, time
 
 pids = [int(pid) for pid in sys.argv[1:]]
+with contextlib.suppress(PermissionError):
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
 
 
 def send(signum):
@@ -241,70 +246,67 @@ def send(signum):
             pass
 
 
-frozen = False
 send(signal.SIGSTOP)
-print("ready", flush=True)
-while True:
-    if select.select([sys.stdin], [], [], 0.05)[0]:
-        command = sys.stdin.readline().strip()
-        if command in ("", "exit"):
-            break
-        frozen = command == "freeze"
-        print(command, flush=True)  # the engines are stopped whenever a command is read
-    elif not frozen:
-        send(signal.SIGCONT)
-        time.sleep(0.003)
-        send(signal.SIGSTOP)
+print("stopped 0", flush=True)
+for command in sys.stdin:
+    if command.strip() != "pulse":
+        break
+    start = time.monotonic()
+    send(signal.SIGCONT)
+    time.sleep(0.001)
+    send(signal.SIGSTOP)
+    print(f"stopped {time.monotonic() - start}", flush=True)
 send(signal.SIGCONT)
 """
 
 
-class Throttle:
-    """Keeps every engine's core and workers (not the API servers) SIGSTOPped, letting them run 3 ms in every 50 ms,
-    or not at all while frozen: a tiny model cannot race through its answer, however fast the machine."""
+class StoppedEngines:
+    """Keeps every engine's core and workers (not the API servers) SIGSTOPped; each `pulse()` lets them run for 1 ms.
+    A tiny model races through hundreds of tokens a second: only this puts a hang-up before the answer's end."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
+        self.pulses: list[float] = []  # how long each pulse let the engines run, in seconds
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", THROTTLE, *map(str, pids)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", PULSER, *map(str, pids)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        self._expect("ready")
+        self._stopped()
 
-    def _expect(self, line: str) -> None:
+    def _stopped(self) -> float:
         assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == line, "the throttle process failed"
+        line = self.proc.stdout.readline()
+        assert line.startswith("stopped "), f"the pulser process failed: {line!r}"
+        return float(line.split()[1])
 
-    def freeze(self, frozen: bool = True) -> None:
-        """Returns once the engines are stopped (frozen) or back to the 3-in-50 ms rhythm."""
+    def pulse(self) -> None:
+        """Returns once the engines ran for about 1 ms and are stopped again."""
         assert self.proc.stdin is not None
-        command = "freeze" if frozen else "thaw"
-        self.proc.stdin.write(f"{command}\n")
+        self.proc.stdin.write("pulse\n")
         self.proc.stdin.flush()
-        self._expect(command)
+        self.pulses.append(self._stopped())
 
     def close(self) -> None:
         try:
             assert self.proc.stdin is not None
-            self.proc.stdin.write("exit\n")
             self.proc.stdin.close()
             self.proc.wait(timeout=10)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-            for pid in self.pids:  # whatever happened to the throttle, leave no engine stopped
+            for pid in self.pids:  # whatever happened to the pulser, leave no engine stopped
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
 
 
 @contextmanager
-def throttled_engines(gateway: GatewayUnderTest) -> Iterator[Throttle]:
+def stopped_engines(gateway: GatewayUnderTest) -> Iterator[StoppedEngines]:
     pids = [pid for e in gateway.engines() for pid in group_members(e["pid"]) if pid != e["pid"]]
     assert pids, "vLLM runs its engine core in child processes"
-    throttle = Throttle(pids)
+    engines = StoppedEngines(pids)
     try:
-        yield throttle
+        yield engines
     finally:
-        throttle.close()
+        engines.close()
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
@@ -334,19 +336,29 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
             + engine_metric(engine_url, "vllm:num_requests_waiting")
         )
 
-    with throttled_engines(gateway) as throttle:
-        with httpx.stream("POST", f"{gateway.base_url}/completions", json=body, timeout=60) as response:
-            assert response.status_code == 200
-            next(response.iter_raw())
-            throttle.freeze()  # no token is generated while the hang-up travels
-            # Hang up at once: nothing (not even a call to the gateway) between the first chunk and the close.
-        engine_url = engine_by_id(gateway, response.headers["x-loragate-engine"])["url"]
-        # The gateway notices the hang-up itself (the engine is frozen) and closes its upstream connection.
-        wait_for(lambda: not gateway.state.inflight(), "the gateway never noticed the hang-up")
-        assert disconnects_seen(gateway) == disconnects + 1, completions_seen(gateway)  # recorded as a 499
-        # vLLM notices the closed connection on its next write and aborts the request.
-        throttle.freeze(False)
-        wait_for(lambda: not engine_busy(), "the request never left the engine")
+    first_chunk: dict[str, Any] = {}
+
+    def read_first_chunk_and_hang_up() -> None:
+        with httpx.stream("POST", f"{gateway.base_url}/completions", json=body, timeout=120) as response:
+            first_chunk.update(status=response.status_code, engine=response.headers.get("x-loragate-engine"))
+            first_chunk["bytes"] = next(response.iter_raw())
+
+    with stopped_engines(gateway) as engines:
+        client = threading.Thread(target=read_first_chunk_and_hang_up)
+        client.start()
+        deadline = time.monotonic() + 120
+        while client.is_alive():  # the engines run only in 1 ms pulses until the first chunk is through
+            assert time.monotonic() < deadline, "no first chunk after 120 s of pulses"
+            engines.pulse()
+            client.join(0.1)
+        assert first_chunk.get("status") == 200, first_chunk
+        engine_url = engine_by_id(gateway, first_chunk["engine"])["url"]
+        # The engines stay stopped: the gateway notices the hang-up itself and closes its upstream connection.
+        wait_for(lambda: not gateway.state.inflight(), "the gateway never noticed the hang-up", timeout_s=30)
+        ran = f"engines ran {len(engines.pulses)} pulses, the longest {max(engines.pulses):.3f} s"
+        assert disconnects_seen(gateway) == disconnects + 1, (ran, completions_seen(gateway))  # recorded as a 499
+    # Running again, vLLM notices the closed connection on its next write and aborts the request.
+    wait_for(lambda: not engine_busy(), "the request never left the engine")
     generated = engine_metric(engine_url, counters[0]) - before[engine_url][counters[0]]
     assert 0 < generated < max_tokens  # stopped early: aborted, not finished
     assert engine_metric(engine_url, counters[1]) == before[engine_url][counters[1]]  # never counted as finished
