@@ -367,14 +367,17 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The demo prints its own summary of each step; the trainers' progress bars stay, their INFO chatter and the
-    # "Loading weights" bar of every model load go.
+    # The demo prints its own summary of each step; the trainers' progress bars stay. INFO records still reach each
+    # run's train.log, not the console; the "Loading weights" bar of every model load and the dataset preparation
+    # bars go.
+    import datasets
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    quiet = ("training.sft", "training.preflight", "training.publish", "adapters_registry", "gateway", "httpx2")
-    for chatty in quiet:
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # the console; a FileHandler is a StreamHandler subclass
+            handler.setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loragate-demo-")))

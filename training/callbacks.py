@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback
 
 from training.data import Row
 from training.evaluate import generate, score
@@ -45,6 +45,21 @@ class LogToFile(TrainerCallback):  # type: ignore[misc]
         logs = kwargs.get("logs") or {}
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
         log.info("step %s/%s: %s", state.global_step, state.max_steps, shown)
+
+
+class ProgressBars(ProgressCallback):  # type: ignore[misc]
+    """transformers' progress bars without its printed copy of every log dict: `LogToFile` logs those once."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        return None
+
+
+def console_callbacks(trainer: Any) -> None:
+    """Swaps the trainer's console printers (bars plus raw dicts, or bare dicts) for bars alone."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not trainer.args.disable_tqdm:
+        trainer.add_callback(ProgressBars)
 
 
 def early_stopping(spec: EarlyStopping) -> list[Any]:

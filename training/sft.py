@@ -169,7 +169,7 @@ def _train(
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from training.callbacks import GenerationEval, LogToFile, early_stopping
+    from training.callbacks import GenerationEval, LogToFile, console_callbacks, early_stopping
     from training.evaluate import evaluate_run
     from training.model import load_model, lora_config, make_sft_config
     from training.preflight import run_preflight
@@ -191,6 +191,7 @@ def _train(
         peft_config=lora_config(recipe.lora),
         callbacks=callbacks,
     )
+    console_callbacks(trainer)
     view = run_preflight(trainer, splits.train, output_dir)
     log.info("loss-mask preflight (%s):\n%s", output_dir / "preflight.txt", view)
 

@@ -87,15 +87,18 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 async def _complete(request: Request, gateway: Gateway, path: str, route: str) -> Response:
-    if gateway.draining:
-        raise Unavailable("the gateway is shutting down", retry_after_s=1, code="draining")
     started = time.monotonic()
-    body = await read_json(request)
     request_id: str = request.state.request_id
-    try:
+    body: dict[str, Any] = {}
+    try:  # a refusal here is a request too: counted in loragate_requests_total with its error code
+        if gateway.draining:
+            raise Unavailable("the gateway is shutting down", retry_after_s=1, code="draining")
+        body = await read_json(request)
         target = await gateway.adapters.resolve(body.get("model"))
     except GatewayError as exc:
-        gateway.observe(outcome_for_error(route, exc, time.monotonic() - started, request_id, bool(body.get("stream"))))
+        gateway.observe(
+            outcome_for_error(route, exc, time.monotonic() - started, request_id, body.get("stream") is True)
+        )
         raise
     request.state.adapter = target.label
     return await gateway.proxy.forward(path, route, body, target, request_id)

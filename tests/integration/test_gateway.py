@@ -142,8 +142,10 @@ def test_errors_use_the_openai_envelope(
     with pytest.raises(openai.NotFoundError):
         chat(gateway, "a0@99")
 
+    refused_before = requests_seen(gateway, route="chat", error_code="invalid_request")
     bad = httpx.post(f"{gateway.base_url}/chat/completions", content=b"{not json", timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert requests_seen(gateway, route="chat", error_code="invalid_request") == refused_before + 1
     no_model = httpx.post(f"{gateway.base_url}/chat/completions", json={"messages": HELLO}, timeout=10)
     assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
 
@@ -203,7 +205,8 @@ def engine_metric(engine_url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
-def disconnects_seen(gateway: GatewayUnderTest) -> float:
+def requests_seen(gateway: GatewayUnderTest, **labels: str) -> float:
+    """loragate_requests_total summed over the series whose labels include `labels`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
@@ -211,20 +214,8 @@ def disconnects_seen(gateway: GatewayUnderTest) -> float:
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "loragate_requests_total" and sample.labels.get("error_code") == "client_disconnected"
+        if sample.name == "loragate_requests_total" and labels.items() <= sample.labels.items()
     )
-
-
-def completions_seen(gateway: GatewayUnderTest) -> list[tuple[dict[str, str], float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "loragate_requests_total" and sample.labels.get("route") == "completions"
-    ]
 
 
 # Runs in its own process, so a pulse's length does not depend on this process's GIL (shared with the gateway's
@@ -328,7 +319,7 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
     }
     counters = ("vllm:generation_tokens_total", "vllm:request_success_total")
     before = {e["url"]: {name: engine_metric(e["url"], name) for name in counters} for e in gateway.engines()}
-    disconnects = disconnects_seen(gateway)
+    disconnects = requests_seen(gateway, route="completions", error_code="client_disconnected")
 
     def engine_busy() -> bool:
         return bool(
@@ -356,7 +347,8 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
         # The engines stay stopped: the gateway notices the hang-up itself and closes its upstream connection.
         wait_for(lambda: not gateway.state.inflight(), "the gateway never noticed the hang-up", timeout_s=30)
         ran = f"engines ran {len(engines.pulses)} pulses, the longest {max(engines.pulses):.3f} s"
-        assert disconnects_seen(gateway) == disconnects + 1, (ran, completions_seen(gateway))  # recorded as a 499
+        recorded = requests_seen(gateway, route="completions", error_code="client_disconnected")
+        assert recorded == disconnects + 1, (ran, requests_seen(gateway, route="completions", status_class="2xx"))
     # Running again, vLLM notices the closed connection on its next write and aborts the request.
     wait_for(lambda: not engine_busy(), "the request never left the engine")
     generated = engine_metric(engine_url, counters[0]) - before[engine_url][counters[0]]

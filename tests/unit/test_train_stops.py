@@ -62,6 +62,9 @@ def test_a_killed_run_resumes_from_its_last_whole_checkpoint(tmp_path: Path) -> 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "adapter").exists()  # killed before the end
+    console = (tmp_path / "first.log").read_text()
+    assert "step 10/276: loss" in console  # each trainer log reaches the console once, as a log line,
+    assert "{'loss'" not in console  # not again as transformers' printed dict
     checkpoint(out / "checkpoints", 150, None)  # a save the kill cut short
 
     run = train_with_cli(out)
