@@ -129,19 +129,23 @@ class AdapterManager:
             raise InvalidRequest("`model` must be a non-empty string", param="model")
         if model == self.base_name:
             return Target(model, None, self.base_name)
+        manifest = await self.manifest_for(model)
+        reason = refusal_reason(manifest, self.bound_base, self.max_lora_rank())
+        if reason:
+            raise AdapterRefused(reason, param="model")
+        self.manifests[manifest.engine_name] = manifest
+        return Target(model, manifest, manifest.engine_name)
+
+    async def manifest_for(self, model: str) -> AdapterManifest:
+        """The registry version a reference names, whether or not it can be served here."""
         try:
-            manifest = await asyncio.to_thread(self.registry.resolve, model)
+            return await asyncio.to_thread(self.registry.resolve, model)
         except NotFoundError as exc:
             raise ModelNotFound(model) from exc
         except (ValidationError, ConflictError) as exc:  # a malformed or ambiguous ref is the caller's mistake
             raise InvalidRequest(f"invalid model '{model}': {exc}", param="model") from exc
         except RegistryError as exc:
             raise Unavailable(f"registry unavailable: {exc}", code="registry_unavailable") from exc
-        reason = refusal_reason(manifest, self.bound_base, self.max_lora_rank())
-        if reason:
-            raise AdapterRefused(reason, param="model")
-        self.manifests[manifest.engine_name] = manifest
-        return Target(model, manifest, manifest.engine_name)
 
     def max_lora_rank(self) -> int:
         ranks = [engine.max_lora_rank for engine in self.engines.values()]

@@ -51,6 +51,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 ADMIN_PREFIX = "/admin"
+MODEL_PREFIX = "/v1/models/"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 TARGET_FIELDS = ("lora_name", "name", "ref", "adapter", "alias", "base")
 
@@ -482,6 +483,9 @@ class SecurityMiddleware:
                 call = _Call(security.admit(principal, adapter), prompt_length(parsed) // 4 + 1, principal.key_id)
             if path == "/v1/load_lora_adapter" and parsed is not None and isinstance(parsed.get("lora_path"), str):
                 security.check_load_path(parsed["lora_path"])
+            if method == "GET" and path.startswith(MODEL_PREFIX) and principal.key is not None:
+                model = path.removeprefix(MODEL_PREFIX)  # a model this key may not use is as missing as any other
+                security.check_model(principal, model, security.adapter_of(model), security.base_name)
         except GatewayError as error:
             if isinstance(error, Forbidden) and kind == "admin":
                 security.audit.record(

@@ -123,14 +123,11 @@ async def list_models(gateway: GatewayDep) -> dict[str, Any]:
         zip(names, await asyncio.gather(*(asyncio.to_thread(gateway.registry.aliases, n) for n in names)), strict=True)
     )
     base = gateway.base_name
-    live = any(engine.healthy for engine in gateway.supervisor.engines.values())
-    cards: list[dict[str, Any]] = [_card(base, None, base, status="loaded" if live else "loading")]
+    cards: list[dict[str, Any]] = [_base_card(gateway)]
     latest: dict[str, AdapterManifest] = {}
     for manifest in sorted(manifests, key=lambda m: (m.name, m.version)):
         latest[manifest.name] = manifest
-        names_here = [
-            f"{manifest.name}:{alias}" for alias, v in sorted(aliases[manifest.name].items()) if v == manifest.version
-        ]
+        names_here = _alias_names(manifest, aliases[manifest.name])
         cards.append(_adapter_card(gateway, manifest.ref, manifest, parent=base, aliases=names_here))
     for name, manifest in latest.items():
         cards.append(_adapter_card(gateway, name, manifest, parent=manifest.ref, aliases=[]))
@@ -139,6 +136,31 @@ async def list_models(gateway: GatewayDep) -> dict[str, Any]:
             if target is not None:
                 cards.append(_adapter_card(gateway, f"{name}:{alias}", target, parent=target.ref, aliases=[]))
     return {"object": "list", "data": cards}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
+    """The `/v1/models` entry of any name `model` accepts (the OpenAI SDK's `models.retrieve`)."""
+    if model_id == gateway.base_name:
+        return _base_card(gateway)
+    manifest = await gateway.adapters.manifest_for(model_id)
+    if manifest.base != gateway.base_name:
+        raise ModelNotFound(model_id)
+    if model_id != manifest.ref:  # `name`, `name:alias`, `name@sha256:...`: its parent is the version it names
+        return _adapter_card(gateway, model_id, manifest, parent=manifest.ref, aliases=[])
+    aliases = await asyncio.to_thread(gateway.registry.aliases, manifest.name)
+    names = _alias_names(manifest, aliases)
+    return _adapter_card(gateway, model_id, manifest, parent=gateway.base_name, aliases=names)
+
+
+def _alias_names(manifest: AdapterManifest, aliases: dict[str, int]) -> list[str]:
+    """`name:alias` for each alias of the adapter that points at this version."""
+    return [f"{manifest.name}:{alias}" for alias, version in sorted(aliases.items()) if version == manifest.version]
+
+
+def _base_card(gateway: Gateway) -> dict[str, Any]:
+    live = any(engine.healthy for engine in gateway.supervisor.engines.values())
+    return _card(gateway.base_name, None, gateway.base_name, status="loaded" if live else "loading")
 
 
 def _card(model_id: str, parent: str | None, root: str, **extra: Any) -> dict[str, Any]:

@@ -131,6 +131,15 @@ def test_models_list_lineage_and_status(gateway: GatewayUnderTest, pushed: Any) 
     assert (cards["a0:prod"]["parent"], cards["a0:prod"]["root"]) == ("a0@1", "tiny")
     assert cards["many-9@1"]["status"] in {"registered", "loaded"}
 
+    listed = {m.id: m for m in client(gateway).models.list().data}
+    for model_id, card in listed.items():  # the SDK's models.retrieve gives each listed entry by its id
+        assert client(gateway).models.retrieve(model_id) == card
+    by_digest = client(gateway).models.retrieve(f"a0@{versions['a0@1'].digest[:19]}")
+    assert (by_digest.id, (by_digest.model_extra or {})["parent"]) == (f"a0@{versions['a0@1'].digest[:19]}", "a0@1")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(gateway).models.retrieve("no-such-adapter")
+    assert missing.value.code == "model_not_found"
+
 
 def test_errors_use_the_openai_envelope(
     gateway: GatewayUnderTest, pushed: Any, tiny_model: Path, tmp_path: Path

@@ -41,15 +41,22 @@ def test_key_limited_to_acme_sees_and_calls_only_acme(keyed_gateway: KeyedGatewa
     everyone = {m.id for m in client(keyed_gateway, "all").models.list().data}
     assert {"globex", "acme-support", "tiny"} <= everyone
     assert chat(keyed_gateway, "acme", "acme-support") != ""
+    assert acme.models.retrieve("acme-support").id == "acme-support"
     for hidden in ("globex", "globex@1", "globex:latest", "no-such-adapter"):
         with pytest.raises(openai.NotFoundError) as refused:
             acme.chat.completions.create(model=hidden, messages=HELLO, max_tokens=4)
-        assert refused.value.body == {
-            "message": f"The model '{hidden}' does not exist",
-            "type": "invalid_request_error",
-            "param": "model",
-            "code": "model_not_found",
-        }
+        with pytest.raises(openai.NotFoundError) as retrieved:
+            acme.models.retrieve(hidden)
+        assert (
+            refused.value.body
+            == retrieved.value.body
+            == {
+                "message": f"The model '{hidden}' does not exist",
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }
+        )
     assert chat(keyed_gateway, "all", "globex") != ""
 
 
