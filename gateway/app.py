@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -30,6 +31,7 @@ from gateway.deps import Gateway
 from gateway.errors import GatewayError, error_envelope
 from gateway.hooks import CompletionHook
 from gateway.metrics import EngineSnapshot, GatewayMetrics, RequestOutcome, ResidentAdapter, residency_tier
+from gateway.metrics_server import metrics_server
 from gateway.proxy import CallRecord, Proxy
 from gateway.routing import Policy
 from gateway.settings import Settings
@@ -247,23 +249,30 @@ def create_app(
             assert target.key is not None
             adapters.ledger.pin(target.key)
             adapters.pinned_refs[target.key] = ref
-        await usage.start()
-        await supervisor.start()
-        log.info("gateway serving base '%s' with %s engine(s)", base_name, len(engines) or "discovered")
-        try:
-            yield
-        finally:
-            gateway.draining = True  # new completions get 503 + Retry-After
-            deadline = time.monotonic() + settings.drain_grace_s  # in-flight streams get up to the grace period
-            while gateway.inflight() and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            if gateway.inflight():
-                log.warning(
-                    "drain: %s request(s) still in flight after %.0fs", gateway.inflight(), settings.drain_grace_s
-                )
-            await supervisor.stop()  # SIGTERM, grace, SIGKILL to each engine's process group
-            await usage.aclose()
-            await client.aclose()
+        # /metrics on its own port, when set: up first and stopped last, so a scrape sees the start-up and the drain
+        scrape_port = (
+            metrics_server(settings.host, settings.metrics_port, metrics.render)
+            if settings.metrics_port is not None
+            else contextlib.nullcontext()
+        )
+        async with scrape_port:
+            await usage.start()
+            await supervisor.start()
+            log.info("gateway serving base '%s' with %s engine(s)", base_name, len(engines) or "discovered")
+            try:
+                yield
+            finally:
+                gateway.draining = True  # new completions get 503 + Retry-After
+                deadline = time.monotonic() + settings.drain_grace_s  # in-flight streams get up to the grace period
+                while gateway.inflight() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                if gateway.inflight():
+                    log.warning(
+                        "drain: %s request(s) still in flight after %.0fs", gateway.inflight(), settings.drain_grace_s
+                    )
+                await supervisor.stop()  # SIGTERM, grace, SIGKILL to each engine's process group
+                await usage.aclose()
+                await client.aclose()
 
     app = FastAPI(title="loragate gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     register_error_handlers(app)
@@ -273,9 +282,11 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(admin.probes)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus(request: Request) -> Response:
-        body, content_type = request.app.state.metrics.render()
-        return Response(body, media_type=content_type)
+    if settings.metrics_port is None:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus(request: Request) -> Response:
+            body, content_type = request.app.state.metrics.render()
+            return Response(body, media_type=content_type)
 
     return app

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--base-name", help="served name of the base model")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics on this port instead of the API port")
     parser.add_argument("--registry", help="registry location (directory or s3://bucket/prefix)")
     parser.add_argument("--engines", type=int, dest="engine_count", metavar="N", help="number of managed vLLM engines")
     parser.add_argument("--max-loras", type=int, help="adapters per batch in each engine")
@@ -65,6 +66,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "base_name": args.base_name,
         "host": args.host,
         "port": args.port,
+        "metrics_port": args.metrics_port,
         "registry": args.registry,
         "mode": "external" if (args.engine_url or args.discovery_dns or args.discovery_file) else None,
         "engines": {k: v for k, v in engines.items() if v is not None} or None,
@@ -84,6 +86,7 @@ def serve(args: argparse.Namespace) -> int:
     from adapters_registry.errors import RegistryError
     from gateway.app import BaseModelError, create_app, resolve_base
     from gateway.auth import choose_bind
+    from gateway.metrics_server import MetricsPortError, bind
     from gateway.settings import load_settings
     from loragate.cli import CLIError
 
@@ -104,6 +107,12 @@ def serve(args: argparse.Namespace) -> int:
     host, warning = choose_bind(settings.security, registry.store, settings.host)
     if warning:
         logging.getLogger("gateway").warning("%s", warning)
+    settings = settings.model_copy(update={"host": host})  # the metrics port binds where the API does
+    if settings.metrics_port is not None:
+        try:
+            bind(host, settings.metrics_port).close()  # a taken port is a one-line error, not a failed start-up
+        except MetricsPortError as exc:
+            raise CLIError(str(exc)) from exc
     uvicorn.run(
         create_app(settings, registry=registry),
         host=host,

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     health_interval_s: float = 2.0
     usage_webhook_url: str | None = None
     metrics_max_adapter_labels: int = 50
+    # Serve /metrics on this port (same host) instead of the API port, e.g. a scrape port kept off the Ingress.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     drain_grace_s: float = 30.0
     # How long an idle client connection stays open. Above the idle timeouts of clients and load balancers (httpx and
     # the OpenAI SDK: 5 s; AWS ALB: 60 s), so the gateway never closes a connection a client is about to reuse.
@@ -113,6 +115,8 @@ class Settings(BaseSettings):
         ext = self.external
         if self.mode == "external" and not (ext.urls or ext.discovery_host or ext.discovery_file):
             raise ValueError("external mode needs `external.urls`, `external.discovery_host` or `discovery_file`")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"`metrics_port` {self.metrics_port} is the API port: give /metrics a port of its own")
         if self.mode == "external" and not (self.base or self.base_name):
             raise ValueError("external mode needs `base_name` (the engines' served model name) or `base`")
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,6 +63,7 @@ def test_cli_flags_become_nested_overrides() -> None:
         base_name=None,
         host=None,
         port=8001,
+        metrics_port=9101,
         registry="/r",
         engine_count=2,
         max_loras=3,
@@ -76,6 +78,7 @@ def test_cli_flags_become_nested_overrides() -> None:
     settings = load_settings(**overrides(args))  # type: ignore[arg-type]
     assert (settings.mode, settings.engines.count, settings.engines.max_loras) == ("managed", 2, 3)
     assert settings.adapters.pinned == ["a:prod"] and settings.registry == "/r"
+    assert (settings.port, settings.metrics_port) == (8001, 9101)
     args.engine_url, args.base, args.base_name = ["http://e:8000"], None, "tiny"
     external = load_settings(**overrides(args))  # type: ignore[arg-type]
     assert (external.mode, external.external.urls, external.external.max_loras) == ("external", ["http://e:8000"], 3)
@@ -314,6 +317,20 @@ def test_serve_refuses_an_unknown_base_in_one_line(tmp_path: Path, capsys: pytes
     assert capsys.readouterr().err == "error: base 'no-such-base' is neither a directory nor a registered base\n"
     assert main(["serve", "--base", "tiny", "--engines", "0", "--registry", str(tmp_path / "reg")]) == 2
     assert "invalid settings (engines.count): Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_metrics_port_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loragate.cli import main
+
+    common = ["serve", "--engine-url", "http://127.0.0.1:9", "--base-name", "tiny", "--registry", str(tmp_path / "r")]
+    assert main([*common, "--port", "8123", "--metrics-port", "8123"]) == 2
+    assert "`metrics_port` 8123 is the API port: give /metrics a port of its own" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*common, "--metrics-port", str(port)]) == 2
+    assert capsys.readouterr().err == f"error: cannot serve /metrics on 127.0.0.1:{port}: Address already in use\n"
 
 
 def test_adapters_are_bound_to_the_registry_base_not_the_served_name(tmp_path: Path) -> None:

@@ -108,6 +108,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"gateway": {"security": {"auth": "maybe"}}}, "at '/gateway/security/auth': value must be one of 'auto'"),
     ({"engine": {"lora": {"enabled": "no"}}}, "at '/engine/lora/enabled': got string, want boolean"),
     ({"registry": {"gc": {"minAge": "1 week"}}}, "at '/registry/gc/minAge'"),
+    ({"gateway": {"metricsPort": 70000}}, "at '/gateway/metricsPort': maximum"),
 ]
 
 
@@ -145,6 +146,7 @@ CROSS_FIELD: list[tuple[dict[str, Any], str]] = [
         {"registry": {"s3": {"credentials": {"accessKeyId": "AKIA1"}}}},
         "registry.s3.credentials: accessKeyId is set but secretAccessKey is empty",
     ),
+    ({"gateway": {"metricsPort": 8080}}, "gateway.metricsPort (8080) is gateway.port: give /metrics a port of its own"),
 ]
 
 
@@ -484,6 +486,26 @@ def test_service_monitors_and_alert_rules_are_optional(chart: Any) -> None:
     assert ("ServiceMonitor", f"{FULL}-engine") in on
     rule = on[("PrometheusRule", FULL)]["spec"]
     assert rule["groups"], "the chart ships no alert rules"
+
+
+def test_metrics_can_move_to_a_port_of_its_own(chart: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings_module = pytest.importorskip("gateway.settings")
+    on = render(chart, {"gateway": {"metricsPort": 9090}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    gw = container(on, f"{FULL}-gateway", "gateway")
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in gw["ports"]
+    for name, value in env_of(gw).items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    assert (settings_module.Settings().port, settings_module.Settings().metrics_port) == (8080, 9090)
+    ports = on[("Service", f"{FULL}-gateway")]["spec"]["ports"]
+    assert {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"} in ports
+    assert on[("ServiceMonitor", f"{FULL}-gateway")]["spec"]["endpoints"][0]["port"] == "metrics"
+    pod = on[("Deployment", f"{FULL}-gateway")]["spec"]["template"]["metadata"]
+    assert pod["annotations"]["prometheus.io/port"] == "9090"
+    off = render(chart)  # the default: /metrics on the API port, no second port anywhere
+    assert [p["name"] for p in container(off, f"{FULL}-gateway", "gateway")["ports"]] == ["http"]
+    assert "LORAGATE_METRICS_PORT" not in env_of(container(off, f"{FULL}-gateway", "gateway"))
+    assert [p["name"] for p in off[("Service", f"{FULL}-gateway")]["spec"]["ports"]] == ["http"]
 
 
 def test_alert_rules_match_deploy_prometheus(chart: Any) -> None:

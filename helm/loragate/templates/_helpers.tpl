@@ -173,6 +173,9 @@ app.kubernetes.io/component: engine
 {{- if le (int .Values.gateway.terminationGracePeriodSeconds) (add .Values.gateway.preStopSleepSeconds 5 | int) }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must exceed gateway.preStopSleepSeconds + 5 (%d) to leave time to drain" (int .Values.gateway.terminationGracePeriodSeconds) (add .Values.gateway.preStopSleepSeconds 5 | int)) }}
 {{- end }}
+{{- if and .Values.gateway.metricsPort (eq (int .Values.gateway.metricsPort) (int .Values.gateway.port)) }}
+{{- fail (printf "gateway.metricsPort (%d) is gateway.port: give /metrics a port of its own, or null to share it" (int .Values.gateway.port)) }}
+{{- end }}
 {{- if and (eq .Values.registry.mode "s3") .Values.registry.s3.credentials.accessKeyId (not .Values.registry.s3.credentials.secretAccessKey) }}
 {{- fail "registry.s3.credentials: accessKeyId is set but secretAccessKey is empty" }}
 {{- end }}
