@@ -480,7 +480,7 @@ def test_service_monitors_and_alert_rules_are_optional(chart: Any) -> None:
     assert not any(kind in ("ServiceMonitor", "PrometheusRule") for kind, _ in objs)
     on = render(chart, {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}})
     monitor = on[("ServiceMonitor", f"{FULL}-gateway")]["spec"]
-    assert monitor["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    assert monitor["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
     gateway_svc = on[("Service", f"{FULL}-gateway")]
     assert monitor["selector"]["matchLabels"].items() <= gateway_svc["metadata"]["labels"].items()
     assert ("ServiceMonitor", f"{FULL}-engine") in on
@@ -488,9 +488,9 @@ def test_service_monitors_and_alert_rules_are_optional(chart: Any) -> None:
     assert rule["groups"], "the chart ships no alert rules"
 
 
-def test_metrics_can_move_to_a_port_of_its_own(chart: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_have_a_port_of_their_own_unless_told_otherwise(chart: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     settings_module = pytest.importorskip("gateway.settings")
-    on = render(chart, {"gateway": {"metricsPort": 9090}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    on = render(chart, {"metrics": {"serviceMonitor": {"enabled": True}}})  # the default: port 9090
     gw = container(on, f"{FULL}-gateway", "gateway")
     assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in gw["ports"]
     for name, value in env_of(gw).items():
@@ -502,7 +502,7 @@ def test_metrics_can_move_to_a_port_of_its_own(chart: Any, monkeypatch: pytest.M
     assert on[("ServiceMonitor", f"{FULL}-gateway")]["spec"]["endpoints"][0]["port"] == "metrics"
     pod = on[("Deployment", f"{FULL}-gateway")]["spec"]["template"]["metadata"]
     assert pod["annotations"]["prometheus.io/port"] == "9090"
-    off = render(chart)  # the default: /metrics on the API port, no second port anywhere
+    off = render(chart, {"gateway": {"metricsPort": None}})  # /metrics on the API port, no second port anywhere
     assert [p["name"] for p in container(off, f"{FULL}-gateway", "gateway")["ports"]] == ["http"]
     assert "LORAGATE_METRICS_PORT" not in env_of(container(off, f"{FULL}-gateway", "gateway"))
     assert [p["name"] for p in off[("Service", f"{FULL}-gateway")]["spec"]["ports"]] == ["http"]
