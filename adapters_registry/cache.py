@@ -3,6 +3,9 @@
 `BlobCache.blob_path(hex)` returns a local file whose sha256 was checked: on a local store the blob itself, on a
 remote store a download kept under `<cache>/blobs`. `assemble(files, key)` builds a folder of named files from blobs
 (hard links when possible) in a temporary folder and renames it into place, so a folder that exists is complete.
+Nothing is created before the first download or assembly; a cache that cannot be written (a read-only registry
+holds a local registry's default cache) fails with one `StorageError` line naming it and $LORAGATE_REGISTRY_CACHE,
+and leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
-from adapters_registry.errors import IntegrityError, NotFoundError
+from adapters_registry.errors import IntegrityError, NotFoundError, StorageError
 from adapters_registry.store import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
@@ -44,31 +47,52 @@ class BlobCache:
         self.store = store
         self.root = root
         self._tmp = root / ".tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def _unwritable(self, exc: OSError) -> StorageError:
+        return StorageError(
+            f"cannot write the local cache at {self.root}: {exc.strerror or type(exc).__name__}; "
+            "set LORAGATE_REGISTRY_CACHE to a writable folder"
+        )
+
+    def _staging_file(self, parent: Path) -> Path:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self._tmp)
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
+        os.close(fd)
+        return Path(name)
 
     def blob_path(self, hex_digest: str, *, verify: bool = True) -> Path:
         key = blob_key(hex_digest)
         in_place = self.store.local_path(key)
         if in_place is not None:
-            if not in_place.is_file():
+            if not self.store.exists(key):
                 raise NotFoundError(f"blob sha256:{hex_digest} is missing from the store")
-            if verify and sha256_file(in_place) != hex_digest:
+            try:
+                actual = sha256_file(in_place) if verify else hex_digest
+            except OSError as exc:
+                raise StorageError(f"{in_place}: {exc.strerror or type(exc).__name__}") from exc
+            if actual != hex_digest:
                 raise IntegrityError(f"blob sha256:{hex_digest} is corrupted in the store (content hash differs)")
             return in_place
         cached = self.root / "blobs" / hex_digest[:2] / hex_digest
         if cached.is_file():
             return cached  # verified before it was renamed into place
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self._tmp)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = self._staging_file(cached.parent)
         try:
             if not self.store.get_file(key, tmp):
                 raise NotFoundError(f"blob sha256:{hex_digest} is missing from the store")
-            tmp.chmod(0o644)
             if (actual := sha256_file(tmp)) != hex_digest:
                 raise IntegrityError(f"blob sha256:{hex_digest} downloaded with sha256:{actual}: refusing it")
-            os.replace(tmp, cached)
+            try:
+                tmp.chmod(0o644)
+                os.replace(tmp, cached)
+            except OSError as exc:
+                raise self._unwritable(exc) from exc
+        except OSError as exc:  # the download itself could not be written (a full disk)
+            raise self._unwritable(exc) from exc
         finally:
             tmp.unlink(missing_ok=True)
         return cached
@@ -78,23 +102,30 @@ class BlobCache:
         target = self.root / folder
         if target.is_dir():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self._tmp))
-        staging.chmod(0o755)  # engines may run as another user (shared volume)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=self._tmp))
+            staging.chmod(0o755)  # engines may run as another user (shared volume)
+        except OSError as exc:
+            raise self._unwritable(exc) from exc
         try:
             for rel, hex_digest in sorted(files.items()):
                 src = self.blob_path(hex_digest)
                 dest = staging / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    os.link(src, dest)
-                except OSError:
-                    shutil.copyfile(src, dest)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(src, dest)
+                    except OSError:
+                        shutil.copyfile(src, dest)
+                except OSError as exc:
+                    raise self._unwritable(exc) from exc
             try:
                 staging.rename(target)
-            except OSError:
+            except OSError as exc:
                 if not target.is_dir():  # otherwise another process assembled the same content first
-                    raise
+                    raise self._unwritable(exc) from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(staging)

@@ -2,7 +2,9 @@
 `base add|list|show`.
 
 The location comes from `--registry DIR|s3://bucket/prefix`, else $LORAGATE_REGISTRY, else ~/.loragate/registry.
-Every read command takes `--json`. This module imports only argparse at load time.
+Only `base add` creates a registry; every other command on a location that holds nothing (a mistyped path) fails
+with one line and exit status 2, and creates nothing. Every failure is one line (`error: ...`, status 2), a
+read-only registry included. Every read command takes `--json`. This module imports only argparse at load time.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _open(args: argparse.Namespace) -> Registry:
     from adapters_registry.registry import open_registry
 
     try:
-        reg = open_registry(getattr(args, "registry", None))
+        reg = open_registry(getattr(args, "registry", None), must_exist=not getattr(args, "creates", False))
     except RegistryError as exc:
         raise CLIError(str(exc)) from exc
     try:  # the CLI composes the application: the registry library itself never imports gateway
@@ -44,6 +46,8 @@ def _run(args: argparse.Namespace) -> int:
         code: int = args.action(_open(args), args)
     except RegistryError as exc:
         raise CLIError(str(exc)) from exc
+    except OSError as exc:  # outside the store (the adapter folder, an output file): still one line
+        raise CLIError(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from exc
     return code
 
 
@@ -95,11 +99,14 @@ def _push(reg: Registry, args: argparse.Namespace) -> int:
         description=args.description,
         labels=_labels(args.label),
         check_effect=args.check_effect,
+        allow_base_mismatch=args.allow_base_mismatch,
     )
     if args.json:
         _emit(_describe(manifest))
     else:
         note = f" (merge-only: {manifest.serving_reason})" if manifest.serving == "merge-only" else ""
+        if manifest.base_mismatch is not None:
+            note += f" (base mismatch accepted: adapter_config.json names {manifest.base_mismatch.declared!r})"
         print(f"{manifest.ref} {manifest.digest}{note}")
     return 0
 
@@ -171,7 +178,7 @@ def _rollback(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def _rm(reg: Registry, args: argparse.Namespace) -> int:
-    print(f"removed {reg.remove(args.ref, who=args.who).ref}")
+    print(f"removed {reg.remove(args.ref, who=args.who, force=args.force).ref}")  # --force: the registry warns
     return 0
 
 
@@ -291,6 +298,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--description")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--check-effect", action="store_true", help="refuse an adapter that does not change the logits")
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="accept an adapter whose adapter_config.json names another base (recorded in the manifest)",
+    )
 
     p = add("list", _list, "list versions", reads)
     p.add_argument("name", nargs="?")
@@ -307,9 +319,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name")
     p.add_argument("--alias", required=True)
     p.add_argument("--who")
-    p = add("rm", _rm, "remove a version (refused while an alias points at it)")
+    p = add("rm", _rm, "remove a version (refused while an alias points at it or a rollback would reach it)")
     p.add_argument("ref", metavar="REF")
     p.add_argument("--who")
+    p.add_argument("--force", action="store_true", help="remove it although a later rollback would reach it")
     p = add("materialize", _materialize, "print a local folder with the version's verified files", reads)
     p.add_argument("ref", metavar="REF")
     p = add("verify", _verify, "re-hash stored content and report corruption", reads)
@@ -327,7 +340,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     base = cmds.add_parser("base", parents=[common], help="base models")
     base_cmds = base.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)
     p = base_cmds.add_parser("add", parents=[common, reads], help="register a base model directory")
-    p.set_defaults(handler=_run, action=_base_add)
+    p.set_defaults(handler=_run, action=_base_add, creates=True)
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--name", required=True)
     p.add_argument("--copy", action="store_true", help="copy the weights into the registry")

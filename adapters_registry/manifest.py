@@ -35,6 +35,15 @@ class _Record(BaseModel):
         return self.model_dump_json(indent=2).encode() + b"\n"
 
 
+class BaseMismatch(_Record):
+    """A push accepted although the adapter says it was trained on another base (see provenance.py)."""
+
+    declared: str  # adapter_config.json's base_model_name_or_path, as written
+    evidence: Literal["path", "fingerprint", "name"]
+    names: list[str]  # the registered bases the declaration matches (empty: a model that is none of them)
+    differs: list[str] = Field(default_factory=list)  # fingerprint parts that differ from the bound base
+
+
 class AdapterManifest(_Record):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -59,6 +68,7 @@ class AdapterManifest(_Record):
     contract: dict[str, Any] | None = None
     serving: Serving = "lora"
     serving_reason: str | None = None
+    base_mismatch: BaseMismatch | None = None  # set only when pushed with allow_base_mismatch
 
     @property
     def ref(self) -> str:

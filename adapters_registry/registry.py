@@ -12,6 +12,13 @@ A push uploads blobs first and creates the version record last, so a push killed
 and no visible version; two concurrent pushes race on the create-only record and the loser takes the next number.
 `gc` deletes unreferenced blobs once they are old enough; a push touches the blobs it finds already stored so that
 they count as young (see gc.py).
+
+Writes check first that the store can be written (`ObjectStore.check_writable`), so a read-only registry refuses a
+push, promote or remove with one line before anything is hashed or written. Names are unique regardless of case (on a
+case-insensitive disk `UPPER` and `upper` would share a folder). A version that a later `rollback` of some alias
+would reach is removed only with `force`. `resolve` keeps its last answer for each reference: when the store is
+unreachable it answers from there for up to `stale_resolve_s` (a gateway keeps serving the adapters it knows through
+a registry outage) and retries the store at most every `RETRY_UNREACHABLE_S` meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,9 +38,9 @@ from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
 
-from adapters_registry.aliases import rollback_target
+from adapters_registry.aliases import rollback_chain, rollback_target
 from adapters_registry.cache import BlobCache, blob_key
-from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, ValidationError
+from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, StorageError, ValidationError
 from adapters_registry.gc import GcReport, collect_garbage
 from adapters_registry.manifest import (
     AdapterManifest,
@@ -50,6 +59,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LOCATION = "~/.loragate/registry"
 PAUSE_ENV = "LORAGATE_REGISTRY_PAUSE_AT"  # test hook: "<stage>" makes push stop there (see _pause_point)
 MAX_CAS_ATTEMPTS = 50
+STALE_RESOLVE_S = 300.0  # how long a last-known resolution stands in for an unreachable store (README: Readiness)
+RETRY_UNREACHABLE_S = 5.0  # while the store is unreachable, a known reference retries it at most this often
+RESOLVED_ENTRIES = 4096  # last-known resolutions kept (least recently used dropped first)
 
 # Called once after every write attempt with {"action", "target", "result": "ok"|"error", "who", "error", "details"}.
 AuditHook = Callable[[dict[str, Any]], None]
@@ -88,11 +100,40 @@ def _who(who: str | None) -> str:
         return "unknown"
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 class Registry:
-    def __init__(self, store: ObjectStore, cache_dir: Path, audit: AuditHook | None = None) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache_dir: Path,
+        audit: AuditHook | None = None,
+        *,
+        stale_resolve_s: float = STALE_RESOLVE_S,
+    ) -> None:
         self.store = store
         self.cache = BlobCache(store, cache_dir)
         self.audit = audit
+        self.stale_resolve_s = stale_resolve_s
+        self._resolved: OrderedDict[str, tuple[float, AdapterManifest]] = OrderedDict()
+        self._resolved_lock = threading.Lock()
+        self._unreachable_at: float | None = None  # monotonic time of the last failed store read during resolve
+        self._stale_answers = 0
+
+    def check_location(self) -> None:
+        """Raise NotFoundError when nothing is stored at the location (a mistyped path or prefix)."""
+        if self.store.probe():
+            return
+        if self.location.startswith("s3://"):
+            why = "nothing is stored under that prefix"
+        else:
+            why = "the directory does not exist"
+        raise NotFoundError(
+            f"no registry at {self.location}: {why} (check --registry or $LORAGATE_REGISTRY; "
+            "`loragate registry base add` creates a registry)"
+        )
 
     # ---- writes, each reported to the audit hook ------------------------------------------------------------------
     @contextmanager
@@ -107,6 +148,7 @@ class Registry:
             "details": details,
         }
         try:
+            self.store.check_writable()  # a read-only registry: one line, before anything is read, hashed or written
             yield record
         except Exception as exc:
             record.update(result="error", error=(str(exc).splitlines() or [type(exc).__name__])[0])
@@ -142,7 +184,13 @@ class Registry:
         description: str | None = None,
         labels: dict[str, str] | None = None,
         check_effect: bool = False,
+        allow_base_mismatch: bool = False,
     ) -> AdapterManifest:
+        """Store `adapter_dir` as the next version of `name`, bound to the registered base `base`.
+
+        Refused (ValidationError) when the adapter's own config says it was trained on another base, unless
+        `allow_base_mismatch`, which the manifest then records as `base_mismatch` (see provenance.py).
+        """
         with self._audited("push", name, None, base=base, path=str(adapter_dir)) as record:
             manifest = self._push(
                 adapter_dir,
@@ -154,6 +202,7 @@ class Registry:
                 description=description,
                 labels=labels,
                 check_effect=check_effect,
+                allow_base_mismatch=allow_base_mismatch,
             )
             record["target"] = manifest.ref
             record["details"].update(version=manifest.version, digest=manifest.digest, serving=manifest.serving)
@@ -172,9 +221,11 @@ class Registry:
             record["details"]["version"] = manifest.version
             return manifest
 
-    def remove(self, ref: str, who: str | None = None) -> AdapterManifest:
-        with self._audited("remove", ref, who) as record:
-            manifest = self._remove(ref)
+    def remove(self, ref: str, who: str | None = None, *, force: bool = False) -> AdapterManifest:
+        """Tombstone a version. Refused while an alias points at it, and (unless `force`) while a later rollback
+        of an alias would reach it (`rollbacks_reaching` says which)."""
+        with self._audited("remove", ref, who, force=force) as record:
+            manifest = self._remove(ref, force=force)
             record["target"] = manifest.ref
             return manifest
 
@@ -247,6 +298,8 @@ class Registry:
         check_name(name, "base name")
         if self.store.list_keys(f"adapters/{name}/versions/"):
             raise ValidationError(f"base name {name!r} is already an adapter name; pick another")
+        if not self.store.exists(f"bases/{name}.json"):
+            self._check_case(name, "base name")
         if not model_dir.is_dir():
             raise ValidationError("not a directory", path=str(model_dir))
         facts = describe_base(model_dir)
@@ -318,13 +371,17 @@ class Registry:
         description: str | None = None,
         labels: dict[str, str] | None = None,
         check_effect: bool = False,
+        allow_base_mismatch: bool = False,
     ) -> AdapterManifest:
-        from adapters_registry.validate import classify_files, inspect_adapter
+        from adapters_registry.provenance import declared_base_mismatch, describe_mismatch
+        from adapters_registry.validate import CONFIG_FILE, classify_files, inspect_adapter
 
         check_name(name)
         base_manifest = self.get_base(base)
         if self.store.exists(f"bases/{name}.json"):
             raise ValidationError(f"adapter name {name!r} is the name of a registered base model; pick another")
+        if self._newest_number(name) == 0:  # a new name: unique regardless of case
+            self._check_case(name, "adapter name")
         for key, value in (labels or {}).items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
                 raise ValidationError(f"label {key!r}={value!r}: labels are non-empty string keys to string values")
@@ -346,6 +403,11 @@ class Registry:
         if facts.files != names:
             raise ConflictError(f"{adapter_dir}: files changed during the push; nothing was registered, try again")
         sizes = {f: before[f][0] for f in names}
+        mismatch = declared_base_mismatch(facts.config, base_manifest, self.list_bases())
+        if mismatch is not None and not allow_base_mismatch:
+            raise ValidationError(describe_mismatch(mismatch, base), path=str(adapter_dir / CONFIG_FILE))
+        if mismatch is not None:
+            log.warning("%s: %s; accepted (allow_base_mismatch)", adapter_dir, describe_mismatch(mismatch, base))
         if check_effect:
             from adapters_registry.effect import check_effect as run_effect_check
 
@@ -380,6 +442,7 @@ class Registry:
             contract=normalized,
             serving=facts.serving,
             serving_reason=facts.serving_reason,
+            base_mismatch=mismatch,
         )
         version = self._newest_number(name) + 1
         while True:
@@ -394,6 +457,20 @@ class Registry:
             self.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": version}).encode())
         log.info("pushed %s (%s, serving=%s)", manifest.ref, digest, manifest.serving)
         return manifest
+
+    def _check_case(self, name: str, what: str) -> None:
+        """Refuse `name` when an adapter or base already has the same name in another case."""
+        folded = name.casefold()
+        bases = [k.removeprefix("bases/").removesuffix(".json") for k in self.store.list_keys("bases/")]
+        for kind, existing in [("adapter", n) for n in self.store.list_children("adapters/")] + [
+            ("base", n) for n in bases
+        ]:
+            if existing != name and existing.casefold() == folded:
+                raise ValidationError(
+                    f"{what} {name!r} differs only in case from the existing {kind} {existing!r}: names are unique "
+                    "regardless of case (on a case-insensitive disk they would share one folder); "
+                    f"use {existing!r} or another name"
+                )
 
     # ---- blobs: written before the record that references them, refreshed so that gc sees them young ----------------
     def _upload_blobs(self, files: dict[str, str], folder: Path) -> list[str]:
@@ -450,6 +527,57 @@ class Registry:
 
     # ---- read ----------------------------------------------------------------------------------------------------
     def resolve(self, ref: str) -> AdapterManifest:
+        """The live version `ref` names. While the store is unreachable (StorageError), the last answer for `ref`
+        from the past `stale_resolve_s` seconds stands in, with one warning per outage."""
+        now = time.monotonic()
+        with self._resolved_lock:
+            known = self._resolved.get(ref)
+            if known is not None and now - known[0] > self.stale_resolve_s:
+                known = None  # too old to stand in
+            down = self._unreachable_at is not None and now - self._unreachable_at < RETRY_UNREACHABLE_S
+        if known is not None and down:
+            return self._stale(ref, known, None)  # the store failed moments ago: answer without waiting for it again
+        try:
+            manifest = self._resolve(ref)
+        except StorageError as exc:
+            with self._resolved_lock:
+                self._unreachable_at = time.monotonic()
+            if known is None:
+                raise
+            return self._stale(ref, known, exc)
+        except NotFoundError:
+            with self._resolved_lock:
+                self._resolved.pop(ref, None)
+            raise
+        with self._resolved_lock:
+            if self._unreachable_at is not None:
+                log.warning(
+                    "registry %s reachable again (%d answers were last-known)", self.location, self._stale_answers
+                )
+                self._unreachable_at, self._stale_answers = None, 0
+            self._resolved[ref] = (time.monotonic(), manifest)
+            self._resolved.move_to_end(ref)
+            while len(self._resolved) > RESOLVED_ENTRIES:
+                self._resolved.popitem(last=False)
+        return manifest
+
+    def _stale(self, ref: str, known: tuple[float, AdapterManifest], exc: StorageError | None) -> AdapterManifest:
+        with self._resolved_lock:
+            self._stale_answers += 1
+            first = self._stale_answers == 1
+        if first:
+            log.warning(
+                "registry %s unreachable (%s); answering %s with %s as resolved %.0f s ago, for up to %.0f s",
+                self.location,
+                exc or "failed just now",
+                ref,
+                known[1].ref,
+                time.monotonic() - known[0],
+                self.stale_resolve_s,
+            )
+        return known[1]
+
+    def _resolve(self, ref: str) -> AdapterManifest:
         parsed = parse_ref(ref)
         version = self._resolve_number(parsed, ref)
         record = self._record(parsed.name, version)
@@ -571,21 +699,59 @@ class Registry:
             previous = rollback_target(record.history)
             if previous is None:
                 raise ConflictError(f"{name}:{alias} has no earlier version to roll back to")
+            gone = self._record(name, previous)
+            if isinstance(gone, Tombstone):
+                raise ConflictError(
+                    f"{name}:{alias} would roll back to {name}@{previous}, which was removed at {gone.removed_at}; "
+                    f"promote a version instead"
+                )
             return "rollback", self.resolve(f"{name}@{previous}")
 
         return self._move_alias(name, alias, who, pick)
 
     # ---- remove / verify -----------------------------------------------------------------------------------------
-    def _remove(self, ref: str) -> AdapterManifest:
+    def rollbacks_reaching(self, manifest: AdapterManifest) -> dict[str, int]:
+        """alias -> how many successive `rollback`s of it would reach `manifest` (aliases that never would: absent)."""
+        out: dict[str, int] = {}
+        for alias in self.aliases(manifest.name):
+            chain = rollback_chain(self.alias_history(manifest.name, alias))
+            if manifest.version in chain:
+                out[alias] = chain.index(manifest.version) + 1
+        return out
+
+    @staticmethod
+    def describe_rollbacks(name: str, reaching: dict[str, int]) -> str:
+        """`{"prod": 1, "canary": 2}` -> "the next `loragate registry rollback NAME --alias prod` and the 2nd ..." """
+        return " and ".join(
+            f"{'the next' if n == 1 else f'the {_ordinal(n)}'} `loragate registry rollback {name} --alias {alias}`"
+            for alias, n in sorted(reaching.items())
+        )
+
+    def _remove(self, ref: str, *, force: bool = False) -> AdapterManifest:
         manifest = self.resolve(ref)
         pinned = sorted(a for a, v in self.aliases(manifest.name).items() if v == manifest.version)
         if pinned:
             raise ConflictError(
                 f"{manifest.ref} is the target of alias {', '.join(pinned)}; promote another version there first"
             )
+        if reaching := self.rollbacks_reaching(manifest):
+            rollbacks = self.describe_rollbacks(manifest.name, reaching)
+            if not force:
+                raise ConflictError(
+                    f"{manifest.ref} is in the history of alias {', '.join(sorted(reaching))}: {rollbacks} would go "
+                    "back to it; removing it would break that rollback (--force removes it anyway)"
+                )
+        else:
+            rollbacks = ""
         tomb = Tombstone(name=manifest.name, version=manifest.version, digest=manifest.digest)
         self.store.put_bytes(_vkey(manifest.name, manifest.version), tomb.to_json())
-        log.info("removed %s", manifest.ref)
+        with self._resolved_lock:  # a removed version must not stand in for its references
+            for key in [k for k, (_, m) in self._resolved.items() if m.ref == manifest.ref]:
+                del self._resolved[key]
+        if rollbacks:
+            log.warning("removed %s (--force): %s would go back to it and will now fail", manifest.ref, rollbacks)
+        else:
+            log.info("removed %s", manifest.ref)
         return manifest
 
     def verify(self, ref: str | None = None) -> list[str]:
@@ -601,12 +767,19 @@ def default_cache_dir(location: str) -> Path:
 
 
 def open_registry(
-    location: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None, audit: AuditHook | None = None
+    location: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: Path | None = None,
+    audit: AuditHook | None = None,
+    must_exist: bool = False,
 ) -> Registry:
     """Open a registry: a directory or `s3://bucket/prefix`; None means $LORAGATE_REGISTRY or ~/.loragate/registry.
 
-    The local cache of verified files is `cache_dir`, else $LORAGATE_REGISTRY_CACHE, else (S3) a folder per location
-    under $LORAGATE_CACHE or ~/.cache/loragate, (local) `<registry>/.cache`.
+    Opening writes nothing (a local directory is created by its first write). With `must_exist`, a location that
+    holds nothing raises NotFoundError (what every CLI command but `base add` asks for, so a mistyped path is an
+    error rather than an empty registry). The local cache of verified files is `cache_dir`, else
+    $LORAGATE_REGISTRY_CACHE, else (S3) a folder per location under $LORAGATE_CACHE or ~/.cache/loragate, (local)
+    `<registry>/.cache`.
     """
     where = str(location) if location is not None else os.environ.get("LORAGATE_REGISTRY") or DEFAULT_LOCATION
     env_cache = os.environ.get("LORAGATE_REGISTRY_CACHE")
@@ -615,8 +788,12 @@ def open_registry(
         from adapters_registry.s3 import S3Store
 
         s3 = S3Store.from_url(where)
-        return Registry(s3, cache or default_cache_dir(s3.location), audit)
-    from adapters_registry.local import LocalStore
+        reg = Registry(s3, cache or default_cache_dir(s3.location), audit)
+    else:
+        from adapters_registry.local import LocalStore
 
-    local = LocalStore(Path(where))
-    return Registry(local, cache or local.root / ".cache", audit)
+        local = LocalStore(Path(where))
+        reg = Registry(local, cache or local.root / ".cache", audit)
+    if must_exist:
+        reg.check_location()
+    return reg

@@ -6,6 +6,11 @@ and a plain (multipart-capable) upload: two writers of one blob write the same b
 itself with `MetadataDirective=REPLACE` (S3 refuses a plain self-copy), which gives it a new LastModified; ages are
 measured on the server's clock (the `Date` header), not this machine's. The endpoint comes from
 $LORAGATE_S3_ENDPOINT_URL or $AWS_ENDPOINT_URL; credentials from the usual AWS variables or files.
+
+Timeouts are explicit (botocore's defaults, 60 s per connect and per read with up to 4 retries, would hold a request
+for minutes when the server hangs): a connect gives up after CONNECT_TIMEOUT_S, a read that receives nothing for
+READ_TIMEOUT_S, and one retry is made. Registry records are small; blob transfers are chunked, so the read timeout
+bounds the silence between chunks, not the transfer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from adapters_registry.store import ObjectStat, ObjectStore, check_key
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 10.0
+MAX_ATTEMPTS = 2  # botocore's "standard" retry mode counts the first try
+
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
@@ -36,12 +45,18 @@ def _code(exc: Exception) -> str:
 class S3Store(ObjectStore):
     def __init__(self, bucket: str, prefix: str = "", client: Any = None, endpoint_url: str | None = None) -> None:
         import boto3
+        from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         endpoint = endpoint_url or os.environ.get("LORAGATE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        self.client: Any = client or boto3.client("s3", endpoint_url=endpoint or None)
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        )
+        self.client: Any = client or boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -128,6 +143,23 @@ class S3Store(ObjectStore):
                     return False
                 raise
         return True
+
+    def probe(self) -> bool:
+        with self._errors(""):
+            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        return bool(listing.get("KeyCount") or listing.get("Contents"))
+
+    def list_children(self, prefix: str) -> list[str]:
+        names: set[str] = set()
+        with self._errors(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix, Delimiter="/"
+            )
+            for page in pages:
+                start = len(self.prefix + prefix)
+                names.update(p["Prefix"][start:].rstrip("/") for p in page.get("CommonPrefixes", []))
+                names.update(obj["Key"][start:] for obj in page.get("Contents", []))
+        return sorted(names)
 
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []

@@ -5,6 +5,10 @@ partial object. `put_bytes(..., if_absent=True)` is a create-only write (False w
 `put_if_match` is a compare-and-swap on the token that `get_with_token` returned. Every object has a modification
 time on the store's own clock (`stats`, `now`), which `touch` refreshes and `delete_if_older` checks; the garbage
 collector relies on them (see gc.py).
+
+Opening a store writes nothing: a local directory is created by its first write, so a read of a mistyped location
+creates nothing (`probe` tells an empty or missing location from a reachable one). Every backend failure surfaces as
+`StorageError` with a one-line message, never as a bare `OSError`.
 """
 
 from __future__ import annotations
@@ -84,6 +88,20 @@ class ObjectStore(ABC):
 
         A `touch` that returned True before this call started makes it keep the key.
         """
+
+    @abstractmethod
+    def probe(self) -> bool:
+        """True when the location holds anything, False when it is empty or missing; StorageError when unreachable.
+
+        One cheap request (no full listing): the readiness check and the existence check of read commands use it.
+        """
+
+    def check_writable(self) -> None:  # noqa: B027 (optional: a remote store learns it from its first write)
+        """Raise StorageError now if this process cannot write here (so a write fails before it starts)."""
+
+    def list_children(self, prefix: str) -> list[str]:
+        """The names one level below `prefix` (which ends with '/'), sorted: `adapters/` -> adapter names."""
+        return sorted({key[len(prefix) :].split("/", 1)[0] for key in self.list_keys(prefix)})
 
     def exists(self, key: str) -> bool:
         return self.get_bytes(key) is not None

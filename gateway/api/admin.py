@@ -13,6 +13,7 @@ from adapters_registry import open_registry
 from adapters_registry.errors import ConflictError, NotFoundError, RegistryError, ValidationError
 from gateway.deps import Gateway, GatewayDep
 from gateway.errors import InvalidRequest, ModelNotFound, Unavailable
+from gateway.readiness import registry_readiness
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 probes = APIRouter(tags=["probes"])
@@ -167,7 +168,9 @@ async def healthz() -> dict[str, str]:
 
 
 @probes.get("/readyz")
-async def readyz(gateway: GatewayDep) -> JSONResponse:
+async def readyz(request: Request, gateway: GatewayDep) -> JSONResponse:
+    """Ready: a healthy engine, pinned adapters resident, not draining, and the registry reachable recently (checked
+    in the background at most every 10 s, tolerated down for 5 min: see gateway/readiness.py)."""
     problems = []
     healthy = [engine for engine in gateway.supervisor.engines.values() if engine.healthy]
     if not healthy:
@@ -178,10 +181,8 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     for engine in healthy:
         if not gateway.adapters.pinned_resident(engine):
             problems.append(f"{engine.id}: pinned adapters not resident")
-    try:
-        await asyncio.wait_for(asyncio.to_thread(gateway.registry.list_bases), 5.0)
-    except Exception as exc:
-        problems.append(f"registry unreachable: {type(exc).__name__}: {exc}")
+    if registry_problem := await registry_readiness(request.app.state).problem(gateway.registry):
+        problems.append(registry_problem)
     if gateway.draining:
         problems.append("draining")
     body = {

@@ -130,7 +130,13 @@ def test_remove_is_refused_while_aliased_and_numbers_are_not_reused(
         registry.remove("support@2")
     assert str(info.value) == "support@2 is the target of alias prod; promote another version there first"
     registry.promote("support@1", "prod")
-    assert registry.remove("support@2").ref == "support@2"
+    with pytest.raises(ConflictError) as reached:  # a rollback of prod would go back to it
+        registry.remove("support@2")
+    assert str(reached.value) == (
+        "support@2 is in the history of alias prod: the next `loragate registry rollback support --alias prod` "
+        "would go back to it; removing it would break that rollback (--force removes it anyway)"
+    )
+    assert registry.remove("support@2", force=True).ref == "support@2"
     with pytest.raises(NotFoundError) as gone:
         registry.resolve("support@2")
     assert str(gone.value).startswith("support@2 was removed at ")
