@@ -18,7 +18,7 @@ push, promote or remove with one line before anything is hashed or written. Name
 case-insensitive disk `UPPER` and `upper` would share a folder). A version that a later `rollback` of some alias
 would reach is removed only with `force`. `resolve` keeps its last answer for each reference: when the store is
 unreachable it answers from there for up to `stale_resolve_s` (a gateway keeps serving the adapters it knows through
-a registry outage) and retries the store at most every `RETRY_UNREACHABLE_S` meanwhile.
+a registry outage) and retries the store at most every `retry_unreachable_s` meanwhile.
 """
 
 from __future__ import annotations
@@ -112,14 +112,17 @@ class Registry:
         audit: AuditHook | None = None,
         *,
         stale_resolve_s: float = STALE_RESOLVE_S,
+        retry_unreachable_s: float = RETRY_UNREACHABLE_S,
     ) -> None:
         self.store = store
         self.cache = BlobCache(store, cache_dir)
         self.audit = audit
         self.stale_resolve_s = stale_resolve_s
+        self.retry_unreachable_s = retry_unreachable_s
         self._resolved: OrderedDict[str, tuple[float, AdapterManifest]] = OrderedDict()
-        self._resolved_lock = threading.Lock()
+        self._resolved_lock = threading.RLock()
         self._unreachable_at: float | None = None  # monotonic time of the last failed store read during resolve
+        self._retrying = False  # one caller is trying the store again while others get last-known answers
         self._stale_answers = 0
 
     def check_location(self) -> None:
@@ -528,27 +531,34 @@ class Registry:
     # ---- read ----------------------------------------------------------------------------------------------------
     def resolve(self, ref: str) -> AdapterManifest:
         """The live version `ref` names. While the store is unreachable (StorageError), the last answer for `ref`
-        from the past `stale_resolve_s` seconds stands in, with one warning per outage."""
-        now = time.monotonic()
+        from the past `stale_resolve_s` seconds stands in, with one warning per outage; meanwhile a single caller
+        retries the store at most every `retry_unreachable_s`, the others get the last answer without waiting."""
+        retrying = False
         with self._resolved_lock:
+            now = time.monotonic()
             known = self._resolved.get(ref)
             if known is not None and now - known[0] > self.stale_resolve_s:
                 known = None  # too old to stand in
-            down = self._unreachable_at is not None and now - self._unreachable_at < RETRY_UNREACHABLE_S
-        if known is not None and down:
-            return self._stale(ref, known, None)  # the store failed moments ago: answer without waiting for it again
+            if known is not None and self._unreachable_at is not None:
+                if self._retrying or now - self._unreachable_at < self.retry_unreachable_s:
+                    return self._stale(ref, known, None)
+                self._retrying = retrying = True
         try:
             manifest = self._resolve(ref)
         except StorageError as exc:
             with self._resolved_lock:
                 self._unreachable_at = time.monotonic()
-            if known is None:
-                raise
-            return self._stale(ref, known, exc)
+                if known is None:
+                    raise
+                return self._stale(ref, known, exc)
         except NotFoundError:
             with self._resolved_lock:
                 self._resolved.pop(ref, None)
             raise
+        finally:
+            if retrying:
+                with self._resolved_lock:
+                    self._retrying = False
         with self._resolved_lock:
             if self._unreachable_at is not None:
                 log.warning(
@@ -562,10 +572,9 @@ class Registry:
         return manifest
 
     def _stale(self, ref: str, known: tuple[float, AdapterManifest], exc: StorageError | None) -> AdapterManifest:
-        with self._resolved_lock:
-            self._stale_answers += 1
-            first = self._stale_answers == 1
-        if first:
+        """Count and (once per outage) log a last-known answer; the caller may hold `_resolved_lock`."""
+        self._stale_answers += 1
+        if self._stale_answers == 1:
             log.warning(
                 "registry %s unreachable (%s); answering %s with %s as resolved %.0f s ago, for up to %.0f s",
                 self.location,

@@ -30,7 +30,7 @@ from adapters_registry.store import ObjectStat, ObjectStore, check_key
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
-READ_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 5.0
 MAX_ATTEMPTS = 2  # botocore's "standard" retry mode counts the first try
 
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}

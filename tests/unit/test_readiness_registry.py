@@ -110,9 +110,20 @@ def test_resolve_answers_from_the_last_known_version_while_the_registry_is_down(
     reg.promote("support@1", "prod")
     assert reg.resolve("support:prod") == one
     assert reg.resolve("support") == one
+    sent: list[str] = []
+    reg.store.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.url))
+    reg.retry_unreachable_s = 3600.0  # no second try within the test
     private_moto.stop()
     assert reg.resolve("support:prod") == one  # the store failed: the answer of moments ago stands in
+    tries = len(sent)
+    assert tries >= 1
+    for _ in range(20):
+        assert reg.resolve("support:prod") == one
+        assert reg.resolve("support") == one
+    assert len(sent) == tries  # known references did not wait on the store again
+    reg.retry_unreachable_s = 0.0
     assert reg.resolve("support") == one
+    assert len(sent) > tries  # past the retry interval one caller tries the store again
     with pytest.raises(StorageError) as info:
         reg.resolve(f"support@sha256:{one.digest_hex[:8]}")  # never resolved before: nothing to stand in
     assert "Could not connect to the endpoint URL" in str(info.value)
