@@ -13,18 +13,18 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import Any, Protocol
 
 from adapters_registry import AdapterManifest, Registry
-from adapters_registry.errors import ConflictError, NotFoundError, RegistryError, ValidationError
-from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, ModelNotFound, Unavailable
-from gateway.metrics import GatewayMetrics
+from adapters_registry.errors import RegistryError
+from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, Unavailable, from_registry_error
+from gateway.resolver import Resolver
 from gateway.routing import EngineLoad, Placement, Policy, Refusal, ResidencyLedger, choose_engine
 from gateway.supervisor import Engine
+from gateway.upstream import ERRORS, Reply, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,45 @@ class Target:
         return self.manifest.engine_name if self.manifest else None
 
 
-@dataclass
 class Lease:
     """A placed request: it holds the engine's in-flight slot and keeps its adapter from being evicted."""
 
-    engine: Engine
-    key: str | None
-    release: Callable[[], None] = field(repr=False)
+    __slots__ = ("_on_release", "engine", "key", "released")
+
+    def __init__(self, engine: Engine, key: str | None, on_release: Callable[[], None]) -> None:
+        self.engine = engine
+        self.key = key
+        self.released = False
+        self._on_release = on_release
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._on_release()
+
+
+class AdapterMetrics(Protocol):
+    """What the adapter manager counts (gateway.metrics.GatewayMetrics provides it; `NO_METRICS` counts nothing)."""
+
+    def adapter_loaded(self, engine: str, adapter: str, version: str, seconds: float) -> None: ...
+
+    def adapter_load_failed(self, engine: str, adapter: str, reason: str) -> None: ...
+
+    def adapter_unloaded(self, engine: str, adapter: str, version: str, seconds: float, evicted: bool) -> None: ...
+
+
+class _NoMetrics:
+    def adapter_loaded(self, engine: str, adapter: str, version: str, seconds: float) -> None:
+        pass
+
+    def adapter_load_failed(self, engine: str, adapter: str, reason: str) -> None:
+        pass
+
+    def adapter_unloaded(self, engine: str, adapter: str, version: str, seconds: float, evicted: bool) -> None:
+        pass
+
+
+NO_METRICS: AdapterMetrics = _NoMetrics()
 
 
 def refusal_reason(manifest: AdapterManifest, base_name: str, max_lora_rank: int) -> str | None:
@@ -93,19 +125,22 @@ class AdapterManager:
     def __init__(
         self,
         registry: Registry,
-        client: httpx.AsyncClient,
-        engines: dict[str, Engine],
+        upstream: Upstream,
+        engines: Mapping[str, Engine],
         *,
         base_name: str,
         bound_base: str | None = None,
         policy: Policy,
         load_timeout_s: float,
-        metrics: GatewayMetrics | None = None,
+        metrics: AdapterMetrics = NO_METRICS,
         materialize: bool = True,
+        pinned: list[str] | None = None,
+        resolve_ttl_s: float = 2.0,
     ) -> None:
         self.registry = registry
-        self.client = client
-        self.engines = engines
+        self.resolver = Resolver(registry, ttl_s=resolve_ttl_s)
+        self.upstream = upstream
+        self.engines = engines  # the supervisor's: it adds and removes them
         self.base_name = base_name
         self.bound_base = bound_base or base_name  # the registry base adapters must be bound to
         self.policy = policy
@@ -114,7 +149,9 @@ class AdapterManager:
         self.materialize = materialize  # False: the engines' own synced cache holds the files; only name the folder
         self.ledger = ResidencyLedger()
         self.manifests: dict[str, AdapterManifest] = {}
-        self.pinned_refs: dict[str, str] = {}  # engine name -> the ref it was pinned by
+        # ref -> engine name once resolved (None: not yet, e.g. before any engine told its max_lora_rank)
+        self.pinned_refs: dict[str, str | None] = dict.fromkeys(pinned or [])
+        self.pin_problems: dict[str, str] = {}  # ref -> why it is not pinned yet
         self._paths: dict[str, Path] = {}
         self._loading: Counter[str] = Counter()
         self._busy: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -122,6 +159,7 @@ class AdapterManager:
         self._engine_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._path_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slot_freed = asyncio.Condition()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- resolution ------------------------------------------------------------------------------------------------
     async def resolve(self, model: object) -> Target:
@@ -139,20 +177,16 @@ class AdapterManager:
     async def manifest_for(self, model: str) -> AdapterManifest:
         """The registry version a reference names, whether or not it can be served here."""
         try:
-            return await asyncio.to_thread(self.registry.resolve, model)
-        except NotFoundError as exc:
-            raise ModelNotFound(model) from exc
-        except (ValidationError, ConflictError) as exc:  # a malformed or ambiguous ref is the caller's mistake
-            raise InvalidRequest(f"invalid model '{model}': {exc}", param="model") from exc
+            return await self.resolver.resolve(model)
         except RegistryError as exc:
-            raise Unavailable(f"registry unavailable: {exc}", code="registry_unavailable") from exc
+            raise from_registry_error(exc, model) from exc
 
     def max_lora_rank(self) -> int:
         ranks = [engine.max_lora_rank for engine in self.engines.values()]
         return min(ranks) if ranks else 0
 
     def status(self, key: str) -> str:
-        if any(self.ledger.has(engine, key) for engine in self.ledger.engines()):
+        if self.ledger.holders(key):
             return "loaded"
         return "loading" if self._loading[key] else "registered"
 
@@ -162,11 +196,13 @@ class AdapterManager:
             EngineLoad(e.id, e.healthy and e.id not in exclude, e.inflight, e.waiting) for e in self.engines.values()
         ]
 
-    async def acquire(self, target: Target, request_id: str, exclude: set[str] | None = None) -> Lease:
+    async def acquire(
+        self, manifest: AdapterManifest | None, request_id: str, exclude: set[str] | None = None
+    ) -> Lease:
         """Place the request, loading its adapter first when needed; waits for a free slot up to the load timeout."""
         exclude = exclude or set()
         deadline = time.monotonic() + self.load_timeout_s
-        key = target.key
+        key = manifest.engine_name if manifest is not None else None
         while True:
             decision = choose_engine(
                 key, self._loads(exclude), self.ledger, self.policy, busy=self._busy, spread_key=request_id
@@ -179,8 +215,8 @@ class AdapterManager:
                 engine = self.engines[decision.engine]
                 if key is None or self.ledger.has(engine.id, key):
                     return self._lease(engine, key)
-                assert target.manifest is not None
-                if await self.ensure_loaded(engine, target.manifest):
+                assert manifest is not None
+                if await self.ensure_loaded(engine, manifest):
                     return self._lease(engine, key)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -191,28 +227,32 @@ class AdapterManager:
 
     def _lease(self, engine: Engine, key: str | None) -> Lease:
         engine.inflight += 1
-        if key is not None:
-            self._busy[engine.id][key] += 1
-            self.ledger.touch(engine.id, key)
-        released = False
+        if key is None:
+            return Lease(engine, None, lambda: self._release_base(engine))
+        self._busy[engine.id][key] += 1
+        self.ledger.touch(engine.id, key)
+        return Lease(engine, key, lambda: self._release(engine, key))
 
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            engine.inflight -= 1
-            if key is not None:
-                self._busy[engine.id][key] -= 1
-                if self._busy[engine.id][key] <= 0:
-                    del self._busy[engine.id][key]
-                    asyncio.get_running_loop().create_task(self._notify())
+    @staticmethod
+    def _release_base(engine: Engine) -> None:
+        engine.inflight -= 1
 
-        return Lease(engine, key, release)
+    def _release(self, engine: Engine, key: str) -> None:
+        engine.inflight -= 1
+        busy = self._busy[engine.id]
+        busy[key] -= 1
+        if busy[key] <= 0:
+            del busy[key]
+            self._spawn(self._notify())
 
     async def _notify(self) -> None:
         async with self._slot_freed:
             self._slot_freed.notify_all()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- load / unload -----------------------------------------------------------------------------------------------
     async def _local_path(self, manifest: AdapterManifest) -> Path:
@@ -221,7 +261,10 @@ class AdapterManager:
             if key not in self._paths and not self.materialize:
                 self._paths[key] = self.registry.materialized_path(manifest)
             elif key not in self._paths:
-                self._paths[key] = await asyncio.to_thread(self.registry.materialize, manifest)
+                try:
+                    self._paths[key] = await asyncio.to_thread(self.registry.materialize, manifest)
+                except RegistryError as exc:
+                    raise from_registry_error(exc, manifest.ref) from exc
             return self._paths[key]
 
     async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest) -> bool:
@@ -246,31 +289,31 @@ class AdapterManager:
         self._loading[key] += 1
         started = time.monotonic()
         try:
-            response = await self.client.post(
+            response = await self.upstream.post_json(
                 f"{engine.url}/v1/load_lora_adapter",
-                json={"lora_name": key, "lora_path": str(path)},
-                timeout=self.load_timeout_s,
+                {"lora_name": key, "lora_path": str(path)},
+                timeout_s=self.load_timeout_s,
             )
-        except httpx.HTTPError as exc:
+        except ERRORS as exc:
             self._load_failed(engine, key, type(exc).__name__)
-            raise Unavailable(f"engine {engine.id} did not answer the adapter load: {exc}") from exc
+            raise Unavailable(f"engine {engine.id} did not answer the adapter load: {exc!r}") from exc
         finally:
             self._loading[key] -= 1
-        already = response.status_code == 400 and "already been loaded" in response.text
-        if response.status_code != 200 and not already:
-            self._load_failed(engine, key, str(response.status_code))
+        already = response.status == 400 and "already been loaded" in response.text
+        if response.status != 200 and not already:
+            self._load_failed(engine, key, str(response.status))
             raise AdapterLoadFailed(
                 f"engine {engine.id} refused adapter {manifest.ref if manifest else key}: {_upstream_message(response)}"
             )
         self.ledger.record_loaded(engine.id, key)
         seconds = time.monotonic() - started
         log.info("%s: loaded %s as %s in %.3fs", engine.id, manifest.ref if manifest else key, key, seconds)
-        if self.metrics is not None and manifest is not None:
+        if manifest is not None:
             self.metrics.adapter_loaded(engine.id, manifest.name, str(manifest.version), seconds)
 
     def _load_failed(self, engine: Engine, key: str, reason: str) -> None:
         manifest = self.manifests.get(key)
-        if self.metrics is not None and manifest is not None:
+        if manifest is not None:
             self.metrics.adapter_load_failed(engine.id, manifest.name, reason)
 
     async def _unload(self, engine: Engine, key: str, *, evicted: bool) -> None:
@@ -278,18 +321,18 @@ class AdapterManager:
         # Out of the ledger first, so that no new request is routed to it while vLLM drops it.
         self.ledger.record_unloaded(engine.id, key)
         try:
-            response = await self.client.post(f"{engine.url}/v1/unload_lora_adapter", json={"lora_name": key})
-            if response.status_code not in (200, 404):
+            response = await self.upstream.post_json(f"{engine.url}/v1/unload_lora_adapter", {"lora_name": key})
+            if response.status not in (200, 404):
                 raise AdapterLoadFailed(f"engine {engine.id} refused to unload {key}: {_upstream_message(response)}")
             if key in await self._engine_adapters(engine):
                 raise AdapterLoadFailed(f"engine {engine.id} still lists {key} after unloading it")
-        except (AdapterLoadFailed, httpx.HTTPError):
+        except (AdapterLoadFailed, *ERRORS):  # type: ignore[misc]
             self.ledger.record_loaded(engine.id, key)
             raise
         seconds = time.monotonic() - started
         log.info("%s: %s %s", engine.id, "evicted" if evicted else "unloaded", key)
         manifest = self.manifests.get(key)
-        if self.metrics is not None and manifest is not None:
+        if manifest is not None:
             self.metrics.adapter_unloaded(engine.id, manifest.name, str(manifest.version), seconds, evicted)
 
     async def unload(self, engine: Engine, key: str) -> None:
@@ -297,8 +340,10 @@ class AdapterManager:
             await self._unload(engine, key, evicted=False)
 
     async def _engine_adapters(self, engine: Engine) -> set[str]:
-        response = await self.client.get(f"{engine.url}/v1/models", timeout=10.0)
-        response.raise_for_status()
+        """The adapters the engine itself lists (vLLM's `/v1/models`: the cards with a parent)."""
+        response = await self.upstream.get(f"{engine.url}/v1/models", timeout_s=10.0)
+        if response.status != 200:
+            raise AdapterLoadFailed(f"engine {engine.id} answered {response.status} listing its adapters")
         return {card["id"] for card in response.json().get("data", []) if card.get("parent")}
 
     # -- pins, restarts, reconciliation ----------------------------------------------------------------------------
@@ -308,7 +353,8 @@ class AdapterManager:
         assert target.manifest is not None
         key = target.manifest.engine_name
         self.ledger.pin(key)
-        self.pinned_refs[key] = ref
+        self.pinned_refs[ref] = key
+        self.pin_problems.pop(ref, None)
         for engine in list(self.engines.values()):
             if engine.healthy and not await self.ensure_loaded(engine, target.manifest):
                 raise Unavailable(f"engine {engine.id} has no slot for pinned adapter {ref}", code="no_adapter_slot")
@@ -316,19 +362,50 @@ class AdapterManager:
 
     def unpin(self, key: str) -> None:
         self.ledger.unpin(key)
-        self.pinned_refs.pop(key, None)
+        for ref in [ref for ref, pinned in self.pinned_refs.items() if pinned == key]:
+            del self.pinned_refs[ref]
 
     def pinned_resident(self, engine: Engine) -> bool:
-        return all(self.ledger.has(engine.id, key) for key in self.ledger.pinned)
+        return not self.pin_problems and all(self.ledger.has(engine.id, key) for key in self.ledger.pinned)
+
+    async def _resolve_pins(self) -> None:
+        """Pins given in the settings become engine names once an engine says what it can serve (its rank)."""
+        for ref, key in list(self.pinned_refs.items()):
+            if key is not None:
+                continue
+            try:
+                target = await self.resolve(ref)
+            except Exception as exc:
+                self.pin_problems[ref] = str(getattr(exc, "message", exc))
+                log.error("pinned adapter %s cannot be pinned: %s", ref, self.pin_problems[ref])
+                continue
+            assert target.key is not None
+            self.ledger.pin(target.key)
+            self.pinned_refs[ref] = target.key
+            self.pin_problems.pop(ref, None)
 
     async def on_engine_ready(self, engine: Engine) -> None:
-        """A (re)started engine holds nothing: load what the ledger says it held, pinned adapters first."""
-        held = [key for key in self.ledger.resident(engine.id) if key not in self.ledger.pinned]
-        for key in held:
-            self.ledger.record_unloaded(engine.id, key)
+        """An engine (re)started or came back: align the ledger with what it holds, then load what it should hold.
+
+        A restarted engine holds nothing; one that was only unreachable for a while still holds its adapters.
+        Pinned adapters load first, then those the ledger says it held (they were in use there)."""
+        try:
+            listed = await self._engine_adapters(engine)
+        except (AdapterLoadFailed, *ERRORS) as exc:  # type: ignore[misc]
+            log.warning("%s: could not list its adapters (%s); assuming it holds none", engine.id, exc)
+            listed = set()
+        async with self._engine_locks[engine.id]:
+            held = [key for key in self.ledger.resident(engine.id) if key not in self.ledger.pinned]
+            for key in self.ledger.resident(engine.id):
+                if key not in listed:
+                    self.ledger.record_unloaded(engine.id, key)
+            for key in sorted(listed):
+                if ENGINE_NAME.match(key) and not self.ledger.has(engine.id, key):
+                    self.ledger.record_loaded(engine.id, key)
+        await self._resolve_pins()
         for key in [*sorted(self.ledger.pinned), *held]:
             manifest = self.manifests.get(key)
-            if manifest is None:
+            if manifest is None or self.ledger.has(engine.id, key):
                 continue
             try:
                 await self.ensure_loaded(engine, manifest)
@@ -343,7 +420,8 @@ class AdapterManager:
         )
 
     async def reconcile(self, engine: Engine) -> None:
-        """Align the ledger with what the engine lists (another gateway replica may have loaded adapters)."""
+        """Align the ledger with what the engine lists (another gateway replica may have loaded adapters), and load
+        a pinned adapter it lost (an engine restarted between two health checks)."""
         async with self._engine_locks[engine.id]:
             listed = await self._engine_adapters(engine)
             known = set(self.ledger.resident(engine.id))
@@ -354,13 +432,13 @@ class AdapterManager:
                 if not self._loading[key]:
                     log.warning("%s: %s vanished from the engine; dropping it from the ledger", engine.id, key)
                     self.ledger.record_unloaded(engine.id, key)
+        for key in sorted(self.ledger.pinned - listed):
+            manifest = self.manifests.get(key)
+            if manifest is not None and not self._loading[key]:
+                await self.ensure_loaded(engine, manifest)
 
-    def engine_name_to_ref(self, key: str) -> str | None:
-        match = ENGINE_NAME.match(key)
-        return f"{match['name']}@sha256:{match['digest']}" if match else None
 
-
-def _upstream_message(response: httpx.Response) -> str:
+def _upstream_message(response: Reply) -> str:
     try:
         body = response.json()
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
@@ -369,4 +447,4 @@ def _upstream_message(response: httpx.Response) -> str:
             return str(body["message"])
     except ValueError:
         pass
-    return response.text.strip()[:300] or f"status {response.status_code}"
+    return response.text.strip()[:300] or f"status {response.status}"

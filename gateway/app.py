@@ -1,154 +1,47 @@
-"""The gateway application: `create_app(settings)` builds the FastAPI app; its lifespan owns every resource."""
+"""The gateway application: `create_app(settings)` builds the ASGI app; `build_gateway` assembles what it runs on.
+
+`build_gateway` opens every resource on one `AsyncExitStack`, so a start that fails half-way (an engine that
+never comes up, a registry that cannot be read) closes what it had opened, in reverse order. The lifespan serves
+inside it and drains on the way out (`drain`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
-from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from adapters_registry import Registry, open_registry
-from adapters_registry.errors import NotFoundError
 from gateway.adapters import AdapterManager
 from gateway.api import admin, openai
-from gateway.auth import SecurityMiddleware, build_security
-from gateway.deps import Gateway
-from gateway.errors import GatewayError, error_envelope
+from gateway.api.completions import ROUTES, CompletionRoute, openapi_paths
+from gateway.base_model import bound_base_name, resolve_base
+from gateway.call import Call
+from gateway.deps import Gateway, Live
+from gateway.errors import MethodNotAllowed, install_error_handlers, send_error
 from gateway.hooks import CompletionHook
-from gateway.metrics import EngineSnapshot, GatewayMetrics, RequestOutcome, ResidentAdapter, residency_tier
+from gateway.metrics import EngineSnapshot, GatewayMetrics, ResidentAdapter, residency_tier
 from gateway.metrics_server import metrics_server
-from gateway.proxy import CallRecord, Proxy
+from gateway.middleware import RequestHeaders, SecurityMiddleware
+from gateway.proxy import Proxy
 from gateway.routing import Policy
+from gateway.security import build_security, settle
 from gateway.settings import Settings
 from gateway.structured import StructuredOutputs
 from gateway.supervisor import Engine, Supervisor
+from gateway.upstream import Upstream
 from gateway.usage import UsageEmitter
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class BaseModelError(Exception):
-    """`base` names neither a directory nor a registry base."""
-
-
-def resolve_base(settings: Settings, registry: Registry) -> tuple[str | None, str]:
-    """(model path for managed engines, served base name)."""
-    if settings.mode == "external":
-        return None, settings.base_name or str(settings.base)
-    assert settings.base is not None
-    path = Path(settings.base).expanduser()
-    if path.is_dir():
-        return str(path.resolve()), settings.base_name or path.name
-    try:
-        registry.get_base(settings.base)
-    except NotFoundError as exc:
-        raise BaseModelError(f"base '{settings.base}' is neither a directory nor a registered base") from exc
-    return str(registry.base_dir(settings.base)), settings.base_name or settings.base
-
-
-def bound_base_name(settings: Settings, served_name: str) -> str:
-    """The registry base that adapters must be bound to: `base` when it names a registry base, else the served name."""
-    if settings.base and not Path(settings.base).expanduser().is_dir():
-        return settings.base
-    return served_name
-
-
-def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    up = settings.upstream
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=up.connect_timeout_s, read=up.read_timeout_s, write=up.write_timeout_s, pool=up.pool_timeout_s
-        ),
-        limits=httpx.Limits(
-            max_connections=up.max_connections,
-            max_keepalive_connections=up.max_connections,
-            keepalive_expiry=up.keepalive_s,
-        ),
-    )
-
-
-class RequestHeaders:
-    """Gives every response `x-request-id` and `x-loragate-adapter`; turns an unexpected exception into a 500."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["adapter"] = "none"
-        started = False
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = MutableHeaders(scope=message)
-                headers["x-request-id"] = request_id
-                headers["x-loragate-adapter"] = state["adapter"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        except Exception:
-            log.exception("%s: unhandled error", request_id)
-            if not started:
-                envelope = error_envelope(
-                    f"internal error (request {request_id})", "internal_error", None, "internal_error"
-                )
-                await JSONResponse(envelope, status_code=500)(scope, receive, send_with_headers)
-
-
-def register_error_handlers(app: FastAPI) -> None:
-    async def gateway_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        if exc.status >= 500:
-            log.warning("%s: %s %s", request.state.request_id, exc.status, exc.message)
-        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers())
-
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request body')}"
-        return JSONResponse(
-            error_envelope(message, "invalid_request_error", ".".join(loc) or None, "invalid_request"), status_code=400
-        )
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
-        return JSONResponse(
-            error_envelope(str(exc.detail), "invalid_request_error", None, code or exc.status_code),
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
-
-    app.add_exception_handler(GatewayError, gateway_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
 
 
 def engine_snapshots(gateway: Gateway) -> list[EngineSnapshot]:
@@ -167,32 +60,25 @@ def engine_snapshots(gateway: Gateway) -> list[EngineSnapshot]:
     return snapshots
 
 
-def create_app(
-    settings: Settings, *, registry: Registry | None = None, hooks: list[CompletionHook] | None = None
-) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        reg: Registry = registry if registry is not None else await asyncio.to_thread(open_registry, settings.registry)
+def settle_quota(call: Call) -> None:
+    settle(call.quota, call.prompt_tokens, call.completion_tokens, call.events)
+
+
+@asynccontextmanager
+async def build_gateway(
+    settings: Settings, registry: Registry | None = None, hooks: list[CompletionHook] | None = None
+) -> AsyncIterator[Gateway]:
+    """The running gateway: engines started (not yet ready), every resource closed when the block ends."""
+    async with AsyncExitStack() as stack:
+        reg = registry if registry is not None else await asyncio.to_thread(open_registry, settings.registry)
         model_path, base_name = await asyncio.to_thread(resolve_base, settings, reg)
-        client = upstream_client(settings)
+        upstream = await stack.enter_async_context(Upstream(settings.upstream))
         metrics = GatewayMetrics(registry=CollectorRegistry(), max_adapter_labels=settings.metrics_max_adapter_labels)
         security = build_security(settings.security, reg.store, metrics, base_name=base_name)
-        app.state.security = security
         reg.audit = security.audit.registry_hook("gateway")  # registry writes through the admin API are audited
         usage = UsageEmitter(settings.usage_webhook_url, metrics=metrics)
-        engines: dict[str, Engine] = {}
-        policy = Policy(settings.routing.overload_threshold, settings.routing.max_queue, settings.routing.load_bucket)
-        adapters = AdapterManager(
-            reg,
-            client,
-            engines,
-            base_name=base_name,
-            bound_base=bound_base_name(settings, base_name),
-            policy=policy,
-            load_timeout_s=settings.adapters.load_timeout_s,
-            metrics=metrics,
-            materialize=settings.adapters.materialize,
-        )
+        await usage.start()
+        stack.push_async_callback(usage.aclose)
 
         async def on_ready(engine: Engine) -> None:
             await adapters.on_engine_ready(engine)
@@ -204,79 +90,110 @@ def create_app(
             metrics.engine_up(engine.id, False)
             await adapters.on_engine_down(engine)
 
+        async def on_tick(engine: Engine) -> None:
+            await adapters.reconcile(engine)
+
         supervisor = Supervisor(
             settings,
-            client,
+            upstream,
             model_path=model_path,
             served_name=base_name,
             on_ready=on_ready,
             on_down=on_down,
-            on_tick=adapters.reconcile,
+            on_tick=on_tick,
+            on_added=lambda engine: adapters.ledger.add_engine(engine.id, engine.slots),
+            on_removed=lambda engine: adapters.ledger.remove_engine(engine.id),
         )
-        supervisor.engines = engines
-        supervisor.on_added = lambda engine: adapters.ledger.add_engine(engine.id, engine.slots)
-        supervisor.on_removed = lambda engine: adapters.ledger.remove_engine(engine.id)
-
-        def observe(record: CallRecord) -> None:
-            manifest = record.target.manifest
-            gateway.observe(
-                RequestOutcome(
-                    route=record.route,
-                    adapter=manifest.name if manifest else None,
-                    version=str(manifest.version) if manifest else None,
-                    engine=record.engine,
-                    status=record.status,
-                    error_code=record.error_code,
-                    prompt_tokens=record.prompt_tokens,
-                    completion_tokens=record.completion_tokens,
-                    latency_s=time.monotonic() - record.started,
-                    ttft_s=record.ttft_s if record.stream else None,
-                    queue_s=record.queue_s,
-                    output_valid=record.output_valid,
-                    stream=record.stream,
-                    request_id=record.request_id,
-                    key_id=security.observed(record.request_id, record.prompt_tokens, record.completion_tokens),
-                )
-            )
-
-        proxy = Proxy(client, supervisor, adapters, [*(hooks or []), StructuredOutputs()], observe)
-        gateway = Gateway(settings, base_name, reg, client, supervisor, adapters, proxy, metrics, usage)
-        app.state.gateway = gateway
-        app.state.metrics = metrics
+        routing = settings.routing
+        adapters = AdapterManager(
+            reg,
+            upstream,
+            supervisor.engines,
+            base_name=base_name,
+            bound_base=bound_base_name(settings, base_name),
+            policy=Policy(routing.overload_threshold, routing.max_queue, routing.load_bucket),
+            load_timeout_s=settings.adapters.load_timeout_s,
+            metrics=metrics,
+            materialize=settings.adapters.materialize,
+            pinned=settings.adapters.pinned,
+            resolve_ttl_s=settings.adapters.resolve_ttl_s,
+        )
+        proxy = Proxy(
+            upstream,
+            supervisor,
+            adapters,
+            [*(hooks or []), StructuredOutputs()],
+            [metrics.observe_request, usage.emit, settle_quota],
+        )
+        gateway = Gateway(settings, base_name, reg, upstream, supervisor, adapters, proxy, metrics, usage, security)
         metrics.add_state_collector(lambda: engine_snapshots(gateway))
-        for ref in settings.adapters.pinned:  # before the engines start, so each one loads them when it is ready
-            target = await adapters.resolve(ref)
-            assert target.key is not None
-            adapters.ledger.pin(target.key)
-            adapters.pinned_refs[target.key] = ref
-        # /metrics on its own port, when set: up first and stopped last, so a scrape sees the start-up and the drain
-        scrape_port = (
-            metrics_server(settings.host, settings.metrics_port, metrics.render)
-            if settings.metrics_port is not None
-            else contextlib.nullcontext()
+        if settings.metrics_port is not None:  # up before the engines and stopped after them: scrapes see both
+            await stack.enter_async_context(metrics_server(settings.host, settings.metrics_port, metrics.render))
+        stack.push_async_callback(supervisor.stop)  # SIGTERM, grace, SIGKILL to each engine's process group
+        await supervisor.start()
+        log.info("gateway serving base '%s' with %s engine(s)", base_name, len(supervisor.engines) or "discovered")
+        yield gateway
+
+
+async def drain(gateway: Gateway, grace_s: float) -> None:
+    """Shutting down: refuse new completions, give the running ones `grace_s`, then end the streams still open."""
+    gateway.draining = True  # new completions get 503 + Retry-After; /readyz fails
+    deadline = time.monotonic() + grace_s
+    while gateway.inflight() and time.monotonic() < deadline:  # in-flight calls get the grace period
+        await asyncio.sleep(0.05)
+    if gateway.inflight():  # streams still open end with an SSE error event, recorded as 503 drain_deadline
+        cut = gateway.proxy.cut_streams()
+        log.warning(
+            "drain: %s call(s) still in flight after %.0fs; %s stream(s) ended", gateway.inflight(), grace_s, cut
         )
-        async with scrape_port:
-            await usage.start()
-            await supervisor.start()
-            log.info("gateway serving base '%s' with %s engine(s)", base_name, len(engines) or "discovered")
+        while gateway.inflight() and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.05)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with a fast lane for the completion routes: the same two middlewares in front of them, without the
+    router and Starlette's error and exception layers (their work is done by RequestHeaders and the route itself),
+    about 20 us less per request."""
+
+    def __init__(self, live: Live, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.state.live = live
+        routes = {path: CompletionRoute(live, path) for path in ROUTES}
+
+        async def completion(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["method"] != "POST":
+                await send_error(send, MethodNotAllowed("Method Not Allowed"))
+                return
+            await routes[scope["path"]](scope, receive, send)
+
+        self.fast_lane = RequestHeaders(SecurityMiddleware(completion, live))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in ROUTES:
+            scope["app"] = self
+            await self.fast_lane(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(
+    settings: Settings, *, registry: Registry | None = None, hooks: list[CompletionHook] | None = None
+) -> FastAPI:
+    live = Live()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with build_gateway(settings, registry, hooks) as gateway:
+            live.gateway = app.state.gateway = gateway
             try:
                 yield
             finally:
-                gateway.draining = True  # new completions get 503 + Retry-After
-                deadline = time.monotonic() + settings.drain_grace_s  # in-flight streams get up to the grace period
-                while gateway.inflight() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                if gateway.inflight():
-                    log.warning(
-                        "drain: %s request(s) still in flight after %.0fs", gateway.inflight(), settings.drain_grace_s
-                    )
-                await supervisor.stop()  # SIGTERM, grace, SIGKILL to each engine's process group
-                await usage.aclose()
-                await client.aclose()
+                await drain(gateway, settings.drain_grace_s)
 
-    app = FastAPI(title="loragate gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
-    register_error_handlers(app)
-    app.add_middleware(SecurityMiddleware)  # inside RequestHeaders: its refusals carry x-request-id too
+    app = GatewayApp(live, title="loragate gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(SecurityMiddleware, live=live)  # inside RequestHeaders: its refusals carry x-request-id too
     app.add_middleware(RequestHeaders)
     app.include_router(openai.router)
     app.include_router(admin.router)
@@ -286,7 +203,16 @@ def create_app(
 
         @app.get("/metrics", include_in_schema=False)
         async def prometheus(request: Request) -> Response:
-            body, content_type = request.app.state.metrics.render()
+            gateway: Gateway = request.app.state.gateway
+            body, content_type = gateway.metrics.render()
             return Response(body, media_type=content_type)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema["paths"] = {**openapi_paths(), **schema.get("paths", {})}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -30,6 +30,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--max-loras", type=int, help="adapters per batch in each engine")
     parser.add_argument("--max-cpu-loras", type=int, help="adapters resident per engine (default: --max-loras)")
     parser.add_argument("--max-lora-rank", type=int, help="largest adapter rank the engines accept")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        metavar="N",
+        help="context length of the managed engines (default: the base's own, at most engines.max_model_len_cap)",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="vLLM tool-call parser of the managed engines: auto (from the base's chat template; the default), "
+        "none, or a vLLM parser name (hermes, llama3_json, mistral, ...)",
+    )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='vLLM --enable-auto-tool-choice (tool_choice "auto"); default: on whenever a parser is in use',
+    )
+    parser.add_argument(
+        "--chat-template", metavar="FILE", help="chat template for the managed engines instead of the base's own"
+    )
     parser.add_argument("--pin", action="append", default=[], metavar="REF", help="pinned adapter (repeatable)")
     parser.add_argument(
         "--engine-url",
@@ -51,6 +72,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_loras": args.max_loras,
         "max_cpu_loras": args.max_cpu_loras,
         "max_lora_rank": args.max_lora_rank,
+        "max_model_len": args.max_model_len,
+        "tool_call_parser": args.tool_call_parser,
+        "enable_auto_tool_choice": args.enable_auto_tool_choice,
+        "chat_template": args.chat_template,
     }
     external = {
         "urls": args.engine_url or None,
@@ -79,14 +104,15 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
     from pydantic import ValidationError
 
     from adapters_registry import open_registry
     from adapters_registry.errors import RegistryError
-    from gateway.app import BaseModelError, create_app, resolve_base
-    from gateway.auth import choose_bind
+    from gateway.app import create_app
+    from gateway.base_model import BaseModelError, resolve_base
     from gateway.metrics_server import MetricsPortError, bind
+    from gateway.security import choose_bind
+    from gateway.server import gateway_server
     from gateway.settings import load_settings
     from loragate.cli import CLIError
 
@@ -101,6 +127,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         registry = open_registry(settings.registry)
         resolve_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
+        for ref in settings.adapters.pinned:  # a pin of a version that does not exist, likewise
+            registry.resolve(ref)
     except (BaseModelError, RegistryError) as exc:
         raise CLIError(str(exc)) from exc
     # Local mode (no API keys in the registry's store) stays on loopback unless security.allow_open_bind is set.
@@ -113,13 +141,9 @@ def serve(args: argparse.Namespace) -> int:
             bind(host, settings.metrics_port).close()  # a taken port is a one-line error, not a failed start-up
         except MetricsPortError as exc:
             raise CLIError(str(exc)) from exc
-    uvicorn.run(
-        create_app(settings, registry=registry),
-        host=host,
-        port=settings.port,
-        timeout_graceful_shutdown=int(settings.drain_grace_s),
-        timeout_keep_alive=settings.keep_alive_s,
-        log_level="info",
-        access_log=False,
+    app = create_app(settings, registry=registry)
+    server = gateway_server(
+        app, host=host, port=settings.port, timeout_keep_alive=settings.keep_alive_s, log_level="info", access_log=False
     )
+    server.run()
     return 0

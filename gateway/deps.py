@@ -1,21 +1,28 @@
-"""The running gateway's parts, as one object on `app.state`, and the FastAPI dependency that hands it out."""
+"""The running gateway's parts as one object, where the app finds it, and the FastAPI dependencies that hand it out.
+
+`Live` is created with the app and filled in by its lifespan: the middleware, the completion routes and the
+dependencies read the running `Gateway` from it (None before start-up finished).
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-from typing import Annotated
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 from fastapi import Depends, Request
 
 from adapters_registry import Registry
-from gateway.adapters import AdapterManager
-from gateway.metrics import GatewayMetrics, RequestOutcome
-from gateway.proxy import Proxy
+from gateway.errors import Unavailable
+from gateway.security import Principal, Security
 from gateway.settings import Settings
-from gateway.supervisor import Supervisor
-from gateway.usage import UsageEmitter
+
+if TYPE_CHECKING:
+    from gateway.adapters import AdapterManager
+    from gateway.metrics import GatewayMetrics
+    from gateway.proxy import Proxy
+    from gateway.supervisor import Supervisor
+    from gateway.upstream import Upstream
+    from gateway.usage import UsageEmitter
 
 
 @dataclass
@@ -23,26 +30,45 @@ class Gateway:
     settings: Settings
     base_name: str
     registry: Registry
-    client: httpx.AsyncClient
+    upstream: Upstream
     supervisor: Supervisor
     adapters: AdapterManager
     proxy: Proxy
     metrics: GatewayMetrics
     usage: UsageEmitter
+    security: Security
     draining: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def observe(self, outcome: RequestOutcome) -> None:
-        self.metrics.observe_request(outcome)
-        self.usage.emit(outcome)
 
     def inflight(self) -> int:
         return sum(engine.inflight for engine in self.supervisor.engines.values())
 
 
-async def get_gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
+class Live:
+    gateway: Gateway | None = None
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway | None = request.app.state.live.gateway
+    if gateway is None:
+        raise Unavailable("the gateway is starting", retry_after_s=1, code="starting")
     return gateway
 
 
+def get_principal(request: Request) -> Principal:
+    """The principal the security middleware authenticated."""
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):
+        principal = get_gateway(request).security.authenticate(request.headers.get("authorization"))
+        request.state.principal = principal
+    return principal
+
+
+def get_admin(request: Request) -> Principal:
+    principal = get_principal(request)
+    get_gateway(request).security.require_admin(principal, f"{request.method} {request.url.path}")
+    return principal
+
+
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -18,10 +18,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.call import Call
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +40,6 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass(frozen=True)
-class RequestOutcome:
-    """One finished request, as the gateway saw it. `adapter=None` means the base model (or, with
-    `unresolved=True`, a model name that matched nothing)."""
-
-    route: str
-    adapter: str | None
-    version: str | None
-    engine: str | None
-    status: int
-    error_code: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    latency_s: float
-    ttft_s: float | None
-    queue_s: float | None
-    output_valid: bool | None
-    stream: bool
-    request_id: str
-    key_id: str | None = None
-    unresolved: bool = False
 
 
 @dataclass(frozen=True)
@@ -369,11 +350,11 @@ class GatewayMetrics:
 
     # -- request path ---------------------------------------------------------------------------------------------
 
-    def observe_request(self, outcome: RequestOutcome) -> None:
+    def observe_request(self, outcome: Call) -> None:
         with self._lock:
             self._observe_request(outcome)
 
-    def _observe_request(self, outcome: RequestOutcome) -> None:
+    def _observe_request(self, outcome: Call) -> None:
         adapter, version = self._request_labels(outcome)
         code = self._error_codes(outcome.error_code)
         self._inc(self.requests, adapter, (adapter, version, outcome.route, status_class(outcome.status), code))
@@ -472,7 +453,7 @@ class GatewayMetrics:
 
     # -- internals ------------------------------------------------------------------------------------------------
 
-    def _request_labels(self, outcome: RequestOutcome) -> tuple[str, str]:
+    def _request_labels(self, outcome: Call) -> tuple[str, str]:
         if outcome.unresolved:
             return OTHER_LABEL, ""
         if outcome.adapter is None:

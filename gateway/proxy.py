@@ -1,7 +1,14 @@
-"""Forwarding one OpenAI call to an engine: body untouched apart from `model`, streams passed chunk by chunk.
+"""Forwarding one completion call to an engine and its answer to the client, in ASGI messages.
 
-A request whose engine fails before any byte reached the client is retried once on another engine. A client that
-disconnects mid-stream closes the upstream connection, which makes vLLM abort the request.
+The body goes out as the client sent it but for `model` (the engine's name for the version) and what the hooks
+add; the answer comes back untouched but for a usage event the gateway asked for on its own. Streams are relayed
+event block by event block as they arrive (gateway.sse says what is read on the way).
+
+A request whose engine fails before any byte reached the client is retried once (`failure_verdict` says where).
+Once bytes have reached the client nothing is retried: a stream the engine breaks, or that the gateway must end
+(the drain deadline), ends with an SSE error event, which the OpenAI SDKs raise, and is recorded with a non-2xx
+status and the tokens it had delivered. A client that hangs up closes the upstream connection, which makes vLLM
+abort the request.
 """
 
 from __future__ import annotations
@@ -10,26 +17,23 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import httpx
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+import aiohttp
+from starlette.types import Message, Receive, Send
 
-from gateway.adapters import AdapterManager, Lease, Target
-from gateway.errors import Unavailable, UpstreamError
-from gateway.hooks import CallContext, CompletionHook
+from gateway.adapters import AdapterManager, Lease
+from gateway.call import Call, Observer
+from gateway.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout, send_error
+from gateway.hooks import CompletionHook, Verdict
+from gateway.sse import StreamScan, error_event, usage_counts, with_usage
 from gateway.supervisor import Supervisor
+from gateway.upstream import DROPPED, READ_TIMEOUT, UNREACHABLE, Upstream
 
 log = logging.getLogger(__name__)
 
-# Failures before any answer byte reached the client, so the request can be retried once.
-UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)  # nothing listens there: the engine is gone
-DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # a connection broke before the answer
-RETRYABLE = (*UNREACHABLE, *DROPPED)
-PASSED_HEADERS = ("content-type",)
+USAGE_KEY = b'"usage":'
+_decoder = json.JSONDecoder()
 
 
 class FailureVerdict(NamedTuple):
@@ -50,350 +54,298 @@ def failure_verdict(exc: Exception, another_engine_ready: bool) -> FailureVerdic
     return FailureVerdict(mark_unhealthy=False, probe_now=True, retry_elsewhere=another_engine_ready)
 
 
-@dataclass
-class CallRecord:
-    """What happened to one call, for metrics and usage events."""
-
-    route: str
-    target: Target
-    request_id: str
-    stream: bool
-    started: float = field(default_factory=time.monotonic)
-    engine: str | None = None
-    status: int = 200
-    error_code: str | None = None
-    ttft_s: float | None = None
-    queue_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    output_valid: bool | None = None
-    strip_usage: bool = False  # usage was requested upstream for metrics only: keep it from the client
-
-
-def with_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Ask the engine for a final usage chunk (token accounting); True when the client did not ask for it."""
-    options = body.get("stream_options")
-    options = options if isinstance(options, dict) else {}
-    if options.get("include_usage"):
-        return body, False
-    return {**body, "stream_options": {**options, "include_usage": True}}, True
-
-
-class UsageStripper:
-    """Drops the usage-only SSE event (`"choices":[]`) that was requested for metrics, not by the client."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        self._buffer += chunk
-        kept = []
-        while (end := self._buffer.find(b"\n\n")) != -1:
-            event, self._buffer = self._buffer[: end + 2], self._buffer[end + 2 :]
-            if not (b'"usage"' in event and (b'"choices":[]' in event or b'"choices": []' in event)):
-                kept.append(event)
-        return b"".join(kept)
-
-    def flush(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
-        return rest
-
-
-class AdapterVanished(Exception):
+def vanished(error: UpstreamError, lora_name: str | None) -> bool:
     """The engine answered 404 for an adapter the ledger says it holds."""
+    return error.status == 404 and lora_name is not None and f"`{lora_name}`".encode() in error.body
 
 
-def vanished(error: UpstreamError, target: Target) -> bool:
-    return error.status == 404 and target.key is not None and f"`{target.key}`".encode() in error.body
+def usage_of(content: bytes) -> tuple[int | None, int | None]:
+    """Token counts of a JSON answer, read at its top-level `"usage":` without parsing the rest of it.
+
+    Inside JSON strings quotes are escaped, so the last `"usage":` in the bytes is a key, and the engine writes
+    the top-level one after the choices.
+    """
+    at = content.rfind(USAGE_KEY)
+    if at == -1:
+        return None, None
+    try:
+        usage, _ = _decoder.raw_decode(content[at + len(USAGE_KEY) :].decode().lstrip())
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    return usage_counts(usage)
 
 
-class SSEAccumulator:
-    """Reads an SSE stream on the side: usage, and (when hooks want it) the assembled answer."""
-
-    def __init__(self, collect_text: bool) -> None:
-        self.collect_text = collect_text
-        self._buffer = b""
-        self.usage: dict[str, Any] | None = None
-        self.texts: dict[int, list[str]] = {}
-        self.finish_reasons: dict[int, str | None] = {}
-        self.done = False  # the `[DONE]` sentinel passed: the answer is complete
-
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            if line.strip() == b"data: [DONE]":
-                self.done = True
-                continue
-            if not line.startswith(b"data: "):
-                continue
-            if not self.collect_text and b'"usage":{' not in line and b'"usage": {' not in line:
-                continue
-            try:
-                event = json.loads(line[6:])
-            except ValueError:
-                continue
-            if isinstance(event.get("usage"), dict):
-                self.usage = event["usage"]
-            for choice in event.get("choices") or []:
-                index = int(choice.get("index", 0))
-                piece = choice.get("text")
-                if piece is None:
-                    piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    self.texts.setdefault(index, []).append(piece)
-                if choice.get("finish_reason") is not None:
-                    self.finish_reasons[index] = choice["finish_reason"]
-
-    def answer(self, route: str) -> dict[str, Any]:
-        choices = []
-        for index in sorted(self.texts.keys() | self.finish_reasons.keys()):
-            text = "".join(self.texts.get(index, []))
-            content = {"message": {"role": "assistant", "content": text}} if route == "chat" else {"text": text}
-            choices.append({"index": index, "finish_reason": self.finish_reasons.get(index), **content})
-        return {"choices": choices, "usage": self.usage}
-
-
-class UpstreamStreamResponse(StreamingResponse):
-    """Streams upstream chunks as they arrive; on client disconnect cancels the pump and closes the upstream."""
-
-    def __init__(
-        self,
-        chunks: AsyncIterator[bytes],
-        *,
-        status_code: int,
-        headers: dict[str, str],
-        on_close: Callable[[bool], Awaitable[None]],
-    ) -> None:
-        super().__init__(chunks, status_code=status_code, headers=headers)
-        self.chunks = chunks
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = False
-
-        async def pump() -> None:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        pump_task = asyncio.create_task(pump())
-        watch_task = asyncio.create_task(watch())
-        try:
-            done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-            if pump_task in done:
-                try:
-                    pump_task.result()
-                except OSError:  # the server found the client gone while writing to it, before we heard so
-                    disconnected = True
-            else:
-                disconnected = True
-        finally:
-            for task in (pump_task, watch_task):
-                task.cancel()
-            await asyncio.gather(pump_task, watch_task, return_exceptions=True)
-            await self.on_close(disconnected)
+class Opened(NamedTuple):
+    response: aiohttp.ClientResponse
+    lease: Lease
+    first: bytes  # a stream's first chunk, or the whole body of an answer that is not streamed
 
 
 class Proxy:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         supervisor: Supervisor,
         adapters: AdapterManager,
         hooks: list[CompletionHook],
-        observe: Callable[[CallRecord], None],
+        observers: list[Observer],
     ) -> None:
-        self.client = client
-        self.client_limit = supervisor.settings.upstream.max_connections
+        self.upstream = upstream
         self.supervisor = supervisor
         self.adapters = adapters
         self.hooks = hooks
-        self.observe = observe
+        self.observers = observers
+        self.cutting = False  # the drain deadline passed: streams still running end with an error event
+        self._streams: set[asyncio.Task[Any]] = set()
 
-    async def forward(self, path: str, route: str, body: dict[str, Any], target: Target, request_id: str) -> Response:
-        stream = bool(body.get("stream"))
-        record = CallRecord(route, target, request_id, stream)
-        call = CallContext(route, target.model, target.manifest, request_id, stream)
+    async def forward(self, call: Call, path: str, receive: Receive, send: Send) -> None:
+        """Send the call to an engine and the answer to the client; the observers see the call when it ends."""
         try:
-            body = {**body, "model": target.upstream_name}
-            for hook in self.hooks:
-                body = hook.prepare(call, body)
-            if stream:
-                body, record.strip_usage = with_usage(body)
-            payload = json.dumps(body).encode()
-            response = await self._send(path, payload, target, record, call, body)
-            while call.notes.pop("retry", False):  # a hook judged the answer broke the adapter's contract
-                response = await self._send(path, payload, target, record, call, body)
-        except Exception as exc:
-            record.status = getattr(exc, "status", 500)
-            record.error_code = str(getattr(exc, "code", "internal_error"))
-            self.observe(record)
-            raise
-        return response
+            await self._forward(call, path, receive, send)
+        except GatewayError as exc:  # raised before anything was sent to the client
+            call.fail(exc)
+            if exc.status >= 500:
+                log.warning("%s: %s %s", call.request_id, exc.status, exc.message)
+            await send_error(send, exc)
+        finally:
+            self.finish(call)
 
-    async def _send(
-        self,
-        path: str,
-        payload: bytes,
-        target: Target,
-        record: CallRecord,
-        call: CallContext,
-        body: dict[str, Any],
-    ) -> Response:
+    def finish(self, call: Call) -> None:
+        call.ended = time.monotonic()
+        for observer in self.observers:
+            try:
+                observer(call)
+            except Exception:
+                log.exception("%s: observer %r failed", call.request_id, observer)
+
+    async def _forward(self, call: Call, path: str, receive: Receive, send: Send) -> None:
+        body = {**call.body, "model": call.lora_name}
+        for hook in self.hooks:
+            body = hook.prepare(call, body)
+        strip = False
+        if call.stream and call.route != "responses":  # Responses streams always end with their usage
+            body, strip = with_usage(body)
+        payload = json.dumps(body).encode()
+        while True:
+            opened = await self._open(call, path, payload)
+            if call.stream:
+                scan = StreamScan(strip_usage=strip, collect_text=any(h.wants_answer(call) for h in self.hooks))
+                await self._relay(call, opened, scan, body, receive, send)
+                return
+            if self._judge(call, body, opened.first).retry:
+                continue
+            await self._send_whole(call, opened, send)
+            return
+
+    # -- placement and the one retry -----------------------------------------------------------------------------
+
+    async def _open(self, call: Call, path: str, payload: bytes) -> Opened:
+        """Place the call and send it; a stream's first chunk, or a whole answer, has arrived when this returns.
+
+        A whole answer's connection and lease are already given back; a stream's are the relay's to give back."""
         excluded: set[str] = set()
+        headers = {"content-type": "application/json", "x-request-id": call.request_id}
         for attempt in range(2):
             queued = time.monotonic()
-            lease = await self.adapters.acquire(target, record.request_id, excluded)
-            record.queue_s = time.monotonic() - queued
-            record.engine = lease.engine.id
-            request = self.client.build_request(
-                "POST",
-                f"{lease.engine.url}{path}",
-                content=payload,
-                headers={"content-type": "application/json", "x-request-id": record.request_id},
-            )
-            upstream: httpx.Response | None = None
-            handed_off = False
-            try:
-                upstream = await self.client.send(request, stream=True)
-                if upstream.status_code >= 400:
-                    error = UpstreamError(upstream.status_code, await upstream.aread())
-                    if attempt == 0 and vanished(error, target):
-                        raise AdapterVanished(lease.engine.id)
-                    raise error
-                chunks = upstream.aiter_raw()
-                first = await anext(chunks, b"")
-                record.ttft_s = time.monotonic() - record.started
-                if not call.stream:
-                    rest = [first] + [chunk async for chunk in chunks]
-                    return self._complete(upstream, b"".join(rest), record, call, body)
-                handed_off = True
-                return self._stream(upstream, first, chunks, lease, record, call, body)
-            except AdapterVanished:
-                # The engine lost the adapter behind our back (restarted between health checks, or unloaded
-                # directly): forget it there and place the request again, which re-loads it.
-                log.warning(
-                    "%s: engine %s no longer has %s; re-placing", record.request_id, lease.engine.id, target.key
-                )
-                self.adapters.ledger.record_unloaded(lease.engine.id, target.key or "")
-            except httpx.PoolTimeout as exc:  # the gateway's own connection limit, not the engine's fault
+            lease = await self.adapters.acquire(call.manifest, call.request_id, excluded)
+            call.queue_s = time.monotonic() - queued
+            call.engine = lease.engine.id
+            if self.upstream.full:  # the gateway's own connection limit, not the engine's fault: no retry
+                lease.release()
                 raise Unavailable(
-                    f"the gateway has {self.client_limit} requests in flight to its engines; retry shortly",
+                    f"the gateway has {self.upstream.settings.max_connections} requests in flight to its engines; "
+                    "retry shortly",
                     retry_after_s=1,
                     code="engines_busy",
-                ) from exc
-            except RETRYABLE as exc:
-                failed = lease.engine.id
-                others = any(e.healthy and e.id not in excluded | {failed} for e in self.supervisor.engines.values())
-                verdict = failure_verdict(exc, others)
-                if verdict.mark_unhealthy:
-                    self.supervisor.report_failure(failed, f"{type(exc).__name__}: {exc}")
-                elif verdict.probe_now:
-                    self.supervisor.probe_now(failed)
-                if verdict.retry_elsewhere:
-                    excluded.add(failed)
-                log.warning(
-                    "%s: engine %s failed before answering (%s: %s)", record.request_id, failed, type(exc).__name__, exc
                 )
+            self.upstream.inflight += 1
+            response: aiohttp.ClientResponse | None = None
+            try:
+                response = await self.upstream.open(f"{lease.engine.url}{path}", payload, headers)
+                if response.status >= 400:
+                    error = UpstreamError(response.status, await response.read())
+                    self._done(response, lease)
+                    if attempt == 0 and call.manifest is not None and vanished(error, call.lora_name):
+                        # The engine lost the adapter behind our back (restarted between health checks, or unloaded
+                        # directly): forget it there and place the request again, which re-loads it.
+                        log.warning("%s: %s no longer has %s; re-placing", call.request_id, call.engine, call.lora_name)
+                        self.adapters.ledger.record_unloaded(lease.engine.id, call.lora_name or "")
+                        continue
+                    raise error
+                if call.stream:
+                    first = await response.content.readany()
+                    call.ttft_s = time.monotonic() - call.started
+                    return Opened(response, lease, first)
+                content = await response.read()
+                self._done(response, lease)
+                return Opened(response, lease, content)
+            except (*UNREACHABLE, *DROPPED) as exc:
+                self._done(response, lease, abort=True)
+                self._failed_before_answer(call, lease, exc, excluded)
                 if attempt == 1:
                     raise Unavailable("the engine failed while answering and the retry failed too") from exc
-            finally:
-                if not handed_off:
-                    if upstream is not None:
-                        await upstream.aclose()
-                    lease.release()
+            except READ_TIMEOUT as exc:
+                self._done(response, lease, abort=True)
+                limit = self.upstream.settings.read_timeout_s
+                raise UpstreamTimeout(f"engine {lease.engine.id} sent nothing for {limit:.0f}s") from exc
+            except GatewayError:
+                raise
+            except BaseException:
+                self._done(response, lease, abort=True)
+                raise
         raise AssertionError("unreachable")
 
-    def _headers(self, upstream: httpx.Response, record: CallRecord) -> dict[str, str]:
-        headers = {name: upstream.headers[name] for name in PASSED_HEADERS if name in upstream.headers}
-        headers["x-loragate-engine"] = record.engine or ""
-        return headers
+    def _done(self, response: aiohttp.ClientResponse | None, lease: Lease, *, abort: bool = False) -> None:
+        """Give back what one attempt held: its connection (dropped when `abort`), its engine lease, its slot."""
+        if lease.released:
+            return
+        if response is not None:
+            if abort:
+                response.close()  # drops the connection: vLLM aborts a request whose client went away
+            else:
+                response.release()
+        lease.release()
+        self.upstream.inflight -= 1
 
-    def _complete(
-        self, upstream: httpx.Response, content: bytes, record: CallRecord, call: CallContext, body: dict[str, Any]
-    ) -> Response:
-        record.status = upstream.status_code
+    def _failed_before_answer(self, call: Call, lease: Lease, exc: Exception, excluded: set[str]) -> None:
+        failed = lease.engine.id
+        others = any(e.healthy and e.id not in excluded | {failed} for e in self.supervisor.engines.values())
+        verdict = failure_verdict(exc, others)
+        if verdict.mark_unhealthy:
+            self.supervisor.report_failure(failed, f"{type(exc).__name__}: {exc}")
+        elif verdict.probe_now:
+            self.supervisor.probe_now(failed)
+        if verdict.retry_elsewhere:
+            excluded.add(failed)
+        log.warning("%s: engine %s failed before answering (%s: %s)", call.request_id, failed, type(exc).__name__, exc)
+
+    # -- whole answers ---------------------------------------------------------------------------------------------
+
+    def _judge(self, call: Call, body: dict[str, Any], content: bytes) -> Verdict:
+        """Token counts and the hooks' verdict of a whole answer (parsed only when some hook checks it)."""
+        if not any(hook.wants_answer(call) for hook in self.hooks):
+            call.prompt_tokens, call.completion_tokens = usage_of(content)
+            return Verdict()
         try:
             answer = json.loads(content)
         except ValueError:
             answer = None
-        if isinstance(answer, dict):
-            usage = answer.get("usage") or {}
-            record.prompt_tokens = usage.get("prompt_tokens")
-            record.completion_tokens = usage.get("completion_tokens")
-            record.output_valid = self._finish(call, body, answer)
-        if not call.notes.get("retry"):
-            self.observe(record)
-        headers = self._headers(upstream, record)
-        if record.output_valid is not None:
-            headers["x-loragate-output-valid"] = "true" if record.output_valid else "false"
-        return Response(content, status_code=upstream.status_code, headers=headers)
+        if not isinstance(answer, dict):
+            return Verdict()
+        call.prompt_tokens, call.completion_tokens = usage_counts(answer.get("usage"))
+        verdict = self._verdict(call, body, answer)
+        call.output_valid = verdict.valid
+        return verdict
 
-    def _finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None:
-        verdict: bool | None = None
+    def _verdict(self, call: Call, body: dict[str, Any], answer: dict[str, Any]) -> Verdict:
+        valid: bool | None = None
+        retry = False
         for hook in self.hooks:
             try:
                 result = hook.finish(call, body, answer)
             except Exception:
                 log.exception("%s: completion hook %r failed", call.request_id, hook)
                 continue
-            if result is not None:
-                verdict = result if verdict is None else verdict and result
-        return verdict
+            if result.valid is not None:
+                valid = result.valid if valid is None else valid and result.valid
+            retry = retry or result.retry
+        return Verdict(valid, retry)
 
-    def _stream(
-        self,
-        upstream: httpx.Response,
-        first: bytes,
-        chunks: AsyncIterator[bytes],
-        lease: Lease,
-        record: CallRecord,
-        call: CallContext,
-        body: dict[str, Any],
-    ) -> Response:
-        side = SSEAccumulator(collect_text=any(hook.wants_answer(call) for hook in self.hooks))
+    async def _send_whole(self, call: Call, opened: Opened, send: Send) -> None:
+        response, content = opened.response, opened.first
+        call.status = response.status
+        headers = self._headers(response, call)
+        if call.output_valid is not None:
+            headers.append((b"x-loragate-output-valid", b"true" if call.output_valid else b"false"))
+        headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
 
-        stripper = UsageStripper() if record.strip_usage else None
+    @staticmethod
+    def _headers(response: aiohttp.ClientResponse, call: Call) -> list[tuple[bytes, bytes]]:
+        content_type = response.headers.get("content-type", "application/json")
+        return [(b"content-type", content_type.encode()), (b"x-loragate-engine", (call.engine or "").encode())]
 
-        async def relay() -> AsyncIterator[bytes]:
-            side.feed(first)
-            yield stripper.feed(first) if stripper else first
-            try:
-                async for chunk in chunks:
-                    side.feed(chunk)
-                    if stripper is None:
-                        yield chunk
-                    elif relayed := stripper.feed(chunk):
-                        yield relayed
-                if stripper is not None and (rest := stripper.flush()):
-                    yield rest
-            except httpx.HTTPError as exc:  # bytes already reached the client: end the stream, no retry
-                log.error("%s: engine %s failed mid-stream: %s", record.request_id, lease.engine.id, exc)
-                self.supervisor.report_failure(lease.engine.id, f"{type(exc).__name__}: {exc}")
-                record.error_code = "upstream_stream_failed"
+    # -- streams ---------------------------------------------------------------------------------------------------
 
-        async def close(disconnected: bool) -> None:
-            await upstream.aclose()
-            lease.release()
-            # SDKs hang up as soon as they read `[DONE]`, sometimes before the upstream's own EOF reaches us:
-            # that is a finished request, not a disconnect.
-            disconnected = disconnected and not side.done
-            if disconnected:
-                log.info("%s: client disconnected; upstream request on %s closed", record.request_id, lease.engine.id)
-                record.status, record.error_code = 499, "client_disconnected"
-            if side.usage:
-                record.prompt_tokens = side.usage.get("prompt_tokens")
-                record.completion_tokens = side.usage.get("completion_tokens")
-            if side.collect_text and not disconnected:
-                record.output_valid = self._finish(call, body, side.answer(call.route))
-            self.observe(record)
+    async def _relay(
+        self, call: Call, opened: Opened, scan: StreamScan, body: dict[str, Any], receive: Receive, send: Send
+    ) -> None:
+        response, lease = opened.response, opened.lease
+        task = asyncio.current_task()
+        assert task is not None
+        hung_up = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, hung_up, task))
+        self._streams.add(task)
+        finished = False
+        try:
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": self._headers(response, call)}
+            )
+            if block := scan.feed(opened.first):
+                await send({"type": "http.response.body", "body": block, "more_body": True})
+            read = response.content.readany
+            while chunk := await read():
+                if block := scan.feed(chunk):
+                    await send({"type": "http.response.body", "body": block, "more_body": True})
+            await send({"type": "http.response.body", "body": scan.rest(), "more_body": False})
+            finished = True
+        except OSError:  # the server found the client gone while writing to it, before it told us so
+            hung_up.set()
+        except (*DROPPED, *READ_TIMEOUT) as exc:  # bytes already reached the client: end the stream, no retry
+            log.error("%s: engine %s failed mid-stream: %s: %s", call.request_id, call.engine, type(exc).__name__, exc)
+            self.supervisor.report_failure(lease.engine.id, f"{type(exc).__name__}: {exc}")
+            call.status, call.error_code = 502, "upstream_stream_failed"
+            await self._end_with_error(send, "the engine failed while streaming the answer", "upstream_error", call)
+        except asyncio.CancelledError:
+            if hung_up.is_set():
+                pass  # the watcher cancelled us: the client hung up
+            elif self.cutting:
+                call.status, call.error_code = 503, "drain_deadline"
+                message = "the gateway is shutting down and its drain period ended before this answer did"
+                await self._end_with_error(send, message, "service_unavailable", call)
+            else:
+                raise
+        finally:
+            self._streams.discard(task)
+            watcher.cancel()
+            self._done(response, lease, abort=not finished)
+            self._close_stream(call, scan, body, disconnected=hung_up.is_set() and not scan.done)
 
-        return UpstreamStreamResponse(
-            relay(), status_code=upstream.status_code, headers=self._headers(upstream, record), on_close=close
-        )
+    @staticmethod
+    async def _end_with_error(send: Send, message: str, type_: str, call: Call) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await send({"type": "http.response.body", "body": error_event(message, type_, call.error_code or "")})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, TimeoutError):
+            pass  # the client is gone too
+
+    def _close_stream(self, call: Call, scan: StreamScan, body: dict[str, Any], *, disconnected: bool) -> None:
+        # SDKs hang up as soon as they read `[DONE]`, sometimes before the upstream's own EOF reaches us: that is a
+        # finished request, not a disconnect.
+        if disconnected:
+            log.info("%s: client disconnected; upstream request on %s closed", call.request_id, call.engine)
+            call.status, call.error_code = 499, "client_disconnected"
+        call.events = scan.events
+        if scan.usage:
+            call.prompt_tokens, call.completion_tokens = usage_counts(scan.usage)
+        elif call.status != 200:  # what a stream cut short had delivered, about: one token an event
+            call.completion_tokens = scan.events - (1 if scan.done else 0)
+        if scan.collect_text and call.status == 200:
+            call.output_valid = self._verdict(call, body, scan.answer(call.route)).valid
+
+    def cut_streams(self) -> int:
+        """The drain deadline: end every stream still running with an error event. Returns how many there were."""
+        self.cutting = True
+        for task in list(self._streams):
+            task.cancel()
+        return len(self._streams)
+
+
+async def _watch_disconnect(receive: Receive, hung_up: asyncio.Event, relay: asyncio.Task[Any]) -> None:
+    message: Message = await receive()
+    while message["type"] != "http.disconnect":
+        message = await receive()
+    hung_up.set()
+    relay.cancel()

@@ -63,7 +63,7 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class QuotaRefusal:
     scope: str  # "key" | "adapter"
     limit: str  # "rpm" | "tpm" | "concurrency"
     value: int
@@ -92,15 +92,15 @@ def decide(
     inflight: Mapping[tuple[str, str], int],
     now: float,
     replicas: int,
-) -> Refusal | None:
+) -> QuotaRefusal | None:
     """Whether one more request fits every scope; pure, buckets as they are now (refilled here)."""
-    refusals: list[Refusal] = []
+    refusals: list[QuotaRefusal] = []
     for scope in scopes:
         lim = scope.limits
         if lim.max_concurrency is not None:
             cap = share(lim.max_concurrency, replicas)
             if inflight.get((scope.kind, scope.name), 0) >= cap:
-                refusals.append(Refusal(scope.kind, "concurrency", lim.max_concurrency, 1.0))
+                refusals.append(QuotaRefusal(scope.kind, "concurrency", lim.max_concurrency, 1.0))
         # A request needs one whole request token; tokens per minute only need a balance above zero.
         for label, per_minute, need in (("rpm", lim.rpm, 1.0), ("tpm", lim.tpm, 0.0)):
             if per_minute is None:
@@ -109,7 +109,7 @@ def decide(
             bucket = buckets.get((scope.kind, scope.name, label)) or Bucket.full(cap, now)
             bucket = bucket.refilled(now)
             if bucket.balance < need or bucket.balance <= 0:
-                refusals.append(Refusal(scope.kind, label, per_minute, bucket.wait_for(need)))
+                refusals.append(QuotaRefusal(scope.kind, label, per_minute, bucket.wait_for(need)))
     return max(refusals, key=lambda r: r.retry_after_s) if refusals else None
 
 
@@ -123,12 +123,13 @@ def adapter_limits(adapter: str | None, table: Mapping[str, Limits]) -> Limits |
 
 
 @dataclass
-class Lease:
+class QuotaLease:
     """One admitted request: pay its tokens with `charge`, free its concurrency slot with `release`."""
 
     manager: QuotaManager
     scopes: list[Scope]
     released: bool = field(default=False)
+    estimate: int = 0  # tokens to charge when the engine never reported a count (prompt characters / 4)
 
     def charge(self, tokens: int) -> None:
         self.manager.charge_tokens(self.scopes, tokens)
@@ -140,7 +141,7 @@ class Lease:
 
 
 class QuotaExceeded(Exception):
-    def __init__(self, refusal: Refusal) -> None:
+    def __init__(self, refusal: QuotaRefusal) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
 
@@ -164,7 +165,7 @@ class QuotaManager:
             scopes.append(Scope("adapter", adapter, per_adapter))
         return scopes
 
-    def admit(self, scopes: list[Scope]) -> Lease:
+    def admit(self, scopes: list[Scope]) -> QuotaLease:
         """Admit one request or raise `QuotaExceeded`; charges one request and takes a concurrency slot."""
         with self._lock:
             now = self._clock()
@@ -177,7 +178,7 @@ class QuotaManager:
                 if scope.limits.max_concurrency is not None:
                     slot = (scope.kind, scope.name)
                     self._inflight[slot] = self._inflight.get(slot, 0) + 1
-        return Lease(self, scopes)
+        return QuotaLease(self, scopes)
 
     def charge_tokens(self, scopes: list[Scope], tokens: int) -> None:
         if tokens <= 0:

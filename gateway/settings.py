@@ -16,7 +16,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from gateway.auth import SecuritySettings
+from gateway.security import SecuritySettings
 
 
 class EngineSettings(BaseModel):
@@ -27,9 +27,20 @@ class EngineSettings(BaseModel):
     max_loras: int = Field(default=4, ge=1)
     max_cpu_loras: int | None = Field(default=None, ge=1)
     max_lora_rank: int = Field(default=16, ge=1)
-    max_model_len: int = 512
+    # None: the base model's own context length (config.json `max_position_embeddings`), at most max_model_len_cap,
+    # which keeps a long-context base within a small KV cache.
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_model_len_cap: int = Field(default=8192, ge=16)
+    # vLLM --tool-call-parser: "auto" picks it from the base's chat template (see engine_process.tool_call_parser_for),
+    # "none" starts the engines without one (every `tools` request is then refused by vLLM), or a vLLM parser name.
+    tool_call_parser: str = Field(default="auto", min_length=1)
+    # vLLM --enable-auto-tool-choice. None: on whenever a parser is in use (vLLM 0.32 uses the parser only then).
+    enable_auto_tool_choice: bool | None = None
+    # vLLM --chat-template (a file or the template itself), for a base whose own template does not render tools.
+    chat_template: str | None = None
     dtype: str = "bfloat16"
     kv_cache_gib: int = 1
+    # Appended to every managed engine's vLLM command line / set in its environment (override the keys above).
     extra_args: list[str] = []
     extra_env: dict[str, str] = {}
     start_timeout_s: float = 300.0
@@ -66,6 +77,9 @@ class RoutingSettings(BaseModel):
 class AdapterSettings(BaseModel):
     pinned: list[str] = []
     load_timeout_s: float = 120.0
+    # A name seen before resolves from memory; an answer older than this is refreshed in the background while it
+    # still serves, so an alias moved elsewhere (another replica, the CLI) is seen within about this long.
+    resolve_ttl_s: float = Field(default=2.0, ge=0)
     # False when the engines fill their own adapter cache (the chart's S3 mode, with the adapter-sync sidecar on each
     # engine pod): the gateway then only names the folder, instead of downloading every version it routes to a disk
     # of its own that nothing reads.
@@ -74,10 +88,9 @@ class AdapterSettings(BaseModel):
 
 class UpstreamSettings(BaseModel):
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 600.0
-    write_timeout_s: float = 30.0
-    pool_timeout_s: float = 30.0
-    max_connections: int = 512
+    read_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for the engine's next bytes")
+    # Requests in flight to the engines at once; past it a completion is refused at once (503 engines_busy).
+    max_connections: int = Field(default=512, ge=1)
     # Idle engine connections are closed after this. Below the engines' own keep-alive (vLLM: 5 s), so the gateway
     # never sends a request on a connection the engine is closing.
     keepalive_s: float = Field(default=2.0, gt=0)

@@ -28,9 +28,10 @@ from jsonschema.protocols import Validator
 
 from adapters_registry.contract import canonical_json, choice_error, regex_error, schema_error
 from gateway.errors import InvalidRequest
+from gateway.hooks import Verdict
 
 if TYPE_CHECKING:
-    from gateway.hooks import CallContext
+    from gateway.call import Call
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ _LEGACY_OPTIONS: dict[str, str | None] = {
 }
 CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *_LEGACY_KINDS, *_LEGACY_OPTIONS)
 REGEX_CHECK_TIMEOUT_S = 0.05
-_CONSTRAINT_NOTE = "structured.constraint"  # keys of CallContext.notes
+_CONSTRAINT_NOTE = "structured.constraint"  # keys of Call.notes
 _ATTEMPT_NOTE = "structured.attempt"
 
 
@@ -306,25 +307,28 @@ def validity_header(valid: bool | None) -> dict[str, str]:
 class StructuredOutputs:
     """The completion hook (gateway.hooks.CompletionHook): applies constraints and contracts, judges answers.
 
-    When an answer breaks the adapter's contract and its `contract_retry` allows it, `finish` sets
-    `call.notes["retry"]`, and the proxy sends the request once more.
+    When an answer breaks the adapter's contract and its `contract_retry` allows it, `finish`'s verdict asks the
+    proxy to send the request once more.
     """
 
-    def prepare(self, call: CallContext, body: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
         contract = call.manifest.contract if call.manifest is not None else None
+        if contract is None and not any(name in body for name in CONSTRAINT_FIELDS):
+            call.notes[_CONSTRAINT_NOTE] = None  # nothing to apply or check: skip the rewrite
+            return body
         prepared = prepare_request(body, contract)
         call.notes[_CONSTRAINT_NOTE] = prepared.constraint
         return prepared.body
 
-    def wants_answer(self, call: CallContext) -> bool:
+    def wants_answer(self, call: Call) -> bool:
         return call.notes.get(_CONSTRAINT_NOTE) is not None  # nothing to check without a constraint
 
-    def finish(self, call: CallContext, body: dict[str, Any], answer: dict[str, Any]) -> bool | None:
+    def finish(self, call: Call, body: dict[str, Any], answer: dict[str, Any]) -> Verdict:
         constraint: Constraint | None = call.notes.get(_CONSTRAINT_NOTE)
         valid = None if body.get("echo") else check_output(answer, constraint)  # echoed text starts with the prompt
         attempt: int = call.notes.get(_ATTEMPT_NOTE, 0)
         if not call.stream and should_retry(valid, constraint, attempt):
             logger.info("%s: answer broke the adapter's output contract; retrying (%s)", call.request_id, attempt + 1)
             call.notes[_ATTEMPT_NOTE] = attempt + 1
-            call.notes["retry"] = True
-        return valid
+            return Verdict(valid, retry=True)
+        return Verdict(valid)

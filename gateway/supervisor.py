@@ -13,18 +13,22 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import httpx
-
-from gateway.engine_process import EngineProcess, EngineSpec, free_port
+from gateway.engine_process import EngineProcess, engine_spec, free_port
 from gateway.metrics import running_lora_adapters
 from gateway.settings import Settings
+from gateway.upstream import ERRORS, Upstream
 
 log = logging.getLogger(__name__)
 
 EngineHook = Callable[["Engine"], Awaitable[None]]
+EngineListener = Callable[["Engine"], None]
+
+
+def _ignore(engine: Engine) -> None:
+    pass
 
 
 @dataclass
@@ -67,16 +71,18 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         *,
         model_path: str | None,
         served_name: str,
         on_ready: EngineHook,
         on_down: EngineHook,
         on_tick: EngineHook,
+        on_added: EngineListener = _ignore,
+        on_removed: EngineListener = _ignore,
     ) -> None:
         self.settings = settings
-        self.client = client
+        self.upstream = upstream
         self.model_path = model_path
         self.served_name = served_name
         self.engines: dict[str, Engine] = {}
@@ -86,8 +92,8 @@ class Supervisor:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._discovery: asyncio.Task[None] | None = None
         self._wake: dict[str, asyncio.Event] = {}
-        self.on_added: Callable[[Engine], None] = lambda engine: None
-        self.on_removed: Callable[[Engine], None] = lambda engine: None
+        self._on_added = on_added
+        self._on_removed = on_removed
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -95,21 +101,9 @@ class Supervisor:
         if s.mode == "managed":
             assert self.model_path is not None
             log_dir = s.engines.log_dir or Path.home() / ".loragate" / "logs"
+            shared = engine_spec(s.engines, model=self.model_path, served_model_name=self.served_name, port=0)
             for index in range(s.engines.count):
-                spec = EngineSpec(
-                    model=self.model_path,
-                    served_model_name=self.served_name,
-                    port=free_port(),
-                    enable_lora=s.engines.enable_lora,
-                    max_loras=s.engines.max_loras,
-                    max_cpu_loras=s.engines.max_cpu_loras,
-                    max_lora_rank=s.engines.max_lora_rank,
-                    max_model_len=s.engines.max_model_len,
-                    dtype=s.engines.dtype,
-                    kv_cache_gib=s.engines.kv_cache_gib,
-                    extra_args=tuple(s.engines.extra_args),
-                    extra_env=dict(s.engines.extra_env),
-                )
+                spec = replace(shared, port=free_port())
                 process = EngineProcess(spec, log_dir / f"engine-{index}-{spec.port}.log")
                 process.start()
                 log.info(
@@ -139,7 +133,7 @@ class Supervisor:
     def _add(self, engine: Engine) -> None:
         self.engines[engine.id] = engine
         self._wake[engine.id] = asyncio.Event()
-        self.on_added(engine)
+        self._on_added(engine)
         self._tasks[engine.id] = asyncio.create_task(self._watch(engine), name=f"watch-{engine.id}")
 
     async def _remove(self, engine_id: str) -> None:
@@ -149,7 +143,7 @@ class Supervisor:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         engine.healthy = False
-        self.on_removed(engine)
+        self._on_removed(engine)
 
     async def stop(self) -> None:
         if self._discovery:
@@ -180,16 +174,16 @@ class Supervisor:
 
     async def _probe(self, engine: Engine) -> bool:
         try:
-            health = await self.client.get(f"{engine.url}/health", timeout=5.0)
-            if health.status_code != 200:
-                engine.last_error = f"/health answered {health.status_code}"
+            health = await self.upstream.get(f"{engine.url}/health", timeout_s=5.0)
+            if health.status != 200:
+                engine.last_error = f"/health answered {health.status}"
                 return False
-            metrics = await self.client.get(f"{engine.url}/metrics", timeout=5.0)
-            if metrics.status_code == 200:
+            metrics = await self.upstream.get(f"{engine.url}/metrics", timeout_s=5.0)
+            if metrics.status == 200:
                 engine.running, engine.waiting = parse_queue(metrics.text)
                 engine.gpu_adapters = running_lora_adapters(metrics.text)
             return True
-        except httpx.HTTPError as exc:
+        except ERRORS as exc:
             engine.last_error = f"{type(exc).__name__}: {exc}"
             return False
 

@@ -18,14 +18,15 @@ from typing import Any
 
 import httpx
 
-from gateway.metrics import GatewayMetrics, RequestOutcome
+from gateway.call import Call
+from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 
 UsageEvent = dict[str, Any]
 
 
-def usage_event(outcome: RequestOutcome, timestamp: float) -> UsageEvent:
+def usage_event(outcome: Call, timestamp: float) -> UsageEvent:
     """The event for one finished request (a pure function of the outcome and the time it finished)."""
     if outcome.adapter is None:
         model = None
@@ -87,7 +88,7 @@ class UsageEmitter:
         self._client = httpx.AsyncClient(timeout=self._timeout, transport=self._transport)
         self._task = asyncio.create_task(self._deliver(self._queue, self._client), name="usage-webhook")
 
-    def emit(self, outcome: RequestOutcome) -> UsageEvent:
+    def emit(self, outcome: Call) -> UsageEvent:
         event = usage_event(outcome, time.time())
         logger.info("%s", json.dumps(event, separators=(",", ":")))
         if self._queue is None:

@@ -111,12 +111,12 @@ def running_gateway(settings: Settings, name: str = "gateway") -> Iterator[str]:
     """Serve `create_app(settings)` with uvicorn on a thread until the block ends; yields its URL once the engines
     are healthy. The engines are the gateway's children and stop with it."""
     import httpx
-    import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import gateway_server
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = gateway_server(app, host=settings.host, port=settings.port, log_level="warning")
     thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
     url = f"http://{settings.host}:{settings.port}"

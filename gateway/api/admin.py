@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from adapters_registry import open_registry
-from adapters_registry.errors import ConflictError, NotFoundError, RegistryError, ValidationError
+from adapters_registry.errors import RegistryError
 from gateway.deps import Gateway, GatewayDep
-from gateway.errors import InvalidRequest, ModelNotFound, Unavailable
+from gateway.errors import InvalidRequest, ModelNotFound, Unavailable, from_registry_error
 from gateway.readiness import registry_readiness
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -84,7 +84,7 @@ async def load_adapter(action: AdapterAction, request: Request, gateway: Gateway
             raise Unavailable(f"engine '{engine.id}' has no free or evictable slot", code="no_adapter_slot")
         engine_id = engine.id
     else:
-        lease = await gateway.adapters.acquire(target, request.state.request_id)
+        lease = await gateway.adapters.acquire(target.manifest, request.state.request_id)
         lease.release()
         engine_id = lease.engine.id
     return {"model": action.model, "ref": target.manifest.ref, "engine_name": target.key, "engine": engine_id}
@@ -128,12 +128,9 @@ async def unpin_adapter(action: AdapterAction, request: Request, gateway: Gatewa
 async def _move_alias(gateway: Gateway, move: Any, *args: str) -> dict[str, Any]:
     try:
         manifest = await asyncio.to_thread(move, *args)  # audited by the registry hook, as the calling key
-    except NotFoundError as exc:
-        raise ModelNotFound(args[0]) from exc
-    except (ValidationError, ConflictError) as exc:
-        raise InvalidRequest(str(exc), param="alias") from exc
     except RegistryError as exc:
-        raise Unavailable(f"registry unavailable: {exc}", code="registry_unavailable") from exc
+        raise from_registry_error(exc, args[0], param="alias") from exc
+    gateway.adapters.resolver.forget(manifest.name)  # this replica serves the move at once
     return {"name": manifest.name, "alias": args[-1], "ref": manifest.ref, "digest": manifest.digest}
 
 
@@ -158,7 +155,8 @@ async def reload_registry(gateway: GatewayDep) -> dict[str, Any]:
         raise Unavailable(f"registry unreachable: {exc}", code="registry_unavailable") from exc
     registry.audit = gateway.registry.audit  # registry writes through the gateway stay audited
     gateway.registry = registry
-    gateway.adapters.registry = registry
+    gateway.adapters.registry = gateway.adapters.resolver.registry = registry
+    gateway.adapters.resolver.forget()
     return {"registry": gateway.settings.registry, "adapter_versions": len(adapters)}
 
 

@@ -1,10 +1,11 @@
-"""OpenAI-compatible routes: completions and chat (proxied), the model list, vLLM's runtime adapter endpoints."""
+"""OpenAI-compatible routes besides the completions (gateway.api.completions): the model list and vLLM's runtime
+adapter endpoints. A key sees only the models it may use; the others are as missing as a model that does not exist.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,57 +15,17 @@ from fastapi.responses import PlainTextResponse
 
 from adapters_registry import AdapterManifest
 from adapters_registry.errors import RegistryError
-from gateway.deps import Gateway, GatewayDep
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable
-from gateway.metrics import RequestOutcome
+from gateway.deps import Gateway, GatewayDep, PrincipalDep
+from gateway.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter()
 
 
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    """An inline request-body schema for /openapi.json (the handlers read raw JSON; bodies pass through)."""
+    """An inline request-body schema for /openapi.json (the handlers read raw JSON)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-_SAMPLING: dict[str, Any] = {
-    "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "n": {"type": "integer", "minimum": 1},
-    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "stream": {"type": "boolean"},
-    "seed": {"type": "integer"},
-}
-CHAT_BODY = _body(
-    {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": {
-            **_SAMPLING,
-            "messages": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["role", "content"],
-                    "properties": {
-                        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                        "content": {"type": "string"},
-                    },
-                },
-            },
-        },
-    }
-)
-COMPLETION_BODY = _body(
-    {
-        "type": "object",
-        "required": ["model", "prompt"],
-        "properties": {
-            **_SAMPLING,
-            "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        },
-    }
-)
 LOAD_BODY = _body(
     {
         "type": "object",
@@ -86,36 +47,13 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _complete(request: Request, gateway: Gateway, path: str, route: str) -> Response:
-    started = time.monotonic()
-    request_id: str = request.state.request_id
-    body: dict[str, Any] = {}
-    try:  # a refusal here is a request too: counted in loragate_requests_total with its error code
-        if gateway.draining:
-            raise Unavailable("the gateway is shutting down", retry_after_s=1, code="draining")
-        body = await read_json(request)
-        target = await gateway.adapters.resolve(body.get("model"))
-    except GatewayError as exc:
-        gateway.observe(
-            outcome_for_error(route, exc, time.monotonic() - started, request_id, body.get("stream") is True)
-        )
-        raise
-    request.state.adapter = target.label
-    return await gateway.proxy.forward(path, route, body, target, request_id)
-
-
-@router.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
-async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
-    return await _complete(request, gateway, "/v1/chat/completions", "chat")
-
-
-@router.post("/v1/completions", openapi_extra=COMPLETION_BODY)
-async def completions(request: Request, gateway: GatewayDep) -> Response:
-    return await _complete(request, gateway, "/v1/completions", "completions")
-
-
 @router.get("/v1/models")
-async def list_models(gateway: GatewayDep) -> dict[str, Any]:
+async def list_models(gateway: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
+    cards = await _all_cards(gateway)
+    return {"object": "list", "data": [card for card in cards if gateway.security.visible_card(principal, card)]}
+
+
+async def _all_cards(gateway: Gateway) -> list[dict[str, Any]]:
     manifests = await asyncio.to_thread(gateway.registry.list_adapters)
     manifests = [m for m in manifests if m.base == gateway.base_name]
     names = sorted({m.name for m in manifests})
@@ -135,12 +73,13 @@ async def list_models(gateway: GatewayDep) -> dict[str, Any]:
             target = next((m for m in manifests if m.name == name and m.version == version), None)
             if target is not None:
                 cards.append(_adapter_card(gateway, f"{name}:{alias}", target, parent=target.ref, aliases=[]))
-    return {"object": "list", "data": cards}
+    return cards
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
+async def retrieve_model(model_id: str, gateway: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
     """The `/v1/models` entry of any name `model` accepts (the OpenAI SDK's `models.retrieve`)."""
+    gateway.security.check_model(principal, model_id)  # a model this key may not use is as missing as any other
     if model_id == gateway.base_name:
         return _base_card(gateway)
     manifest = await gateway.adapters.manifest_for(model_id)
@@ -205,6 +144,8 @@ async def load_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
     name, path = body.get("lora_name"), body.get("lora_path")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("`lora_name` must be a non-empty string", param="lora_name")
+    if isinstance(path, str):
+        gateway.security.check_load_path(path)
     if path is not None:
         if not isinstance(path, str) or not Path(path).is_dir():
             raise InvalidRequest(f"`lora_path` {path!r} is not a directory on the gateway", param="lora_path")
@@ -214,9 +155,10 @@ async def load_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
             )
         except RegistryError as exc:
             raise InvalidRequest(f"cannot register {path}: {exc}", param="lora_path") from exc
+        gateway.adapters.resolver.forget(name)
     target = await gateway.adapters.resolve(name)
     request.state.adapter = target.label
-    lease = await gateway.adapters.acquire(target, request.state.request_id)
+    lease = await gateway.adapters.acquire(target.manifest, request.state.request_id)
     lease.release()
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -234,23 +176,3 @@ async def unload_lora_adapter(request: Request, gateway: GatewayDep) -> Response
     for engine_id in holders:
         await gateway.adapters.unload(gateway.supervisor.engines[engine_id], key or "")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
-
-
-def outcome_for_error(route: str, exc: GatewayError, latency_s: float, request_id: str, stream: bool) -> RequestOutcome:
-    return RequestOutcome(
-        route=route,
-        adapter=None,
-        version=None,
-        engine=None,
-        status=exc.status,
-        error_code=str(exc.code),
-        prompt_tokens=None,
-        completion_tokens=None,
-        latency_s=latency_s,
-        ttft_s=None,
-        queue_s=None,
-        output_valid=None,
-        stream=stream,
-        request_id=request_id,
-        unresolved=isinstance(exc, ModelNotFound),
-    )

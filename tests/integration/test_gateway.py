@@ -421,28 +421,44 @@ def test_adapter_unloaded_behind_the_gateways_back_is_reloaded(gateway: GatewayU
 
 
 def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: GatewayUnderTest, pushed: Any) -> None:
+    """The killed engine restarts with what it held, the adapter pinned through the admin API first (a pin used
+    to be lost here: the ledger still said resident, so nothing re-loaded it), and /readyz recovers on its own."""
     versions, _ = pushed
     victim, survivor = gateway.engines()
     for model, engine in (("a0@1", victim["id"]), ("many-0", survivor["id"])):
         loaded = httpx.post(f"{gateway.url}/admin/adapters/load", json={"model": model, "engine": engine}, timeout=60)
         assert loaded.status_code == 200, loaded.text
-    held = {r["engine_name"] for r in engine_by_id(gateway, victim["id"])["resident"]}
-    assert versions["a0@1"].engine_name in held
-    restarts = victim["restarts"]
+    pinned = httpx.post(f"{gateway.url}/admin/adapters/pin", json={"model": "a0@2"}, timeout=120)
+    assert pinned.status_code == 200, pinned.text
+    pin_key = versions["a0@2"].engine_name
+    try:
+        held = {r["engine_name"] for r in engine_by_id(gateway, victim["id"])["resident"]}
+        assert {versions["a0@1"].engine_name, pin_key} <= held
+        restarts = victim["restarts"]
 
-    os.killpg(victim["pid"], signal.SIGKILL)
-    answers = [chat(gateway, "many-0") for _ in range(6)]  # served by the survivor while the victim is down
-    assert len(set(answers)) == 1
-    assert chat(gateway, "a0@1")  # moved to the survivor (retried or re-placed), not failed
+        os.killpg(victim["pid"], signal.SIGKILL)
+        answers = [chat(gateway, "many-0") for _ in range(6)]  # served by the survivor while the victim is down
+        assert len(set(answers)) == 1
+        assert chat(gateway, "a0@1")  # moved to the survivor (retried or re-placed), not failed
 
-    deadline = time.monotonic() + 400
-    while True:
-        now = engine_by_id(gateway, victim["id"])
-        if now["healthy"] and now["restarts"] == restarts + 1:
-            break
-        assert time.monotonic() < deadline, f"engine did not come back: {now}"
-        time.sleep(1)
-    assert held <= {r["engine_name"] for r in now["resident"]}
-    direct = httpx.get(f"{now['url']}/v1/models", timeout=10).json()["data"]
-    assert held <= {card["id"] for card in direct if card.get("parent")}
-    assert now["pid"] != victim["pid"]
+        deadline = time.monotonic() + 400
+        while True:
+            now = engine_by_id(gateway, victim["id"])
+            if (
+                now["healthy"]
+                and now["restarts"] == restarts + 1
+                and pin_key in {r["engine_name"] for r in now["resident"]}
+            ):
+                break
+            assert time.monotonic() < deadline, f"engine did not come back with its adapters: {now}"
+            time.sleep(1)
+        assert held <= {r["engine_name"] for r in now["resident"]}
+        direct = httpx.get(f"{now['url']}/v1/models", timeout=10).json()["data"]
+        assert held <= {card["id"] for card in direct if card.get("parent")}  # vLLM itself holds them again
+        assert now["pid"] != victim["pid"]
+        deadline = time.monotonic() + 60
+        while (ready := httpx.get(f"{gateway.url}/readyz", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, f"/readyz did not recover: {ready.json()}"
+            time.sleep(0.5)
+    finally:
+        assert httpx.post(f"{gateway.url}/admin/adapters/unpin", json={"model": "a0@2"}, timeout=10).status_code == 200

@@ -242,3 +242,13 @@ def test_admin_promotes_and_rolls_back_an_alias(keyed_gateway: KeyedGateway, ada
         ("ops", "registry.rollback", "ok"),
         ("ops", "registry.promote", "error"),
     ]
+
+
+def test_a_pin_given_at_start_is_loaded_once_the_engine_is_ready(keyed_gateway: KeyedGateway) -> None:
+    """`adapters.pinned` in the settings: resolved once an engine says what it serves (it used to crash the start
+    with "above the engines' max_lora_rank 0"), then resident and gating readiness."""
+    admin = keyed_gateway.headers("admin")
+    engines = httpx.get(f"{keyed_gateway.url}/admin/engines", headers=admin, timeout=10).json()["engines"]
+    resident = [r for engine in engines for r in engine["resident"] if r["pinned"]]
+    assert [r["ref"] for r in resident] == ["acme-support@1"]
+    assert httpx.get(f"{keyed_gateway.url}/readyz", timeout=10).status_code == 200

@@ -1,5 +1,5 @@
 """Pure parts of the gateway: settings sources, error envelopes, refusal reasons, queue parsing, SSE side-reading,
-CLI overrides, and the retry of a request whose engine dropped it before answering (httpx.MockTransport)."""
+CLI overrides. (What the request path does with failing engines: test_gateway_dataplane.py.)"""
 
 from __future__ import annotations
 
@@ -7,31 +7,24 @@ import asyncio
 import json
 import shutil
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 from pydantic import ValidationError
 
 from adapters_registry.registry import open_registry
-from gateway.adapters import AdapterManager, Target, no_engine_error, refusal_reason
+from gateway.adapters import AdapterManager, no_engine_error, refusal_reason
 from gateway.cli import overrides
 from gateway.errors import AdapterRefused, ModelNotFound, Unavailable, UpstreamError, upstream_envelope
-from gateway.proxy import (
-    CallRecord,
-    Proxy,
-    SSEAccumulator,
-    UpstreamStreamResponse,
-    UsageStripper,
-    failure_verdict,
-    with_usage,
-)
+from gateway.proxy import failure_verdict, usage_of
 from gateway.routing import Policy
-from gateway.settings import load_settings
-from gateway.supervisor import Engine, Supervisor, backoff_s, parse_queue, read_engine_file
+from gateway.settings import UpstreamSettings, load_settings
+from gateway.sse import StreamScan, with_usage
+from gateway.supervisor import Engine, backoff_s, parse_queue, read_engine_file
+from gateway.upstream import Upstream
 
 
 def test_settings_precedence_flags_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,12 +93,12 @@ def test_error_envelopes() -> None:
         "engines_busy",
     )
     vllm = {"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}}
-    assert UpstreamError(400, json.dumps(vllm).encode()).envelope() == vllm
+    assert UpstreamError(400, json.dumps(vllm).encode()).envelope() == {"error": {**vllm["error"], "code": "400"}}
     assert upstream_envelope(502, b"Bad Gateway")["error"] == {
         "message": "Bad Gateway",
         "type": "upstream_error",
         "param": None,
-        "code": 502,
+        "code": "502",
     }
     assert upstream_envelope(500, b"")["error"]["message"] == "engine answered 500"
 
@@ -162,134 +155,65 @@ def test_no_engine_error_tells_starting_from_given_up() -> None:
     assert "e0: vLLM exited with status 2; e1: down" in down.message
 
 
-def test_sse_accumulator_reads_usage_and_text_across_chunk_boundaries() -> None:
+def test_stream_scan_reads_usage_and_text_across_chunk_boundaries() -> None:
     events = [
         {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]},
         {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]},
         {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}},
     ]
     stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-    side = SSEAccumulator(collect_text=True)
-    head, sentinel = stream[: -len(b"data: [DONE]\n\n")], b"data: [DONE]\n\n"
-    for i in range(0, len(head), 7):
-        side.feed(head[i : i + 7])
-    assert not side.done
-    side.feed(sentinel)
-    assert side.done
-    assert side.usage == {"prompt_tokens": 4, "completion_tokens": 2}
+    side = StreamScan(strip_usage=False, collect_text=True)
+    relayed = b"".join(side.feed(stream[i : i + 7]) for i in range(0, len(stream), 7)) + side.rest()
+    assert relayed == stream  # nothing dropped or reordered, whatever the cut points
+    assert side.usage == {"prompt_tokens": 4, "completion_tokens": 2} and side.done and side.events == 4
     assert side.answer("chat")["choices"] == [
         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello"}}
     ]
-    usage_only = SSEAccumulator(collect_text=False)
-    usage_only.feed(stream)
+    usage_only = StreamScan(strip_usage=False, collect_text=False)
+    assert usage_only.feed(stream) == stream
     assert usage_only.usage == {"prompt_tokens": 4, "completion_tokens": 2} and usage_only.texts == {}
+    unfinished = StreamScan(strip_usage=False, collect_text=False)
+    assert unfinished.feed(b"data: {}\n\ndata: {") == b"data: {}\n\n"  # an incomplete event waits for its end
+    assert (unfinished.rest(), unfinished.done) == (b"data: {", False)
+
+
+def test_the_responses_api_stream_gives_its_usage_from_the_final_event() -> None:
+    final = {"type": "response.completed", "response": {"usage": {"input_tokens": 9, "output_tokens": 3}}}
+    stream = b"event: response.created\ndata: {}\n\nevent: response.completed\ndata: " + json.dumps(final).encode()
+    scan = StreamScan(strip_usage=False, collect_text=False)
+    assert scan.feed(stream + b"\n\n") == stream + b"\n\n"
+    assert (scan.usage, scan.done) == ({"input_tokens": 9, "output_tokens": 3}, True)
+
+
+@pytest.mark.parametrize(
+    ("body", "counts"),
+    [
+        (b'{"id":"x","choices":[{"text":"\\"usage\\": 1"}],"usage":{"prompt_tokens":3,"completion_tokens":4}}', (3, 4)),
+        (b'{"id":"x","usage": {"input_tokens": 2, "output_tokens": 5, "total_tokens": 7}}', (2, 5)),
+        (b'{"id":"x"}', (None, None)),
+        (b'{"usage": "lots"}', (None, None)),
+        (b"not json", (None, None)),
+    ],
+)
+def test_usage_of_a_whole_answer_is_read_without_parsing_it(body: bytes, counts: tuple[int, int]) -> None:
+    assert usage_of(body) == counts
 
 
 @pytest.mark.parametrize(
     ("exc", "another_ready", "expected"),
     [
-        (httpx.ConnectError("refused"), True, (True, False, True)),
-        (httpx.ConnectTimeout("slow accept"), False, (True, False, True)),
-        (httpx.RemoteProtocolError("closed"), True, (False, True, True)),
-        (httpx.ReadError("reset"), False, (False, True, False)),
+        (
+            aiohttp.ClientConnectorError(SimpleNamespace(ssl=None, host="h", port=1), OSError(111, "refused")),
+            True,
+            (True, False, True),
+        ),
+        (aiohttp.ConnectionTimeoutError("slow accept"), False, (True, False, True)),
+        (aiohttp.ServerDisconnectedError(), True, (False, True, True)),
+        (aiohttp.ClientOSError(104, "reset"), False, (False, True, False)),
     ],
 )
 def test_failure_verdict(exc: Exception, another_ready: bool, expected: tuple[bool, bool, bool]) -> None:
     assert tuple(failure_verdict(exc, another_ready)) == expected
-
-
-FAILURES: dict[str, list[Exception]] = {}  # host -> what its next requests raise, in order (then it answers)
-
-
-def failing_engines(request: httpx.Request) -> httpx.Response:
-    pending = FAILURES.get(request.url.host, [])
-    if pending:
-        raise pending.pop(0)
-    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
-    return httpx.Response(200, headers={"content-type": "application/json"}, content=_chunks(body))
-
-
-async def forward_once(hosts: list[str], seen: list[str]) -> tuple[Any, list[CallRecord], Supervisor]:
-    """One completion through a Proxy over `hosts` (the first one is the least loaded, so it is tried first)."""
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.host)
-        return failing_engines(request)
-
-    settings = load_settings(mode="external", base_name="tiny", external={"urls": [f"http://{h}" for h in hosts]})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        engines = {h: Engine(h, f"http://{h}", 2, 2, 16, healthy=True, inflight=i) for i, h in enumerate(hosts)}
-        policy = Policy()  # type: ignore[arg-type]
-        adapters = AdapterManager(None, client, engines, base_name="tiny", policy=policy, load_timeout_s=1)
-        for h in hosts:
-            adapters.ledger.add_engine(h, 2)
-        supervisor = Supervisor(
-            settings, client, model_path=None, served_name="tiny", on_ready=_noop, on_down=_noop, on_tick=_noop
-        )
-        supervisor.engines = engines
-        supervisor._wake = {h: asyncio.Event() for h in hosts}
-        records: list[CallRecord] = []
-        proxy = Proxy(client, supervisor, adapters, [], records.append)
-        try:
-            response: Any = await proxy.forward(
-                "/v1/completions", "completions", {"model": "tiny", "prompt": "x"}, Target("tiny", None, "tiny"), "r1"
-            )
-        except Exception as exc:
-            response = exc
-        return response, records, supervisor
-
-
-def test_an_engine_that_refuses_connections_is_dropped_and_the_request_retried_elsewhere() -> None:
-    seen: list[str] = []
-    FAILURES["gone"] = [httpx.ConnectError("All connection attempts failed")]
-    response, records, supervisor = asyncio.run(forward_once(["gone", "works"], seen))
-    assert getattr(response, "status_code", None) == 200
-    assert seen == ["gone", "works"]
-    assert records[-1].engine == "works" and records[-1].completion_tokens == 2
-    engines = supervisor.engines
-    assert (engines["works"].inflight, engines["gone"].inflight, engines["gone"].healthy) == (1, 0, False)
-
-
-def test_a_connection_dropped_before_the_answer_is_retried_without_condemning_the_engine() -> None:
-    # Two engines: the retry goes to the other one; the first is probed at once but stays in rotation.
-    seen: list[str] = []
-    FAILURES["dies"] = [httpx.RemoteProtocolError("Server disconnected without sending a response.")]
-    response, _, supervisor = asyncio.run(forward_once(["dies", "works"], seen))
-    assert getattr(response, "status_code", None) == 200 and seen == ["dies", "works"]
-    assert supervisor.engines["dies"].healthy and supervisor._wake["dies"].is_set()
-
-    # One engine whose idle connection was closed under the gateway (keep-alive race): a fresh connection to the
-    # same engine answers, instead of a 503 until the next health check.
-    seen.clear()
-    FAILURES["only"] = [httpx.ReadError("connection reset")]
-    response, records, supervisor = asyncio.run(forward_once(["only"], seen))
-    assert getattr(response, "status_code", None) == 200 and seen == ["only", "only"]
-    assert records[-1].status == 200 and supervisor.engines["only"].healthy
-
-    # Both attempts dropped: a 503, the engine still probed rather than condemned.
-    seen.clear()
-    FAILURES["only"] = [httpx.ReadError("reset"), httpx.ReadError("reset again")]
-    failed, records, supervisor = asyncio.run(forward_once(["only"], seen))
-    assert isinstance(failed, Unavailable) and "the retry failed too" in failed.message
-    assert seen == ["only", "only"] and records[-1].status == 503
-
-
-def test_the_gateways_own_full_pool_is_a_busy_503_not_an_engine_failure() -> None:
-    seen: list[str] = []
-    FAILURES["busy"] = [httpx.PoolTimeout("no connection available")]
-    failed, records, supervisor = asyncio.run(forward_once(["busy", "idle"], seen))
-    assert isinstance(failed, Unavailable) and (failed.code, failed.retry_after_s) == ("engines_busy", 1)
-    assert seen == ["busy"] and records[-1].status == 503  # not retried: the limit is the gateway's own
-    assert supervisor.engines["busy"].healthy and not supervisor._wake["busy"].is_set()
-
-
-async def _chunks(body: bytes) -> Any:
-    yield body[:5]
-    yield body[5:]
-
-
-async def _noop(engine: Engine) -> None:
-    return None
 
 
 def test_adapter_refused_is_a_400() -> None:
@@ -305,9 +229,10 @@ def test_usage_requested_for_metrics_only_is_kept_from_the_client() -> None:
         b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n'
         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
     )
-    stripper = UsageStripper()
-    relayed = b"".join(stripper.feed(stream[i : i + 9]) for i in range(0, len(stream), 9)) + stripper.flush()
+    stripper = StreamScan(strip_usage=True, collect_text=False)
+    relayed = b"".join(stripper.feed(stream[i : i + 9]) for i in range(0, len(stream), 9)) + stripper.rest()
     assert relayed == b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\ndata: [DONE]\n\n'
+    assert stripper.usage == {"prompt_tokens": 3, "completion_tokens": 1}
 
 
 def test_serve_refuses_an_unknown_base_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -334,7 +259,7 @@ def test_serve_refuses_a_metrics_port_it_cannot_use(tmp_path: Path, capsys: pyte
 
 
 def test_adapters_are_bound_to_the_registry_base_not_the_served_name(tmp_path: Path) -> None:
-    from gateway.app import bound_base_name
+    from gateway.base_model import bound_base_name
     from gateway.settings import load_settings
 
     registry_base = load_settings(base="tiny", base_name="public-name", registry=str(tmp_path))
@@ -355,54 +280,19 @@ def test_without_materializing_the_gateway_names_the_folder_the_engines_sidecar_
     manifest = registry.push(adapter_dirs[0], "named-only", "tiny")
 
     async def path_of(materialize: bool) -> Path:
-        async with httpx.AsyncClient() as client:
-            policy = Policy()  # type: ignore[arg-type]
-            manager = AdapterManager(
-                registry, client, {}, base_name="tiny", policy=policy, load_timeout_s=1, materialize=materialize
-            )
-            return await manager._local_path(manifest)
+        manager = AdapterManager(
+            registry,
+            Upstream(UpstreamSettings()),
+            {},
+            base_name="tiny",
+            policy=Policy(),
+            load_timeout_s=1,
+            materialize=materialize,
+        )
+        return await manager._local_path(manifest)
 
     named = asyncio.run(path_of(materialize=False))
     assert named == registry.materialized_path(manifest)
     assert not named.exists()  # nothing downloaded or assembled on the gateway's disk
     assert asyncio.run(path_of(materialize=True)) == named  # the folder a sync pass (or the gateway) assembles
     assert {p.name for p in named.iterdir()} == set(manifest.files)
-
-
-@pytest.mark.parametrize("hang_up", ["heard", "write_failed"])
-def test_a_client_hang_up_closes_the_upstream_however_the_server_notices_it(hang_up: str) -> None:
-    """uvicorn reports a hang-up either as `http.disconnect` or by failing the next write (ClientDisconnected, an
-    OSError), whichever comes first: both must count as a disconnect."""
-    closed: list[bool] = []
-    sent: list[bytes] = []
-    first_sent = asyncio.Event()
-
-    async def chunks() -> AsyncIterator[bytes]:  # a long answer, still streaming
-        yield b"data: 1\n\n"
-        first_sent.set()
-        if hang_up == "write_failed":
-            yield b"data: 2\n\n"
-        await asyncio.sleep(3600)
-        yield b"never"
-
-    async def on_close(disconnected: bool) -> None:
-        closed.append(disconnected)
-
-    async def receive() -> dict[str, Any]:
-        await first_sent.wait()
-        if hang_up == "write_failed":
-            await asyncio.sleep(3600)  # the server has not heard of the hang-up yet
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            if sent:
-                raise OSError("client disconnected")
-            sent.append(message["body"])
-
-    async def run() -> None:
-        response = UpstreamStreamResponse(chunks(), status_code=200, headers={}, on_close=on_close)
-        await asyncio.wait_for(response({"type": "http"}, receive, send), 10)
-
-    asyncio.run(run())
-    assert closed == [True] and sent == [b"data: 1\n\n"]

@@ -6,11 +6,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.call import Call
 from gateway.metrics import (
     EngineSnapshot,
     FoldDecision,
     GatewayMetrics,
-    RequestOutcome,
     ResidentAdapter,
     fold_decision,
     residency_tier,
@@ -22,7 +22,7 @@ from gateway.metrics import (
 )
 
 
-def outcome(adapter: str | None = "acme", version: str | None = "3", **kw: object) -> RequestOutcome:
+def outcome(adapter: str | None = "acme", version: str | None = "3", **kw: object) -> Call:
     fields: dict[str, object] = {
         "route": "chat",
         "adapter": adapter,
@@ -40,7 +40,8 @@ def outcome(adapter: str | None = "acme", version: str | None = "3", **kw: objec
         "request_id": "req-1",
     }
     fields.update(kw)
-    return RequestOutcome(**fields)  # type: ignore[arg-type]
+    latency = fields.pop("latency_s")
+    return Call(started=0.0, ended=latency, **fields)  # type: ignore[arg-type]
 
 
 def value(m: GatewayMetrics, name: str, **labels: str) -> float | None:

@@ -13,12 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.call import Call
 from gateway.engine_process import free_port
-from gateway.metrics import GatewayMetrics, RequestOutcome
+from gateway.metrics import GatewayMetrics
 from gateway.usage import UsageEmitter, usage_event
 
 
-def outcome(request_id: str = "req-1", **kw: object) -> RequestOutcome:
+def outcome(request_id: str = "req-1", **kw: object) -> Call:
     fields: dict[str, object] = {
         "route": "chat",
         "adapter": "acme",
@@ -37,7 +38,8 @@ def outcome(request_id: str = "req-1", **kw: object) -> RequestOutcome:
         "key_id": "k1",
     }
     fields.update(kw)
-    return RequestOutcome(**fields)  # type: ignore[arg-type]
+    latency = fields.pop("latency_s")
+    return Call(started=0.0, ended=latency, **fields)  # type: ignore[arg-type]
 
 
 @dataclass

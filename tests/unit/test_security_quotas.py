@@ -9,8 +9,8 @@ from gateway.quotas import (
     Limits,
     QuotaExceeded,
     QuotaManager,
+    QuotaRefusal,
     QuotaSettings,
-    Refusal,
     Scope,
     adapter_limits,
     decide,
@@ -49,18 +49,18 @@ KEY = Scope("key", "k1", Limits(rpm=2, max_concurrency=1))
     ("buckets", "inflight", "replicas", "refusal"),
     [
         ({}, {}, 1, None),
-        ({}, {("key", "k1"): 1}, 1, Refusal("key", "concurrency", 1, 1.0)),
-        ({("key", "k1", "rpm"): Bucket(2, 2 / 60, 0.5, 0.0)}, {}, 1, Refusal("key", "rpm", 2, 15.0)),
+        ({}, {("key", "k1"): 1}, 1, QuotaRefusal("key", "concurrency", 1, 1.0)),
+        ({("key", "k1", "rpm"): Bucket(2, 2 / 60, 0.5, 0.0)}, {}, 1, QuotaRefusal("key", "rpm", 2, 15.0)),
         ({("key", "k1", "rpm"): Bucket(2, 2 / 60, 1.0, 0.0)}, {}, 1, None),
         # two replicas: rpm=2 is 1 per replica, so one request already in a full bucket of 1 leaves none
-        ({("key", "k1", "rpm"): Bucket(1, 1 / 60, 0.0, 0.0)}, {}, 2, Refusal("key", "rpm", 2, 60.0)),
+        ({("key", "k1", "rpm"): Bucket(1, 1 / 60, 0.0, 0.0)}, {}, 2, QuotaRefusal("key", "rpm", 2, 60.0)),
     ],
 )
 def test_decide(
     buckets: dict[tuple[str, str, str], Bucket],
     inflight: dict[tuple[str, str], int],
     replicas: int,
-    refusal: Refusal | None,
+    refusal: QuotaRefusal | None,
 ) -> None:
     assert decide([KEY], buckets, inflight, 0.0, replicas) == refusal
 
@@ -68,7 +68,7 @@ def test_decide(
 def test_decide_reports_the_longest_wait() -> None:
     scopes = [Scope("key", "k", Limits(rpm=60)), Scope("adapter", "a", Limits(tpm=600))]
     buckets = {("key", "k", "rpm"): Bucket(60, 1.0, 0.0, 0.0), ("adapter", "a", "tpm"): Bucket(600, 10.0, -100.0, 0.0)}
-    assert decide(scopes, buckets, {}, 0.0, 1) == Refusal("adapter", "tpm", 600, 10.0)
+    assert decide(scopes, buckets, {}, 0.0, 1) == QuotaRefusal("adapter", "tpm", 600, 10.0)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_rpm_per_key_refuses_then_refills() -> None:
     quotas.admit(scopes).release()
     with pytest.raises(QuotaExceeded) as refused:
         quotas.admit(scopes)
-    assert refused.value.refusal == Refusal("key", "rpm", 2, 30.0)
+    assert refused.value.refusal == QuotaRefusal("key", "rpm", 2, 30.0)
     assert refused.value.refusal.retry_after_header == "30"
     clock.now += 30
     quotas.admit(scopes).release()

@@ -9,8 +9,9 @@ from typing import Any, cast
 import pytest
 
 from adapters_registry import AdapterManifest
+from gateway.call import Call
 from gateway.errors import InvalidRequest
-from gateway.hooks import CallContext
+from gateway.hooks import Verdict
 from gateway.structured import (
     Constraint,
     InvalidConstraint,
@@ -389,20 +390,19 @@ def test_validity_header(valid: bool | None, headers: dict[str, str]) -> None:
     assert validity_header(valid) == headers
 
 
-def call_for(contract: dict[str, Any] | None, *, stream: bool = False) -> CallContext:
+def call_for(contract: dict[str, Any] | None, *, stream: bool = False) -> Call:
     manifest = cast(AdapterManifest, SimpleNamespace(contract=contract)) if contract is not None else None
-    return CallContext("chat", "m", manifest, "req-1", stream)
+    return Call("chat", "req-1", stream=stream, model="m", manifest=manifest)
 
 
 def test_hook_applies_the_contract_and_retries_a_broken_answer_once() -> None:
     hook, call = StructuredOutputs(), call_for(REGEX_CONTRACT | {"contract_retry": 1})
     body = hook.prepare(call, dict(BASE))
     assert body == {**BASE, "structured_outputs": {"regex": "[a-c]{3}"}}
-    assert hook.finish(call, body, chat("abz")) is False
-    assert call.notes.pop("retry") is True
-    assert hook.finish(call, body, chat("abz")) is False
-    assert "retry" not in call.notes
-    assert hook.finish(call_for(None), dict(BASE), chat("abz")) is None
+    assert hook.finish(call, body, chat("abz")) == Verdict(False, retry=True)
+    assert hook.finish(call, body, chat("abz")) == Verdict(False, retry=False)  # contract_retry 1: once
+    assert hook.finish(call_for(None), dict(BASE), chat("abz")) == Verdict(None, retry=False)
+    assert hook.prepare(call_for(None), dict(BASE)) == BASE  # nothing to apply: the body goes as it came
 
 
 @pytest.mark.parametrize(
@@ -419,5 +419,4 @@ def test_hook_finish(
 ) -> None:
     hook, call = StructuredOutputs(), call_for(REGEX_CONTRACT | {"contract_retry": 1}, stream=stream)
     body = hook.prepare(call, {**BASE, **extra})
-    assert hook.finish(call, body, answer) is expected
-    assert ("retry" in call.notes) is retry
+    assert hook.finish(call, body, answer) == Verdict(expected, retry)
