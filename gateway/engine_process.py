@@ -1,13 +1,17 @@
 """One vLLM OpenAI server as a child process: command line, start, readiness handshake, stop.
 
 Used by the gateway's supervisor (managed mode) and by the test harness. The child runs in its own process
-group so that stopping it reaches vLLM's engine-core and worker processes too.
+group so that stopping it reaches vLLM's engine-core and worker processes too. `engine_spec()` turns the
+`engines` settings into the command line, reading what it needs from the base model's own files: its context
+length (config.json) and its chat template (which tool-call parser vLLM should use).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+import logging
 import os
 import signal
 import socket
@@ -17,8 +21,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from gateway.settings import EngineSettings
+
+log = logging.getLogger(__name__)
 
 
 class EngineStartError(RuntimeError):
@@ -35,11 +45,14 @@ class EngineSpec:
     max_loras: int = 4
     max_cpu_loras: int | None = None
     max_lora_rank: int = 16
-    max_model_len: int = 512
+    max_model_len: int | None = 512  # None: no flag, vLLM takes the model's own
     dtype: str = "bfloat16"
     kv_cache_gib: int = 1
     # Without a named backend and no free whitespace, a weak model under a JSON schema pads whitespace forever.
     structured_outputs_config: str | None = '{"backend": "xgrammar", "disable_any_whitespace": true}'
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    chat_template: str | None = None
     extra_args: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
     python: str = sys.executable
@@ -62,12 +75,12 @@ def engine_command(spec: EngineSpec) -> list[str]:
         spec.host,
         "--port",
         str(spec.port),
-        "--max-model-len",
-        str(spec.max_model_len),
         "--dtype",
         spec.dtype,
         "--disable-uvicorn-access-log",
     ]
+    if spec.max_model_len is not None:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
     if spec.enable_lora:
         cmd += [
             "--enable-lora",
@@ -79,7 +92,125 @@ def engine_command(spec: EngineSpec) -> list[str]:
         cmd += ["--max-cpu-loras", str(spec.max_cpu_loras or spec.max_loras)]
     if spec.structured_outputs_config:
         cmd += ["--structured-outputs-config", spec.structured_outputs_config]
+    if spec.tool_call_parser:
+        cmd += ["--tool-call-parser", spec.tool_call_parser]
+    if spec.enable_auto_tool_choice:
+        cmd.append("--enable-auto-tool-choice")
+    if spec.chat_template:
+        cmd += ["--chat-template", spec.chat_template]
     return cmd + list(spec.extra_args)
+
+
+# -- from settings and the base model's files ------------------------------------------------------------------------
+
+# The config.json keys vLLM reads a model's context length from (it takes the smallest one present).
+CONTEXT_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+# Tool-call markup in a chat template -> the vLLM 0.32 parser that reads it back, most specific first.
+TOOL_CALL_MARKUP = (
+    ("<function=", "qwen3_coder"),  # Qwen3-Coder: <tool_call><function=name><parameter=...>
+    ("<tool_call>", "hermes"),  # Hermes 2/3, Qwen2.5, Qwen3 and most ChatML fine-tunes
+    ("[TOOL_CALLS]", "mistral"),
+    ("<|python_tag|>", "llama3_json"),  # Llama 3.1 / 3.2 / 3.3
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_context_length(model: str) -> int | None:
+    """The context length a model directory declares in config.json (its text config for multimodal models)."""
+    config = _read_json(Path(model) / "config.json")
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        config = {**config, **text_config}
+    lengths = [config[key] for key in CONTEXT_LENGTH_KEYS if isinstance(config.get(key), int) and config[key] > 0]
+    return min(lengths) if lengths else None
+
+
+def chat_template_of(model: str, override: str | None = None) -> str:
+    """The chat template vLLM will use: `override` (a file or the template itself), else the model's own."""
+    if override:
+        path = Path(override)
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                return path.read_text()
+        return override
+    folder = Path(model)
+    with contextlib.suppress(OSError):
+        return (folder / "chat_template.jinja").read_text()
+    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        return "\n".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    return template if isinstance(template, str) else ""
+
+
+def tool_call_parser_for(model: str, chat_template: str | None = None) -> str | None:
+    """vLLM's tool-call parser for a model, from its files; None when nothing says how it writes tool calls.
+
+    A tokenizer that declares a `response_template` is read by vLLM's own checkpoint-driven parser (`hf`);
+    otherwise the chat template's tool-call markup names the parser (TOOL_CALL_MARKUP).
+    """
+    declared = _read_json(Path(model) / "tokenizer_config.json").get("response_template")
+    if not chat_template and isinstance(declared, dict):
+        return "hf"
+    template = chat_template_of(model, chat_template)
+    return next((parser for markup, parser in TOOL_CALL_MARKUP if markup in template), None)
+
+
+def engine_spec(engines: EngineSettings, *, model: str, served_model_name: str, port: int) -> EngineSpec:
+    """The managed engines' spec: `engines` settings, with the defaults that depend on the model resolved."""
+    max_model_len = engines.max_model_len
+    if max_model_len is None:
+        own = model_context_length(model)
+        if own is None:
+            log.info("%s declares no context length: vLLM derives max_model_len itself", model)
+        else:
+            max_model_len = min(own, engines.max_model_len_cap)
+            log.info("max_model_len %d (the model's own %d, cap %d)", max_model_len, own, engines.max_model_len_cap)
+    parser: str | None = engines.tool_call_parser
+    if parser == "auto":
+        parser = tool_call_parser_for(model, engines.chat_template)
+        if parser is None:
+            log.info("no tool-call markup in the chat template of %s: engines start without a tool-call parser", model)
+        else:
+            log.info("tool-call parser %s (from the chat template of %s)", parser, model)
+    elif parser == "none":
+        parser = None
+    auto_tool_choice = engines.enable_auto_tool_choice
+    if auto_tool_choice is None:
+        auto_tool_choice = parser is not None
+    return EngineSpec(
+        model=model,
+        served_model_name=served_model_name,
+        port=port,
+        enable_lora=engines.enable_lora,
+        max_loras=engines.max_loras,
+        max_cpu_loras=engines.max_cpu_loras,
+        max_lora_rank=engines.max_lora_rank,
+        max_model_len=max_model_len,
+        dtype=engines.dtype,
+        kv_cache_gib=engines.kv_cache_gib,
+        tool_call_parser=parser,
+        enable_auto_tool_choice=auto_tool_choice,
+        chat_template=engines.chat_template,
+        extra_args=tuple(engines.extra_args),
+        extra_env=dict(engines.extra_env),
+    )
 
 
 def engine_env(spec: EngineSpec, base: Mapping[str, str]) -> dict[str, str]:
