@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,8 +21,9 @@ from typing import Any, Protocol
 from adapters_registry import AdapterManifest, Registry
 from adapters_registry.errors import RegistryError
 from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, Unavailable, from_registry_error
+from gateway.ledger import ResidencyLedger
 from gateway.resolver import Resolver
-from gateway.routing import EngineLoad, Placement, Policy, Refusal, ResidencyLedger, choose_engine
+from gateway.routing import EngineLoad, Placement, Policy, Refusal, choose_engine
 from gateway.supervisor import Engine
 from gateway.upstream import ERRORS, Reply, Upstream
 
@@ -160,6 +161,8 @@ class AdapterManager:
         self._path_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._slot_freed = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
+        # With gateway workers: which of these adapters another process has requests in flight for on an engine
+        self.busy_elsewhere: Callable[[str, tuple[str, ...]], Awaitable[set[str]]] | None = None
 
     # -- resolution ------------------------------------------------------------------------------------------------
     async def resolve(self, model: object) -> Target:
@@ -216,14 +219,21 @@ class AdapterManager:
                 if key is None or self.ledger.has(engine.id, key):
                     return self._lease(engine, key)
                 assert manifest is not None
-                if await self.ensure_loaded(engine, manifest):
-                    return self._lease(engine, key)
+                placed = await self.place(engine, manifest, request_id, exclude)
+                if placed is not None:
+                    return self._lease(placed, key)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(f"no adapter slot freed up within {self.load_timeout_s:.0f}s", code="no_adapter_slot")
             async with self._slot_freed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), min(remaining, 1.0))
+
+    async def place(
+        self, engine: Engine, manifest: AdapterManifest, request_id: str, exclude: set[str]
+    ) -> Engine | None:
+        """Load `manifest` where placement chose (`engine`); the engine that holds it then, or None (no slot now)."""
+        return engine if await self.ensure_loaded(engine, manifest) else None
 
     def _lease(self, engine: Engine, key: str | None) -> Lease:
         engine.inflight += 1
@@ -244,6 +254,10 @@ class AdapterManager:
         if busy[key] <= 0:
             del busy[key]
             self._spawn(self._notify())
+
+    def busy_here(self, engine_id: str) -> set[str]:
+        """The adapters this process has calls in flight for on `engine_id`."""
+        return {key for key, count in self._busy[engine_id].items() if count > 0}
 
     async def _notify(self) -> None:
         async with self._slot_freed:
@@ -277,11 +291,25 @@ class AdapterManager:
             path = await self._local_path(manifest)
             async with self._engine_locks[engine.id]:
                 evict = self.ledger.plan_admit(engine.id, key, self._busy[engine.id])
-                if evict is None:
+                if evict is None or (evict and not await self._idle_elsewhere(engine, evict)):
                     return False
                 for victim in evict:
                     await self._unload(engine, victim, evicted=True)
                 await self._load(engine, key, path)
+        return True
+
+    async def _idle_elsewhere(self, engine: Engine, victims: tuple[str, ...]) -> bool:
+        """Whether no other process of this gateway has a request in flight on `victims` (they leave the ledger
+        first, so none starts one after it answered); put back when one has."""
+        if self.busy_elsewhere is None:
+            return True
+        for victim in victims:
+            self.ledger.record_unloaded(engine.id, victim)
+        busy = await self.busy_elsewhere(engine.id, victims)
+        if busy:
+            for victim in victims:
+                self.ledger.record_loaded(engine.id, victim)
+            return False
         return True
 
     async def _load(self, engine: Engine, key: str, path: Path) -> None:

@@ -8,10 +8,12 @@ inside it and drains on the way out (`drain`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +42,7 @@ from gateway.structured import StructuredOutputs
 from gateway.supervisor import Engine, Supervisor
 from gateway.upstream import Upstream
 from gateway.usage import UsageEmitter
+from gateway.workers import WorkerHub, WorkerPool, merge_expositions
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,15 @@ def settle_quota(call: Call) -> None:
 
 @asynccontextmanager
 async def build_gateway(
-    settings: Settings, registry: Registry | None = None, hooks: list[CompletionHook] | None = None
+    settings: Settings,
+    registry: Registry | None = None,
+    hooks: list[CompletionHook] | None = None,
+    *,
+    worker_dir: Path | None = None,
 ) -> AsyncIterator[Gateway]:
-    """The running gateway: engines started (not yet ready), every resource closed when the block ends."""
+    """The running gateway: engines started (not yet ready), every resource closed when the block ends.
+
+    With `worker_dir` (`--workers N`), this is the primary: it starts the workers, which serve the completions."""
     async with AsyncExitStack() as stack:
         reg = registry if registry is not None else await asyncio.to_thread(open_registry, settings.registry)
         model_path, base_name = await asyncio.to_thread(resolve_base, settings, reg)
@@ -128,11 +137,43 @@ async def build_gateway(
         gateway = Gateway(settings, base_name, reg, upstream, supervisor, adapters, proxy, metrics, usage, security)
         metrics.add_state_collector(lambda: engine_snapshots(gateway))
         if settings.metrics_port is not None:  # up before the engines and stopped after them: scrapes see both
-            await stack.enter_async_context(metrics_server(settings.host, settings.metrics_port, metrics.render))
+            render = functools.partial(render_metrics, gateway)
+            await stack.enter_async_context(metrics_server(settings.host, settings.metrics_port, render))
         stack.push_async_callback(supervisor.stop)  # SIGTERM, grace, SIGKILL to each engine's process group
         await supervisor.start()
+        if worker_dir is not None:
+            await start_workers(stack, gateway, worker_dir, bound_base_name(settings, base_name))
         log.info("gateway serving base '%s' with %s engine(s)", base_name, len(supervisor.engines) or "discovered")
         yield gateway
+
+
+async def start_workers(stack: AsyncExitStack, gateway: Gateway, worker_dir: Path, bound_base: str) -> None:
+    """The control channel, then the worker processes; at shutdown they stop before the engines do."""
+    settings = gateway.settings
+    hub = WorkerHub(gateway, worker_dir / "control.sock")
+    await hub.start()
+    stack.push_async_callback(hub.aclose)
+    pool = WorkerPool(
+        settings.workers,
+        {
+            "LORAGATE_WORKER_SETTINGS": settings.model_dump_json(),
+            "LORAGATE_WORKER_CONTROL": str(hub.path),
+            "LORAGATE_WORKER_PRIMARY": str(worker_dir / "primary.sock"),
+            "LORAGATE_WORKER_BASE": gateway.base_name,
+            "LORAGATE_WORKER_BOUND_BASE": bound_base,
+        },
+    )
+    pool.start()
+    stack.push_async_callback(pool.stop, settings.drain_grace_s + 10)  # each worker drains its own calls
+    gateway.workers = hub
+
+
+async def render_metrics(gateway: Gateway) -> tuple[bytes, str]:
+    """This process's metrics, with the workers' added when there are workers."""
+    body, content_type = gateway.metrics.render()
+    if gateway.workers is None:
+        return body, content_type
+    return merge_expositions([body.decode(), *await gateway.workers.metrics_texts()]), content_type
 
 
 async def drain(gateway: Gateway, grace_s: float) -> None:
@@ -177,13 +218,17 @@ class GatewayApp(FastAPI):
 
 
 def create_app(
-    settings: Settings, *, registry: Registry | None = None, hooks: list[CompletionHook] | None = None
+    settings: Settings,
+    *,
+    registry: Registry | None = None,
+    hooks: list[CompletionHook] | None = None,
+    worker_dir: Path | None = None,
 ) -> FastAPI:
     live = Live()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with build_gateway(settings, registry, hooks) as gateway:
+        async with build_gateway(settings, registry, hooks, worker_dir=worker_dir) as gateway:
             live.gateway = app.state.gateway = gateway
             try:
                 yield
@@ -203,8 +248,7 @@ def create_app(
 
         @app.get("/metrics", include_in_schema=False)
         async def prometheus(request: Request) -> Response:
-            gateway: Gateway = request.app.state.gateway
-            body, content_type = gateway.metrics.render()
+            body, content_type = await render_metrics(request.app.state.gateway)
             return Response(body, media_type=content_type)
 
     def openapi() -> dict[str, Any]:

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--discovery-dns", metavar="HOST", help="headless-service name listing external engines")
     parser.add_argument("--discovery-port", type=int, help="engine port for --discovery-dns")
     parser.add_argument("--discovery-file", type=Path, help="file with one external engine URL per line")
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="processes serving the completion routes (default 1; see README)"
+    )
     parser.set_defaults(handler=serve)
 
 
@@ -97,12 +100,14 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "engines": {k: v for k, v in engines.items() if v is not None} or None,
         "external": {k: v for k, v in external.items() if v is not None} or None,
         "adapters": {"pinned": args.pin} if args.pin else None,
+        "workers": getattr(args, "workers", None),
     }
     return result
 
 
 def serve(args: argparse.Namespace) -> int:
     import logging
+    import tempfile
 
     from pydantic import ValidationError
 
@@ -141,9 +146,23 @@ def serve(args: argparse.Namespace) -> int:
             bind(host, settings.metrics_port).close()  # a taken port is a one-line error, not a failed start-up
         except MetricsPortError as exc:
             raise CLIError(str(exc)) from exc
-    app = create_app(settings, registry=registry)
-    server = gateway_server(
-        app, host=host, port=settings.port, timeout_keep_alive=settings.keep_alive_s, log_level="info", access_log=False
-    )
+    if settings.workers > 1:  # the primary: workers serve the public port, it serves them on a Unix socket
+        try:
+            bind(host, settings.port).close()
+        except MetricsPortError as exc:
+            raise CLIError(str(exc).replace("/metrics", "the gateway")) from exc
+        worker_dir = Path(tempfile.mkdtemp(prefix="loragate-workers-"))
+        app = create_app(settings, registry=registry, worker_dir=worker_dir)
+        server = gateway_server(app, uds=str(worker_dir / "primary.sock"), log_level="info", access_log=False)
+    else:
+        app = create_app(settings, registry=registry)
+        server = gateway_server(
+            app,
+            host=host,
+            port=settings.port,
+            timeout_keep_alive=settings.keep_alive_s,
+            log_level="info",
+            access_log=False,
+        )
     server.run()
     return 0

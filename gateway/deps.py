@@ -20,9 +20,10 @@ if TYPE_CHECKING:
     from gateway.adapters import AdapterManager
     from gateway.metrics import GatewayMetrics
     from gateway.proxy import Proxy
-    from gateway.supervisor import Supervisor
+    from gateway.supervisor import EngineHealth
     from gateway.upstream import Upstream
     from gateway.usage import UsageEmitter
+    from gateway.workers import WorkerHub
 
 
 @dataclass
@@ -31,13 +32,14 @@ class Gateway:
     base_name: str
     registry: Registry
     upstream: Upstream
-    supervisor: Supervisor
+    supervisor: EngineHealth
     adapters: AdapterManager
     proxy: Proxy
     metrics: GatewayMetrics
     usage: UsageEmitter
     security: Security
     draining: bool = False
+    workers: WorkerHub | None = None  # `--workers N`: the processes that serve the completion routes
 
     def inflight(self) -> int:
         return sum(engine.inflight for engine in self.supervisor.engines.values())

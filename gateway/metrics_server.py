@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-Render = Callable[[], tuple[bytes, str]]
+Render = Callable[[], Awaitable[tuple[bytes, str]]]
 
 
 class MetricsPortError(Exception):
@@ -33,7 +33,7 @@ class _SecondServer(uvicorn.Server):
 
 def metrics_app(render: Render) -> Starlette:
     async def metrics(request: Request) -> Response:
-        body, content_type = render()
+        body, content_type = await render()
         return Response(body, media_type=content_type)
 
     return Starlette(routes=[Route("/metrics", metrics)])

@@ -27,7 +27,7 @@ from gateway.call import Call, Observer
 from gateway.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout, send_error
 from gateway.hooks import CompletionHook, Verdict
 from gateway.sse import StreamScan, error_event, usage_counts, with_usage
-from gateway.supervisor import Supervisor
+from gateway.supervisor import EngineHealth
 from gateway.upstream import DROPPED, READ_TIMEOUT, UNREACHABLE, Upstream
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,15 @@ class Proxy:
     def __init__(
         self,
         upstream: Upstream,
-        supervisor: Supervisor,
+        supervisor: EngineHealth,
         adapters: AdapterManager,
         hooks: list[CompletionHook],
         observers: list[Observer],
+        *,
+        worker: int | None = None,
     ) -> None:
         self.upstream = upstream
+        self.worker_header = [(b"x-loragate-worker", str(worker).encode())] if worker is not None else []
         self.supervisor = supervisor
         self.adapters = adapters
         self.hooks = hooks
@@ -261,10 +264,10 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
-    @staticmethod
-    def _headers(response: aiohttp.ClientResponse, call: Call) -> list[tuple[bytes, bytes]]:
+    def _headers(self, response: aiohttp.ClientResponse, call: Call) -> list[tuple[bytes, bytes]]:
         content_type = response.headers.get("content-type", "application/json")
-        return [(b"content-type", content_type.encode()), (b"x-loragate-engine", (call.engine or "").encode())]
+        engine = (call.engine or "").encode()
+        return [(b"content-type", content_type.encode()), (b"x-loragate-engine", engine), *self.worker_header]
 
     # -- streams ---------------------------------------------------------------------------------------------------
 

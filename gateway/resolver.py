@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters_registry import AdapterManifest, Registry
@@ -39,6 +40,7 @@ class Resolver:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AdapterManifest | NotFoundError]] = {}
+        self.on_forget: Callable[[str | None], None] = lambda name: None  # gateway workers forget it too
 
     async def resolve(self, model: str) -> AdapterManifest:
         """The version `model` names; NotFoundError, or another RegistryError when the registry cannot say."""
@@ -88,6 +90,7 @@ class Resolver:
 
     def forget(self, name: str | None = None) -> None:
         """Drop what is known about adapter `name` (every reference to it), or about everything."""
+        self.on_forget(name)
         if name is None:
             self._entries.clear()
             return

@@ -1,4 +1,4 @@
-"""Pure placement decisions: the residency ledger, rendezvous hashing and engine choice. No I/O here.
+"""Pure placement decisions: rendezvous hashing and engine choice over a residency ledger (gateway.ledger). No I/O.
 
 Placement of an adapter, in order of preference:
 1. an engine that already holds it and is not overloaded;
@@ -13,10 +13,11 @@ each other, and an engine joining or leaving only moves the adapters whose first
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+
+from gateway.ledger import ResidencyLedger
 
 
 @dataclass(frozen=True)
@@ -57,74 +58,6 @@ def rendezvous_score(engine: str, key: str) -> int:
 
 def rendezvous_order(engines: Iterable[str], key: str) -> list[str]:
     return sorted(engines, key=lambda engine: rendezvous_score(engine, key), reverse=True)
-
-
-class ResidencyLedger:
-    """Which adapter (by engine name) is resident in which engine, in least-recently-used order."""
-
-    def __init__(self) -> None:
-        self._slots: dict[str, int] = {}
-        self._lru: dict[str, OrderedDict[str, None]] = {}
-        self._pinned: set[str] = set()
-
-    def add_engine(self, engine: str, slots: int) -> None:
-        self._slots[engine] = slots
-        self._lru.setdefault(engine, OrderedDict())
-
-    def remove_engine(self, engine: str) -> None:
-        self._slots.pop(engine, None)
-        self._lru.pop(engine, None)
-
-    def engines(self) -> list[str]:
-        return list(self._slots)
-
-    def slots(self, engine: str) -> int:
-        return self._slots[engine]
-
-    def resident(self, engine: str) -> list[str]:
-        return list(self._lru.get(engine, ()))
-
-    def has(self, engine: str, key: str) -> bool:
-        return key in self._lru.get(engine, ())
-
-    def holders(self, key: str) -> list[str]:
-        return [engine for engine, lru in self._lru.items() if key in lru]
-
-    def touch(self, engine: str, key: str) -> None:
-        if self.has(engine, key):
-            self._lru[engine].move_to_end(key)
-
-    def record_loaded(self, engine: str, key: str) -> None:
-        lru = self._lru[engine]
-        lru[key] = None
-        lru.move_to_end(key)
-
-    def record_unloaded(self, engine: str, key: str) -> None:
-        self._lru.get(engine, OrderedDict()).pop(key, None)
-
-    def pin(self, key: str) -> None:
-        self._pinned.add(key)
-
-    def unpin(self, key: str) -> None:
-        self._pinned.discard(key)
-
-    @property
-    def pinned(self) -> frozenset[str]:
-        return frozenset(self._pinned)
-
-    def plan_admit(self, engine: str, key: str, busy: Collection[str] = ()) -> tuple[str, ...] | None:
-        """Evictions that make room for `key` on `engine` (() when it fits or is there); None when impossible.
-
-        Pinned adapters and `busy` ones (requests in flight) are never evicted.
-        """
-        lru = self._lru[engine]
-        if key in lru:
-            return ()
-        overflow = len(lru) + 1 - self._slots[engine]
-        if overflow <= 0:
-            return ()
-        victims = [k for k in lru if k not in self._pinned and k not in busy][:overflow]
-        return tuple(victims) if len(victims) == overflow else None
 
 
 def choose_engine(

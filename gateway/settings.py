@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     health_interval_s: float = 2.0
+    # Processes serving the completion routes (`--workers`): one gateway pod uses this many cores (gateway.workers)
+    workers: int = Field(default=1, ge=1, le=64)
     usage_webhook_url: str | None = None
     metrics_max_adapter_labels: int = 50
     # Serve /metrics on this port (same host) instead of the API port, e.g. a scrape port kept off the Ingress.

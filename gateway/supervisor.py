@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from gateway.engine_process import EngineProcess, engine_spec, free_port
 from gateway.metrics import running_lora_adapters
@@ -48,6 +49,16 @@ class Engine:
     last_error: str | None = None
     gpu_adapters: frozenset[str] | None = None  # engine names vLLM reports as running (None: not reported)
     started_at: float = field(default_factory=time.monotonic)
+
+
+class EngineHealth(Protocol):
+    """The engines a proxy sends to, and where it reports what it saw (the supervisor; a worker's view of it)."""
+
+    engines: dict[str, Engine]
+
+    def report_failure(self, engine_id: str, error: str) -> None: ...
+
+    def probe_now(self, engine_id: str) -> None: ...
 
 
 def parse_queue(metrics_text: str) -> tuple[int, int]:

@@ -72,6 +72,7 @@ class FakeEngine:
     port: int = field(default_factory=free_port)
     connections: int = 0  # TCP connections accepted
     broken: int = 0  # streams whose client (the gateway) hung up before the end
+    log: list[tuple[float, str, str]] = field(default_factory=list)  # (monotonic time, what, model): loads, streams
 
     @property
     def url(self) -> str:
@@ -133,9 +134,11 @@ class FakeEngine:
             _reply(writer, 200, json.dumps({"object": "list", "data": cards}).encode())
         elif path == "/v1/load_lora_adapter":
             self.loaded.add(json.loads(raw)["lora_name"])
+            self.log.append((time.monotonic(), "load", json.loads(raw)["lora_name"]))
             _reply(writer, 200, b"Success", b"text/plain")
         elif path == "/v1/unload_lora_adapter":
             self.loaded.discard(json.loads(raw)["lora_name"])
+            self.log.append((time.monotonic(), "unload", json.loads(raw)["lora_name"]))
             _reply(writer, 200, b"Success", b"text/plain")
         elif path == "/metrics":
             _reply(writer, 200, b"vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n", b"text/plain")
@@ -168,6 +171,7 @@ class FakeEngine:
             return True
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         events = behaviour.events if behaviour.kind != "answer" else 3
+        self.log.append((time.monotonic(), "stream", str(body.get("model"))))
         try:
             for i in range(events):
                 if behaviour.gap_s:
@@ -187,6 +191,7 @@ class FakeEngine:
             writer.write(_chunk(b"data: " + json.dumps(usage).encode() + b"\n\n"))
         writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         await writer.drain()
+        self.log.append((time.monotonic(), "streamed", str(body.get("model"))))
         return True
 
 

@@ -6,12 +6,12 @@ from collections import Counter
 
 import pytest
 
+from gateway.ledger import ResidencyLedger
 from gateway.routing import (
     EngineLoad,
     Placement,
     Policy,
     Refusal,
-    ResidencyLedger,
     choose_engine,
     rendezvous_order,
     rendezvous_score,

@@ -1,0 +1,101 @@
+"""The residency ledger: which adapter version is loaded in which engine, as the gateway last saw it."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from typing import Any
+
+
+class ResidencyLedger:
+    """Which adapter (by engine name) is resident in which engine, in least-recently-used order.
+
+    `on_change` is called after every change but recency (a placement decision elsewhere may depend on it: the
+    gateway's workers get a copy through it)."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self._slots: dict[str, int] = {}
+        self._lru: dict[str, OrderedDict[str, None]] = {}
+        self._pinned: set[str] = set()
+        self._on_change = on_change or (lambda: None)
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+
+    def snapshot(self) -> dict[str, Any]:
+        """Slots, residents (least recently used first) and pins, as plain data (what `replace` takes)."""
+        return {
+            "slots": dict(self._slots),
+            "resident": {engine: list(lru) for engine, lru in self._lru.items()},
+            "pinned": sorted(self._pinned),
+        }
+
+    def replace(self, snapshot: dict[str, Any]) -> None:
+        self._slots = {engine: int(n) for engine, n in snapshot["slots"].items()}
+        self._lru = {engine: OrderedDict.fromkeys(keys) for engine, keys in snapshot["resident"].items()}
+        self._pinned = set(snapshot["pinned"])
+
+    def add_engine(self, engine: str, slots: int) -> None:
+        self._slots[engine] = slots
+        self._lru.setdefault(engine, OrderedDict())
+        self._on_change()
+
+    def remove_engine(self, engine: str) -> None:
+        self._slots.pop(engine, None)
+        self._lru.pop(engine, None)
+        self._on_change()
+
+    def engines(self) -> list[str]:
+        return list(self._slots)
+
+    def slots(self, engine: str) -> int:
+        return self._slots[engine]
+
+    def resident(self, engine: str) -> list[str]:
+        return list(self._lru.get(engine, ()))
+
+    def has(self, engine: str, key: str) -> bool:
+        return key in self._lru.get(engine, ())
+
+    def holders(self, key: str) -> list[str]:
+        return [engine for engine, lru in self._lru.items() if key in lru]
+
+    def touch(self, engine: str, key: str) -> None:
+        if self.has(engine, key):
+            self._lru[engine].move_to_end(key)
+
+    def record_loaded(self, engine: str, key: str) -> None:
+        lru = self._lru[engine]
+        lru[key] = None
+        lru.move_to_end(key)
+        self._on_change()
+
+    def record_unloaded(self, engine: str, key: str) -> None:
+        self._lru.get(engine, OrderedDict()).pop(key, None)
+        self._on_change()
+
+    def pin(self, key: str) -> None:
+        self._pinned.add(key)
+        self._on_change()
+
+    def unpin(self, key: str) -> None:
+        self._pinned.discard(key)
+        self._on_change()
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(self._pinned)
+
+    def plan_admit(self, engine: str, key: str, busy: Collection[str] = ()) -> tuple[str, ...] | None:
+        """Evictions that make room for `key` on `engine` (() when it fits or is there); None when impossible.
+
+        Pinned adapters and `busy` ones (requests in flight) are never evicted.
+        """
+        lru = self._lru[engine]
+        if key in lru:
+            return ()
+        overflow = len(lru) + 1 - self._slots[engine]
+        if overflow <= 0:
+            return ()
+        victims = [k for k in lru if k not in self._pinned and k not in busy][:overflow]
+        return tuple(victims) if len(victims) == overflow else None
