@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from adapters_registry.errors import IntegrityError, NotFoundError, StorageError
@@ -70,12 +70,15 @@ class BlobCache:
         if in_place is not None:
             if not self.store.exists(key):
                 raise NotFoundError(f"blob sha256:{hex_digest} is missing from the store")
+            if not verify or self._trusted(in_place, hex_digest):
+                return in_place
             try:
-                actual = sha256_file(in_place) if verify else hex_digest
+                actual = sha256_file(in_place)
             except OSError as exc:
                 raise StorageError(f"{in_place}: {exc.strerror or type(exc).__name__}") from exc
             if actual != hex_digest:
                 raise IntegrityError(f"blob sha256:{hex_digest} is corrupted in the store (content hash differs)")
+            self._trust(in_place, hex_digest)
             return in_place
         cached = self.root / "blobs" / hex_digest[:2] / hex_digest
         if cached.is_file():
@@ -96,6 +99,35 @@ class BlobCache:
         finally:
             tmp.unlink(missing_ok=True)
         return cached
+
+    # A blob of a local store is hashed once: when it was pushed (`trust`), or at its first use here. Its file's
+    # identity then (device, inode, size, modification time) is kept under <cache>/trusted/; while the file is the
+    # same, its content is taken as checked. Any write to it changes the modification time, so a blob changed since
+    # is hashed again and refused if it no longer matches. (Bit rot that leaves the metadata alone is not seen:
+    # `loragate registry verify` hashes everything.)
+    @staticmethod
+    def _identity(path: Path) -> str:
+        st = path.stat()
+        return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+    def _trusted(self, path: Path, hex_digest: str) -> bool:
+        try:
+            return (self.root / "trusted" / hex_digest).read_text() == self._identity(path)
+        except OSError:
+            return False
+
+    def _trust(self, path: Path, hex_digest: str) -> None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs a hash the next time
+            marker = self.root / "trusted" / hex_digest
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(self._identity(path))
+
+    def trust(self, hex_digests: Iterable[str]) -> None:
+        """Blobs whose content the caller has just hashed (a push): their first use here needs no hash."""
+        for hex_digest in hex_digests:
+            in_place = self.store.local_path(blob_key(hex_digest))
+            if in_place is not None and in_place.is_file():
+                self._trust(in_place, hex_digest)
 
     def assemble(self, files: dict[str, str], folder: str) -> Path:
         """A folder `<cache>/<folder>` holding `files` (relpath -> sha256), each verified."""

@@ -421,6 +421,7 @@ class Registry:
             _snapshot(adapter_dir, names) != before
         ):  # e.g. a trainer still writing: what we hashed is not what we stored
             raise ConflictError(f"{adapter_dir}: files changed during the push; nothing was registered, try again")
+        self.cache.trust(files.values())  # hashed just now: the first materialize here need not hash them again
         # after the snapshot: a folder materialized from a local store shares its files' inodes (and mtimes) with them
         self._refresh_blobs(files, adapter_dir, stored)
         _pause_point("blobs-written")
