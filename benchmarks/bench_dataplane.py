@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 BASE = "bench-base"
+WRK = os.environ.get("WRK", "wrk")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -165,7 +166,9 @@ USAGE_CHUNK = _sse(
     + b"\n\n"
 )
 DONE_CHUNK = _sse(b"data: [DONE]\n\n")
-METRICS = b'vllm:num_requests_running{model_name="bench-base"} 0.0\nvllm:num_requests_waiting{model_name="bench-base"} 0.0\n'
+METRICS = (
+    b'vllm:num_requests_running{model_name="bench-base"} 0.0\nvllm:num_requests_waiting{model_name="bench-base"} 0.0\n'
+)
 
 
 def models_body(loaded: set[str]) -> bytes:
@@ -230,7 +233,9 @@ def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{process.args!r} exited with {process.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+            raise SystemExit(
+                f"{process.args!r} exited with {process.returncode}; see {log}:\n{log.read_text()[-2000:]}"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -274,7 +279,7 @@ class Bench:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def make_registry(work: Path) -> tuple[Path, str]:
+def make_registry(work: Path) -> tuple[Path, str | None]:
     """A registry with the tiny base (under the upstream's served name) and one random adapter bound to it."""
     from adapters_registry.registry import open_registry
     from loragate.tiny_model import build_random_adapter, cached_tiny_model
@@ -327,11 +332,20 @@ def body_for(model: str, stream: bool) -> str:
     return json.dumps(body)
 
 
-def run_wrk(target: Target, stream: bool, concurrency: int, duration_s: float, script: Path) -> Run:
+def run_wrk(target: Target, stream: bool, concurrency: int, duration_s: float, script: Path, threads: int = 1) -> Run:
     cpu_before = tree_cpu_s(target.pid) if target.pid else 0.0
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(int(duration_s), 1)}s", "--timeout", "10s", "-s", str(script)]
-        + [f"{target.url}/v1/chat/completions"],
+        [
+            WRK,
+            f"-t{min(threads, concurrency)}",
+            f"-c{concurrency}",
+            f"-d{max(int(duration_s), 1)}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"{target.url}/v1/chat/completions",
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "BENCH_BODY": body_for(target.model, stream)},
@@ -381,7 +395,7 @@ def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
             targets.append(Target("vllm-router", f"http://127.0.0.1:{port}", process.pid))
         else:
             print("vllm-router not found (--router PATH, or pip install vllm-router): row left out", file=sys.stderr)
-        registry, adapter = make_registry(work)
+        registry, adapter = make_registry(work) if args.adapter_row else (work / "registry", None)
         env = {"LORAGATE_HEALTH_INTERVAL_S": "2", "HF_HUB_OFFLINE": "1"}
         for workers in sorted({1, *args.workers}):
             port = free_port()
@@ -390,7 +404,7 @@ def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz", process, work / f"{name.replace(' ', '-')}.log")
             targets.append(Target(name, url, process.pid))
-            if workers == 1:
+            if workers == 1 and adapter is not None:
                 targets.append(Target("gateway (adapter)", url, process.pid, model=adapter))
         yield targets
     finally:
@@ -399,11 +413,11 @@ def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is needed for the load (apt-get install wrk)")
+    if shutil.which(WRK) is None:
+        raise SystemExit(f"wrk is needed for the load (apt-get install wrk, or $WRK): {WRK} not found")
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(WRK_SCRIPT)
-    cases = [(stream, conc) for stream in (False, True) for conc in (1, args.concurrency)]
+    cases = [(mode == "stream", conc) for mode in args.modes.split(",") for conc in args.levels]
     results: dict[str, dict[str, list[Run]]] = {}
     with stack(args) as targets:
         for target in targets:  # warm-up: connections, adapter loads, caches
@@ -416,7 +430,7 @@ def main(args: argparse.Namespace) -> int:
             for target in order:
                 for stream, conc in cases:
                     key = f"{'stream' if stream else 'plain'}-c{conc}"
-                    run = run_wrk(target, stream, conc, args.duration, script)
+                    run = run_wrk(target, stream, conc, args.duration, script, args.wrk_threads)
                     results.setdefault(target.name, {}).setdefault(key, []).append(run)
             print(f"round {round_ + 1}/{args.rounds}: {', '.join(t.name for t in order)}", file=sys.stderr)
     report = summarize(results, args)
@@ -448,6 +462,14 @@ def summarize(results: dict[str, dict[str, list[Run]]], args: argparse.Namespace
 
 def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
     rows = report["targets"]
+    if set(args.modes.split(",")) != {"plain", "stream"} or args.levels != [1, args.concurrency]:
+        for name, row in rows.items():  # not the full grid: one line per cell
+            for key, cell in row.items():
+                print(
+                    f"{name:<18} {key:<14} rps {cell['rps']:>9.0f}  p50 {cell['p50_ms']:>8.3f} ms  "
+                    f"p99 {cell['p99_ms']:>8.3f} ms  CPU/request {_ms(cell['cpu_ms'])} ms  failed {cell['failed']}"
+                )
+        return
     c = args.concurrency
     print(
         f"chat completions, {args.chunks}-chunk streams ({args.chunk_gap_ms} ms apart), wrk closed loop "
@@ -498,6 +520,15 @@ def make_parser() -> argparse.ArgumentParser:
         default=[],
         help="also measure `loragate serve --workers N` for each N (comma-separated)",
     )
+    parser.add_argument("--modes", default="plain,stream", help="plain, stream or both")
+    parser.add_argument(
+        "--levels",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=None,
+        help="concurrency levels (default: 1 and --concurrency)",
+    )
+    parser.add_argument("--no-adapter-row", dest="adapter_row", action="store_false", help="base-model rows only")
+    parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the medians here as JSON")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -509,4 +540,5 @@ if __name__ == "__main__":
     if parsed.serve_upstream:
         serve_upstream(parsed.serve_upstream, parsed.chunks, parsed.chunk_gap_ms)
         raise SystemExit(0)
+    parsed.levels = parsed.levels or [1, parsed.concurrency]
     raise SystemExit(main(parsed))

@@ -73,6 +73,14 @@ def make_parser() -> argparse.ArgumentParser:
     running.add_argument("--gateway-url", help="URL of a gateway in external mode over that engine")
     running.add_argument("--base", help="served name of the base model")
     running.add_argument("--adapters", help="comma-separated adapter names in the gateway's registry")
+    running.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="another gateway over the same engine and registry, measured beside the first (e.g. --workers 4)",
+    )
+    parser.add_argument("--json", help="write the medians (and every round) here")
     return parser
 
 
@@ -241,6 +249,10 @@ def measure(stack: Stack, args: argparse.Namespace) -> tuple[dict[str, list[Row]
         "direct-2": (stack.engine_url, bodies(True)),
         "gateway": (stack.gateway_url, bodies(False)),
     }
+    for extra in args.target:
+        name, _, url = extra.partition("=")
+        targets[name] = (url.rstrip("/"), bodies(False))
+        asyncio.run(run_set(url.rstrip("/"), bodies(False)[: args.warmup], args.concurrency))
     asyncio.run(run_set(stack.gateway_url, bodies(False)[: args.warmup], args.concurrency))
     asyncio.run(run_set(stack.engine_url, bodies(True)[: args.warmup], args.concurrency))
     results: dict[str, list[Row]] = {name: [] for name in targets}
@@ -275,15 +287,16 @@ def print_table(
         f"{args.max_tokens} tokens each{prompt}, {len(stack.adapters)} adapters + base ({args.assignment}), "
         f"{stack.label} (medians over rounds)"
     )
+    width = max(10, *(len(name) for name in results))
     print(
-        f"{'target':<10} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFB p50':>9} {'TTFB p99':>9} "
+        f"{'target':<{width}} {'tok/s':>9} {'p50 s':>8} {'p99 s':>8} {'TTFB p50':>9} {'TTFB p99':>9} "
         f"{'tok/s vs direct':>16} {'p50 vs direct':>14} {'p99 vs direct':>14} {'TTFB vs direct':>15} {'failed':>6}"
     )
     medians = {name: [statistics.median(col) for col in zip(*rows, strict=True)] for name, rows in results.items()}
     base_tps, base_p50, base_p99, base_ttfb = medians["direct"][:4]
     for name, (tps, p50, p99, ttfb, ttfb99) in medians.items():
         print(
-            f"{name:<10} {tps:>9.1f} {p50:>8.3f} {p99:>8.3f} {ttfb:>9.3f} {ttfb99:>9.3f} {tps / base_tps:>16.3f} "
+            f"{name:<{width}} {tps:>9.1f} {p50:>8.3f} {p99:>8.3f} {ttfb:>9.3f} {ttfb99:>9.3f} {tps / base_tps:>16.3f} "
             f"{p50 / base_p50:>14.3f} {p99 / base_p99:>14.3f} {ttfb / base_ttfb:>15.3f} {failures[name]:>6}"
         )
 
@@ -295,6 +308,18 @@ def main(args: argparse.Namespace) -> int:
     with running_stack(args) if args.engine_url else cpu_stack() as stack:
         results, failures = measure(stack, args)
     print_table(results, failures, stack, args)
+    if args.json:
+        columns = ("tok_s", "p50_s", "p99_s", "ttfb_p50_s", "ttfb_p99_s")
+        report = {
+            name: {
+                "median": dict(zip(columns, (statistics.median(col) for col in zip(*rows, strict=True)), strict=True)),
+                "rounds": [dict(zip(columns, row, strict=True)) for row in rows],
+                "failed": failures[name],
+            }
+            for name, rows in results.items()
+        }
+        config = {k: v for k, v in vars(args).items() if k != "target"}
+        Path(args.json).write_text(json.dumps({"config": config, "targets": report}, indent=1))
     return 0
 
 
