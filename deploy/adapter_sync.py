@@ -6,7 +6,11 @@ named after the registry location and the version's digest. This sidecar runs be
 containers and on the gateway), so the folder the gateway names already exists on the engine pod.
 
     python deploy/adapter_sync.py --once          # one pass, exit status 1 if any version failed
-    python deploy/adapter_sync.py --interval 10   # forever (the sidecar)
+    python deploy/adapter_sync.py --interval 10 --ready-file /var/cache/loragate/.adapter-sync-ready   # the sidecar
+
+`--ready-file` is written once the first pass has listed the registry and materialised what it could (a broken
+version is logged, not waited for): the chart's readiness probe on it keeps the engine pod out of the gateways'
+engine set until the adapters are on disk. A registry it cannot list writes nothing, and the pod stays unready.
 
 Each pass also deletes what no servable version needs any more (folders of removed versions, their downloaded
 blobs), so the pod's cache follows `loragate registry rm` and `gc` instead of growing until the emptyDir's limit
@@ -20,6 +24,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from adapters_registry import open_registry
 from adapters_registry.gc import prune_cache, referenced_hexes
@@ -63,6 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--registry", help="registry location (default: $LORAGATE_REGISTRY)")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between passes (default 10)")
     parser.add_argument("--once", action="store_true", help="one pass, then exit (status 1 if a version failed)")
+    parser.add_argument("--ready-file", type=Path, help="written after the first finished pass (readiness marker)")
     return parser
 
 
@@ -85,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 len(report.failed),
                 len(report.pruned),
             )
+            if args.ready_file is not None and not args.ready_file.exists():
+                args.ready_file.parent.mkdir(parents=True, exist_ok=True)
+                args.ready_file.write_text(f"{len(report.materialized)} adapter version(s) synced\n")
+                log.info("adapter-sync: first pass done, wrote %s", args.ready_file)
             if args.once:
                 return 1 if report.failed else 0
         time.sleep(args.interval)

@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # The loragate gateway: OpenAI API, adapter routing, metrics, registry client. No vLLM, no training stack.
 # Build from the repository root:  docker build -f deploy/gateway.Dockerfile -t ghcr.io/loragate/gateway:0.1.0 .
-# The same image runs the engines' adapter-sync sidecar (python /opt/loragate/adapter_sync.py).
+# The same image runs the engines' adapter-sync sidecar (python /opt/loragate/adapter_sync.py) and base-fetch init
+# container (python /opt/loragate/base_fetch.py).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -27,7 +28,7 @@ RUN groupadd --system --gid 10001 loragate \
     && mkdir -p /var/cache/loragate /registry \
     && chown loragate:loragate /var/cache/loragate /registry
 COPY --from=build /opt/venv /opt/venv
-COPY deploy/adapter_sync.py /opt/loragate/adapter_sync.py
+COPY deploy/adapter_sync.py deploy/base_fetch.py /opt/loragate/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -65,11 +65,29 @@ def gateway_config(*, base: str, public_name: str, registry: str | None) -> dict
     return config
 
 
-def helm_values(*, public_name: str, model_dir_name: str) -> dict[str, Any]:
-    """Values for helm/loragate serving the merged model under the adapter's public name, engines without LoRA."""
+def helm_values(
+    *, public_name: str, model_dir_name: str, registry_base: str | None = None, registry: str | None = None
+) -> dict[str, Any]:
+    """Values for helm/loragate serving the merged model under the adapter's public name, engines without LoRA.
+
+    With `registry_base` (the merged model registered, weights included, in the S3 `registry`), the engine pods copy
+    it from that registry at start onto their model volume. Without, `model_dir_name` must be put on a volume named
+    in `engine.modelVolume.existingClaim`; the chart refuses to render until one holds the path.
+    """
+    if registry_base is None or registry is None or not registry.startswith("s3://"):
+        return {
+            "baseModel": {"servedName": public_name},
+            "engine": {"model": f"{HELM_MODEL_MOUNT}/{model_dir_name}", "lora": {"enabled": False}},
+        }
+    bucket, _, prefix = registry.removeprefix("s3://").partition("/")
     return {
         "baseModel": {"servedName": public_name},
-        "engine": {"model": f"{HELM_MODEL_MOUNT}/{model_dir_name}", "lora": {"enabled": False}},
+        "engine": {
+            "model": f"{HELM_MODEL_MOUNT}/{registry_base}",
+            "lora": {"enabled": False},
+            "modelVolume": {"registryBase": registry_base},
+        },
+        "registry": {"mode": "s3", "s3": {"bucket": bucket, "prefix": prefix.strip("/")}},
     }
 
 
@@ -164,12 +182,15 @@ def merge_registered(
         except RegistryError as exc:
             raise CLIError(f"merged model written to {out} but not registered: {exc}") from exc
         say(f"registered base {registered.name!r} ({registered.fingerprint[:19]})")
-        for path in write_snippets(out, register, adapter.name, reg.location):
+        in_registry = registered.files is not None  # the weights themselves are in the registry
+        for path in write_snippets(out, register, adapter.name, reg.location, weights_in_registry=in_registry):
             say(f"wrote {path}")
     return result
 
 
-def write_snippets(out: Path, base_name: str, public_name: str, registry: str | None) -> list[Path]:
+def write_snippets(
+    out: Path, base_name: str, public_name: str, registry: str | None, *, weights_in_registry: bool = False
+) -> list[Path]:
     import yaml
 
     gateway_path = out.parent / f"{base_name}.gateway.yaml"
@@ -178,9 +199,23 @@ def write_snippets(out: Path, base_name: str, public_name: str, registry: str | 
         f"# loragate serve --config {gateway_path.name}: serves {base_name} (merged) as {public_name!r}, no LoRA\n"
         + yaml.safe_dump(gateway_config(base=base_name, public_name=public_name, registry=registry), sort_keys=False)
     )
+    if weights_in_registry and registry and registry.startswith("s3://"):
+        values = helm_values(
+            public_name=public_name, model_dir_name=out.name, registry_base=base_name, registry=registry
+        )
+        how = (
+            f"# the engine pods copy base {base_name} from {registry} at start (engine.modelVolume.registryBase);\n"
+            "# set registry.s3.endpoint and registry.s3.existingSecret as your cluster reaches that bucket\n"
+        )
+    else:
+        values = helm_values(public_name=public_name, model_dir_name=out.name)
+        how = (
+            f"# copy {out} into a PVC as {out.name}/ and set engine.modelVolume.existingClaim to that PVC:\n"
+            f"# until a volume holds {HELM_MODEL_MOUNT}/{out.name} the chart refuses to render\n"
+        )
     helm_path.write_text(
         f"# helm install {public_name} helm/loragate -f {helm_path.name}\n"
-        f"# copy {out} to the engines' model volume as {HELM_MODEL_MOUNT}/{out.name}\n"
-        + yaml.safe_dump(helm_values(public_name=public_name, model_dir_name=out.name), sort_keys=False)
+        + how
+        + yaml.safe_dump(values, sort_keys=False)
     )
     return [gateway_path, helm_path]

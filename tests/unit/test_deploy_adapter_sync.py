@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "adapter_sync.py"
 
 
-def run_sync(location: str, cache_root: Path, moto_endpoint: str) -> subprocess.CompletedProcess[str]:
+def run_sync(location: str, cache_root: Path, moto_endpoint: str, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "LORAGATE_REGISTRY": location,
@@ -26,7 +26,7 @@ def run_sync(location: str, cache_root: Path, moto_endpoint: str) -> subprocess.
         "PYTHONPATH": str(REPO),
     }
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--once"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
+        [sys.executable, str(SCRIPT), "--once", *extra], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
     )
 
 
@@ -100,3 +100,27 @@ def test_sidecar_prunes_what_removed_versions_left_in_the_pod_cache(
     assert cached_blobs == set(kept.files.values())  # shared files stay, the removed version's own go
     folder = cache / "adapters" / kept.digest_hex
     assert {p.name: sha256_file(p) for p in folder.iterdir()} == kept.files
+
+
+def test_the_ready_file_follows_the_first_finished_pass(
+    s3_registry: Registry, adapter_dirs: list[Path], moto_endpoint: str, tmp_path: Path
+) -> None:
+    """The chart's readiness probe on the engine pod's sidecar tests this file (test_helm_engine.py)."""
+    good = s3_registry.push(adapter_dirs[0], "ready-good", "tiny")
+    broken = s3_registry.push(adapter_dirs[1], "ready-broken", "tiny")
+    s3_registry.store.delete(blob_key(broken.files["adapter_model.safetensors"]))
+    cache = tmp_path / "cache"
+    marker = cache / ".adapter-sync-ready"
+    proc = run_sync(s3_registry.location, cache, moto_endpoint, "--ready-file", str(marker))
+    # A broken version is reported, not waited for: the pass finished, the pod may serve the others.
+    assert proc.returncode == 1
+    assert marker.read_text() == "1 adapter version(s) synced\n"
+    assert f"adapter-sync: first pass done, wrote {marker}" in proc.stderr
+    assert (cache / "registry" / default_cache_dir(s3_registry.location).name / "adapters" / good.digest_hex).is_dir()
+    # A registry it cannot reach: no pass, no file, the pod stays out of the gateways' engine set.
+    unreachable = tmp_path / "unreachable" / ".adapter-sync-ready"
+    proc = run_sync(
+        s3_registry.location, tmp_path / "unreachable", "http://127.0.0.1:9", "--ready-file", str(unreachable)
+    )
+    assert proc.returncode != 0
+    assert not unreachable.exists()

@@ -145,6 +145,66 @@ app.kubernetes.io/component: engine
   value: {{ include "loragate.cacheDir" . | quote }}
 {{- end }}
 
+{{/* The engines' minimum under an autoscaler: engine.autoscaling.minReplicas, or engine.replicaCount when null. */}}
+{{- define "loragate.engine.minReplicas" -}}
+{{- $min := .Values.engine.autoscaling.minReplicas }}
+{{- if kindIs "invalid" $min }}{{ .Values.engine.replicaCount | int }}{{ else }}{{ $min | int }}{{ end }}
+{{- end }}
+
+{{- define "loragate.engine.autoscaled" -}}
+{{- if or .Values.engine.autoscaling.keda.enabled .Values.engine.autoscaling.hpa.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The engine pod's helper containers (base fetch, adapter sync): the gateway image, as the engine's user. */}}
+{{- define "loragate.engine.helperSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.engine.podSecurityContext.runAsUser }}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/* Where the adapter-sync sidecar marks its first finished pass (on the adapter cache; readiness checks it). */}}
+{{- define "loragate.adapterSync.readyFile" -}}
+{{- include "loragate.cacheDir" . }}/.adapter-sync-ready
+{{- end }}
+
+{{/* The adapter-sync sidecar runs (S3 registry, LoRA on, not switched off). */}}
+{{- define "loragate.adapterSync.enabled" -}}
+{{- if and .Values.engine.lora.enabled .Values.engine.adapterSync.enabled (eq .Values.registry.mode "s3") }}true{{ end }}
+{{- end }}
+
+{{/*
+A pod's affinity: `affinity` with the podAntiAffinity preset ("soft": preferred, "hard": required, "": none) added,
+keeping pods of the same component on different nodes. Call with (dict "preset" P "affinity" A "labels" L).
+*/}}
+{{- define "loragate.affinity" -}}
+{{- $affinity := deepCopy (.affinity | default dict) }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" .labels) }}
+{{- if eq .preset "hard" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- else if eq .preset "soft" }}
+{{- $preferred := dict "weight" 100 "podAffinityTerm" $term }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list $preferred)) }}
+{{- end }}
+{{- if $affinity }}
+{{- toYaml $affinity }}
+{{- end }}
+{{- end }}
+
+{{/* topologySpreadConstraints, each selecting this component's pods unless it names its own labelSelector. */}}
+{{- define "loragate.topologySpread" -}}
+{{- $labels := .labels }}
+{{- range .constraints }}
+{{- $c := deepCopy . }}
+{{- if not $c.labelSelector }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" $labels) }}
+{{- end }}
+- {{ toYaml $c | nindent 2 | trim }}
+{{- end }}
+{{- end }}
+
 {{/* Cross-field checks JSON Schema cannot express; each fails the render with one clear line. */}}
 {{- define "loragate.validate" -}}
 {{- range $path, $image := dict "gateway.image" .Values.gateway.image "engine.image" .Values.engine.image "engine.cpuImage" .Values.engine.cpuImage }}
@@ -163,8 +223,67 @@ app.kubernetes.io/component: engine
 {{- if and $as.keda.enabled $as.hpa.enabled }}
 {{- fail "engine.autoscaling: enable at most one of keda and hpa (both would scale the same Deployment)" }}
 {{- end }}
-{{- if gt (int $as.minReplicas) (int $as.maxReplicas) }}
-{{- fail (printf "engine.autoscaling.minReplicas (%d) exceeds maxReplicas (%d)" (int $as.minReplicas) (int $as.maxReplicas)) }}
+{{- $min := include "loragate.engine.minReplicas" . | int }}
+{{- if gt $min (int $as.maxReplicas) }}
+{{- if kindIs "invalid" $as.minReplicas }}
+{{- if include "loragate.engine.autoscaled" . }}
+{{- fail (printf "engine.replicaCount (%d) is the autoscaler's minimum and exceeds engine.autoscaling.maxReplicas (%d)" $min (int $as.maxReplicas)) }}
+{{- end }}
+{{- else }}
+{{- fail (printf "engine.autoscaling.minReplicas (%d) exceeds maxReplicas (%d)" $min (int $as.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- if and $as.hpa.enabled (eq $min 0) }}
+{{- fail "engine.autoscaling.hpa: a HorizontalPodAutoscaler cannot scale to zero (its minimum is engine.autoscaling.minReplicas, or engine.replicaCount when that is null, and it is 0); use keda for scale-to-zero" }}
+{{- end }}
+{{- range $name, $on := dict "keda" $as.keda.enabled "hpa" $as.hpa.enabled }}
+{{- if and $on $as.requireServiceMonitor (not $.Values.metrics.serviceMonitor.enabled) }}
+{{- fail (printf "engine.autoscaling.%s scales on loragate_engine_waiting_requests, which Prometheus has only if it scrapes the gateways: set metrics.serviceMonitor.enabled=true (or engine.autoscaling.requireServiceMonitor=false if your Prometheus scrapes them another way, e.g. by the pods' prometheus.io annotations)" $name) }}
+{{- end }}
+{{- end }}
+{{- $model := .Values.engine.model }}
+{{- $mv := .Values.engine.modelVolume }}
+{{- if and $mv.existingClaim $mv.registryBase }}
+{{- fail "engine.modelVolume: set existingClaim (a volume holding the model) or registryBase (a registered base copied in at start), not both" }}
+{{- end }}
+{{- if hasPrefix "/" $model }}
+{{- $mounts := list }}
+{{- if or $mv.existingClaim $mv.registryBase }}
+{{- $mounts = append $mounts $mv.mountPath }}
+{{- end }}
+{{- range .Values.engine.extraVolumeMounts }}
+{{- $mounts = append $mounts .mountPath }}
+{{- end }}
+{{- $onVolume := false }}
+{{- range $mounts }}
+{{- if or (eq $model .) (hasPrefix (printf "%s/" (trimSuffix "/" .)) $model) }}
+{{- $onVolume = true }}
+{{- end }}
+{{- end }}
+{{- if not $onVolume }}
+{{- fail (printf "engine.model %s is a path, but no volume of the engine pod is mounted there (the pod would crash-loop): set engine.modelVolume.existingClaim (a PVC holding it under %s), engine.modelVolume.registryBase (a base whose weights are in the registry, copied in at start), or mount one with engine.extraVolumes and engine.extraVolumeMounts" $model $mv.mountPath) }}
+{{- end }}
+{{- end }}
+{{- if $mv.registryBase }}
+{{- $want := printf "%s/%s" (trimSuffix "/" $mv.mountPath) $mv.registryBase }}
+{{- if ne $model $want }}
+{{- fail (printf "engine.modelVolume.registryBase %s is copied to %s: set engine.model to that path (it is %s)" $mv.registryBase $want $model) }}
+{{- end }}
+{{- end }}
+{{- $g := .Values.gateway }}
+{{- range $preset := list (list "gateway" $g) (list "engine" .Values.engine) }}
+{{- $v := index $preset 1 }}
+{{- if and $v.podAntiAffinity ($v.affinity | default dict).podAntiAffinity }}
+{{- fail (printf "%s.podAntiAffinity (%s) would replace %s.affinity.podAntiAffinity: set %s.podAntiAffinity to \"\" to use your own" (index $preset 0) $v.podAntiAffinity (index $preset 0) (index $preset 0)) }}
+{{- end }}
+{{- end }}
+{{- range $kind, $on := dict "httpRoute" $g.httpRoute.enabled "ingress" $g.ingress.enabled }}
+{{- if and $on (not $g.metricsPort) (eq $g.security.metricsAuth "none") }}
+{{- fail (printf "gateway.%s would publish /metrics without a key (gateway.metricsPort is null and gateway.security.metricsAuth is none): give /metrics its own port (gateway.metricsPort) or require a key (metricsAuth admin)" $kind) }}
+{{- end }}
+{{- end }}
+{{- if and $g.httpRoute.enabled (not $g.httpRoute.parentRefs) }}
+{{- fail "gateway.httpRoute.parentRefs: name the Gateway (Gateway API) that should route to the gateway Service" }}
 {{- end }}
 {{- $gas := .Values.gateway.autoscaling }}
 {{- if and $gas.enabled (gt (int $gas.minReplicas) (int $gas.maxReplicas)) }}
