@@ -38,6 +38,7 @@ class CLIError(Exception):
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loragate", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"loragate {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         try:
@@ -48,6 +49,19 @@ def make_parser() -> argparse.ArgumentParser:
             continue
         module.register(sub)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (what pip and `loragate --version` report), else the package's own."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("loragate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from loragate import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
