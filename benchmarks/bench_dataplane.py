@@ -14,7 +14,9 @@ Targets, each a separate process on loopback:
 - `vllm-router`: the Rust router users would pick (`pip install vllm-router` in a virtualenv of its own), round robin;
 - `gateway`: `loragate serve` in external mode, local mode (no API keys), base-model requests;
 - `gateway (adapter)`: the same gateway, requests for a registered adapter (resolution and placement included);
-- `gateway xN`: `loragate serve --workers N` for each N of `--workers` above 1.
+- `gateway xN`: `loragate serve --workers N` for each N of `--workers` above 1;
+- `--baseline DIR`: the gateway of another checkout, run from that folder (before/after in one run:
+  `git worktree add /tmp/lg-main main`, then `--baseline /tmp/lg-main --baseline-name "gateway (main)"`).
 Load comes from `wrk` (C, one thread: its own cost stays off the targets' books): closed loop at concurrency 1 (added
 latency) and `--concurrency` (throughput and CPU), plain and streamed. CPU per request is the target's process tree
 CPU time (user + system, from /proc) over the requests it answered while loaded. Every round runs the targets in a
@@ -256,7 +258,9 @@ class Bench:
     work: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> subprocess.Popen[bytes]:
         log = self.work / f"{name}.log"
         process = subprocess.Popen(
             argv,
@@ -264,6 +268,7 @@ class Bench:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            cwd=cwd,
         )
         self.processes.append(process)
         return process
@@ -406,6 +411,13 @@ def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
             targets.append(Target(name, url, process.pid))
             if workers == 1 and adapter is not None:
                 targets.append(Target("gateway (adapter)", url, process.pid, model=adapter))
+        if args.baseline:  # another checkout's gateway (e.g. a `git worktree` of main), run from its own folder
+            port = free_port()
+            argv = gateway_argv(upstream, registry, port, 1)
+            process = bench.start("baseline", argv, {**env, "PYTHONPATH": args.baseline}, cwd=args.baseline)
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/readyz", process, work / "baseline.log")
+            targets.append(Target(args.baseline_name, url, process.pid))
         yield targets
     finally:
         bench.stop()
@@ -495,7 +507,7 @@ def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
     if router:
         print("CPU per request vs vllm-router:")
         for name, row in rows.items():
-            if name.startswith("gateway"):
+            if name.startswith("gateway") or name == args.baseline_name:
                 ratios = [
                     row[f"{mode}-c{c}"]["cpu_ms"] / router[f"{mode}-c{c}"]["cpu_ms"] for mode in ("plain", "stream")
                 ]
@@ -520,6 +532,8 @@ def make_parser() -> argparse.ArgumentParser:
         default=[],
         help="also measure `loragate serve --workers N` for each N (comma-separated)",
     )
+    parser.add_argument("--baseline", help="also run the gateway of this checkout (a folder), e.g. a worktree of main")
+    parser.add_argument("--baseline-name", default="gateway (baseline)")
     parser.add_argument("--modes", default="plain,stream", help="plain, stream or both")
     parser.add_argument(
         "--levels",

@@ -173,7 +173,7 @@ class AdapterManager:
         manifest = await self.manifest_for(model)
         reason = refusal_reason(manifest, self.bound_base, self.max_lora_rank())
         if reason:
-            raise AdapterRefused(reason, param="model")
+            raise AdapterRefused(reason, param="model", adapter=manifest.name, version=manifest.version)
         self.manifests[manifest.engine_name] = manifest
         return Target(model, manifest, manifest.engine_name)
 

@@ -7,6 +7,7 @@
     ├── Unauthorized                  401 invalid_api_key, with WWW-Authenticate: Bearer
     ├── Forbidden                     403 admin_required / path_refused
     ├── ModelNotFound                 404 model_not_found
+    ├── LoRANotFound                  404 NotFoundError: vLLM's runtime LoRA routes, as vLLM answers
     ├── MethodNotAllowed              405 method_not_allowed (a completion route asked with another method)
     ├── AdapterRefused                400 adapter_refused: the registry version cannot be served as a LoRA here
     │                                     (merge-only, rank above the engine's max_lora_rank, other base)
@@ -89,6 +90,14 @@ class Forbidden(GatewayError):
     code = "admin_required"
 
 
+class LoRANotFound(GatewayError):
+    """vLLM's answer on its runtime LoRA routes for an adapter (or its folder) that is not there."""
+
+    status = 404
+    type = "NotFoundError"
+    code = "404"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
@@ -111,6 +120,10 @@ class AdapterRefused(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "adapter_refused"
+
+    def __init__(self, message: str, *, param: str | None = None, adapter: str | None = None, version: int = 0) -> None:
+        super().__init__(message, param=param)
+        self.adapter, self.version = adapter, version  # the version refused, for its metrics label
 
 
 class RateLimited(GatewayError):

@@ -122,9 +122,16 @@ def _text_length(content: Any) -> int:
 
 
 def prompt_length(body: Mapping[str, Any]) -> int:
+    """Characters of prompt text in a chat, completions or Responses API body."""
     messages = body.get("messages")
     if isinstance(messages, list):
         return sum(_text_length(m.get("content")) for m in messages if isinstance(m, Mapping))
+    if "input" in body:  # Responses: a string or a list of items (messages, whose content is text or parts)
+        items = body["input"]
+        total = _text_length(body.get("instructions"))
+        if isinstance(items, list):
+            return total + sum(_text_length(i.get("content")) if isinstance(i, Mapping) else 0 for i in items)
+        return total + _text_length(items)
     return _text_length(body.get("prompt"))
 
 
@@ -145,7 +152,7 @@ def _numeric_field(body: Mapping[str, Any], name: str) -> float | None:
 
 def check_generation(body: Mapping[str, Any], limits: LimitSettings) -> LimitViolation | None:
     """Caps on a chat or completions request body; other wrong types are left to the engine's validation."""
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = _numeric_field(body, name)
         if value is not None and value > limits.max_tokens:
             return LimitViolation("max_tokens", limits.max_tokens, name)
@@ -156,7 +163,8 @@ def check_generation(body: Mapping[str, Any], limits: LimitSettings) -> LimitVio
     if isinstance(messages, list) and len(messages) > limits.max_messages:
         return LimitViolation("max_messages", limits.max_messages, "messages")
     if prompt_length(body) > limits.max_prompt_chars:
-        return LimitViolation("max_prompt_chars", limits.max_prompt_chars, "messages" if messages else "prompt")
+        param = "messages" if messages else "input" if "input" in body else "prompt"
+        return LimitViolation("max_prompt_chars", limits.max_prompt_chars, param)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     if len(stops) > limits.max_stop_sequences:

@@ -312,6 +312,9 @@ class StructuredOutputs:
     """
 
     def prepare(self, call: Call, body: dict[str, Any]) -> dict[str, Any]:
+        if call.route not in ("chat", "completions"):  # Responses: `text.format` is the engine's to apply, as sent
+            call.notes[_CONSTRAINT_NOTE] = None
+            return body
         contract = call.manifest.contract if call.manifest is not None else None
         if contract is None and not any(name in body for name in CONSTRAINT_FIELDS):
             call.notes[_CONSTRAINT_NOTE] = None  # nothing to apply or check: skip the rewrite

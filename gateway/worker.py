@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from adapters_registry import open_registry
 from gateway.api.completions import ROUTES, CompletionRoute
 from gateway.app import drain, settle_quota
+from gateway.call import Observer
 from gateway.deps import Gateway, Live
 from gateway.errors import MethodNotAllowed, Unavailable, send_error
 from gateway.metrics import GatewayMetrics
@@ -70,7 +71,7 @@ async def build_worker(settings: Settings, index: int, control: Path, base: str,
         link.metrics_text = lambda: metrics.render()[0].decode()
         await link.connect()
         stack.push_async_callback(link.aclose)
-        observers = [metrics.observe_request, usage.emit, settle_quota]
+        observers: list[Observer] = [metrics.observe_request, usage.emit, settle_quota]
         proxy = Proxy(upstream, engines, adapters, [StructuredOutputs()], observers, worker=index)
         yield Gateway(settings, base, registry, upstream, engines, adapters, proxy, metrics, usage, security)
 

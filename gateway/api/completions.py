@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.call import Call
 from gateway.deps import Live
-from gateway.errors import GatewayError, LimitExceeded, Unavailable, send_error
+from gateway.errors import AdapterRefused, GatewayError, LimitExceeded, Unavailable, send_error
 from gateway.middleware import read_limited_body
 from gateway.security import Principal, parse_completion
 
@@ -22,7 +22,10 @@ ROUTES = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/responses": "responses",
+    "/tokenize": "tokenize",  # vLLM's own: by `model` too, so to an engine that holds the adapter
+    "/detokenize": "detokenize",
 }
+GENERATING = frozenset({"chat", "completions", "responses"})
 
 
 class CompletionRoute:
@@ -56,6 +59,8 @@ class CompletionRoute:
         except GatewayError as exc:
             if isinstance(exc, LimitExceeded):
                 security.limit_rejected(exc)
+            if isinstance(exc, AdapterRefused) and exc.adapter:  # counted under the adapter it refused
+                call.adapter, call.version = exc.adapter, str(exc.version)
             call.fail(exc)
             gateway.proxy.finish(call)
             await send_error(send, exc)
@@ -91,6 +96,12 @@ def openapi_paths() -> dict[str, Any]:
         ),
         "/v1/completions": ("Completion", ["model", "prompt"], {"prompt": prompt}),
         "/v1/responses": ("Response (Responses API)", ["model", "input"], {"input": {"type": "string"}}),
+        "/tokenize": ("Tokenize (vLLM's)", ["model", "prompt"], {"prompt": {"type": "string"}}),
+        "/detokenize": (
+            "Detokenize (vLLM's)",
+            ["model", "tokens"],
+            {"tokens": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000}}},
+        ),
     }
     paths: dict[str, Any] = {}
     for path, (summary, required, fields) in bodies.items():

@@ -15,8 +15,9 @@ from fastapi.responses import PlainTextResponse
 
 from adapters_registry import AdapterManifest
 from adapters_registry.errors import RegistryError
+from gateway.adapters import refusal_reason
 from gateway.deps import Gateway, GatewayDep, PrincipalDep
-from gateway.errors import InvalidRequest, ModelNotFound
+from gateway.errors import InvalidRequest, LoRANotFound, ModelNotFound, Unavailable
 
 router = APIRouter()
 
@@ -47,49 +48,81 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
+@router.get("/version")
+async def version(gateway: GatewayDep) -> Response:
+    """vLLM's `/version`, from an engine (every engine runs the same vLLM)."""
+    engine = next((e for e in gateway.supervisor.engines.values() if e.healthy), None)
+    if engine is None:
+        raise Unavailable("no engine is ready yet; retry shortly", code="engines_not_ready")
+    reply = await gateway.upstream.get(f"{engine.url}/version", timeout_s=10)
+    return Response(reply.body, status_code=reply.status, media_type="application/json")
+
+
+@router.get("/health")
+async def health(gateway: GatewayDep) -> Response:
+    """vLLM's `/health`: 200 while an engine can answer (the gateway's own probes are /healthz and /readyz)."""
+    if any(e.healthy for e in gateway.supervisor.engines.values()):
+        return Response(status_code=200)
+    raise Unavailable("no engine is ready yet; retry shortly", code="engines_not_ready")
+
+
 @router.get("/v1/models")
 async def list_models(gateway: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
+    """The base and every adapter version this gateway can serve, by every name `model` accepts.
+
+    As in vLLM, every adapter card's `parent` is the base model; loragate's lineage is in fields of its own (`ref`:
+    the version, `resolves_to` on the `name` and `name:alias` cards, `aliases`, `digest`, `status`). Versions this
+    gateway would refuse (merge-only, a rank above the engines', another base) are left out: `retrieve` says why."""
     cards = await _all_cards(gateway)
     return {"object": "list", "data": [card for card in cards if gateway.security.visible_card(principal, card)]}
 
 
 async def _all_cards(gateway: Gateway) -> list[dict[str, Any]]:
     manifests = await asyncio.to_thread(gateway.registry.list_adapters)
-    manifests = [m for m in manifests if m.base == gateway.base_name]
+    manifests = [m for m in manifests if _refusal(gateway, m) is None]
     names = sorted({m.name for m in manifests})
     aliases = dict(
         zip(names, await asyncio.gather(*(asyncio.to_thread(gateway.registry.aliases, n) for n in names)), strict=True)
     )
-    base = gateway.base_name
     cards: list[dict[str, Any]] = [_base_card(gateway)]
     latest: dict[str, AdapterManifest] = {}
     for manifest in sorted(manifests, key=lambda m: (m.name, m.version)):
         latest[manifest.name] = manifest
-        names_here = _alias_names(manifest, aliases[manifest.name])
-        cards.append(_adapter_card(gateway, manifest.ref, manifest, parent=base, aliases=names_here))
+        cards.append(
+            _adapter_card(gateway, manifest.ref, manifest, aliases=_alias_names(manifest, aliases[manifest.name]))
+        )
     for name, manifest in latest.items():
-        cards.append(_adapter_card(gateway, name, manifest, parent=manifest.ref, aliases=[]))
+        cards.append(_adapter_card(gateway, name, manifest, resolves_to=manifest.ref))
         for alias, version in sorted(aliases[name].items()):
             target = next((m for m in manifests if m.name == name and m.version == version), None)
             if target is not None:
-                cards.append(_adapter_card(gateway, f"{name}:{alias}", target, parent=target.ref, aliases=[]))
+                cards.append(_adapter_card(gateway, f"{name}:{alias}", target, resolves_to=target.ref))
     return cards
+
+
+def _refusal(gateway: Gateway, manifest: AdapterManifest) -> str | None:
+    adapters = gateway.adapters
+    return refusal_reason(manifest, adapters.bound_base, adapters.max_lora_rank() or manifest.r)
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, gateway: GatewayDep, principal: PrincipalDep) -> dict[str, Any]:
-    """The `/v1/models` entry of any name `model` accepts (the OpenAI SDK's `models.retrieve`)."""
+    """The `/v1/models` entry of any name `model` accepts (the OpenAI SDK's `models.retrieve`); a version this
+    gateway would refuse has `status: "refused"` and the reason in `refusal`."""
     gateway.security.check_model(principal, model_id)  # a model this key may not use is as missing as any other
     if model_id == gateway.base_name:
         return _base_card(gateway)
     manifest = await gateway.adapters.manifest_for(model_id)
-    if manifest.base != gateway.base_name:
+    if manifest.base != gateway.adapters.bound_base:
         raise ModelNotFound(model_id)
-    if model_id != manifest.ref:  # `name`, `name:alias`, `name@sha256:...`: its parent is the version it names
-        return _adapter_card(gateway, model_id, manifest, parent=manifest.ref, aliases=[])
-    aliases = await asyncio.to_thread(gateway.registry.aliases, manifest.name)
-    names = _alias_names(manifest, aliases)
-    return _adapter_card(gateway, model_id, manifest, parent=gateway.base_name, aliases=names)
+    if model_id != manifest.ref:  # `name`, `name:alias`, `name@sha256:...`: it resolves to a version
+        card = _adapter_card(gateway, model_id, manifest, resolves_to=manifest.ref)
+    else:
+        aliases = await asyncio.to_thread(gateway.registry.aliases, manifest.name)
+        card = _adapter_card(gateway, model_id, manifest, aliases=_alias_names(manifest, aliases))
+    if (reason := _refusal(gateway, manifest)) is not None:
+        card.update(status="refused", refusal=reason)
+    return card
 
 
 def _alias_names(manifest: AdapterManifest, aliases: dict[str, int]) -> list[str]:
@@ -115,21 +148,27 @@ def _card(model_id: str, parent: str | None, root: str, **extra: Any) -> dict[st
 
 
 def _adapter_card(
-    gateway: Gateway, model_id: str, manifest: AdapterManifest, *, parent: str, aliases: list[str]
+    gateway: Gateway,
+    model_id: str,
+    manifest: AdapterManifest,
+    *,
+    aliases: list[str] | None = None,
+    resolves_to: str | None = None,
 ) -> dict[str, Any]:
     try:
         created = int(datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00")).timestamp())
     except ValueError:
         created = 0
+    lineage: dict[str, Any] = {"resolves_to": resolves_to} if resolves_to is not None else {"aliases": aliases or []}
     card = _card(
         model_id,
-        parent,
         gateway.base_name,
+        manifest.ref,
         ref=manifest.ref,
         adapter=manifest.name,
         version=manifest.version,
         digest=manifest.digest,
-        aliases=aliases,
+        **lineage,
         status=gateway.adapters.status(manifest.engine_name),
         serving=manifest.serving,
     )
@@ -139,40 +178,68 @@ def _adapter_card(
 
 @router.post("/v1/load_lora_adapter", openapi_extra=LOAD_BODY)
 async def load_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
-    """vLLM's runtime endpoint: `lora_path` given -> register that folder under `lora_name`, then load it."""
+    """vLLM's runtime endpoint, with vLLM's answers: `lora_path` registers that folder under `lora_name` (a new
+    version when its content is new) and loads it; a name already loaded needs `load_inplace`. Without `lora_path`,
+    `lora_name` may name an adapter already in the registry (loragate's addition)."""
     body = await read_json(request)
     name, path = body.get("lora_name"), body.get("lora_path")
-    if not isinstance(name, str) or not name:
-        raise InvalidRequest("`lora_name` must be a non-empty string", param="lora_name")
-    if isinstance(path, str):
-        gateway.security.check_load_path(path)
+    both = InvalidRequest("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+    if not isinstance(name, str) or not name or (path is not None and not isinstance(path, str)):
+        raise both
+    if name == gateway.base_name:
+        raise InvalidRequest(f"The lora adapter '{name}' conflicts with a served base model.", param="lora_name")
     if path is not None:
-        if not isinstance(path, str) or not Path(path).is_dir():
-            raise InvalidRequest(f"`lora_path` {path!r} is not a directory on the gateway", param="lora_path")
+        gateway.security.check_load_path(path)
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise LoRANotFound(f"Loading lora {name} failed: No adapter found for {path}")
+        if body.get("load_inplace") is not True and await _loaded_somewhere(gateway, name):
+            raise InvalidRequest(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True.",
+                param="lora_name",
+            )
         try:
             await asyncio.to_thread(
-                gateway.registry.push, Path(path), name, gateway.base_name, source="vllm-load-lora-adapter"
+                gateway.registry.push, Path(path), name, gateway.adapters.bound_base, source="vllm-load-lora-adapter"
             )
         except RegistryError as exc:
-            raise InvalidRequest(f"cannot register {path}: {exc}", param="lora_path") from exc
+            raise InvalidRequest(f"Loading lora {name} failed: {exc}", param="lora_path") from exc
         gateway.adapters.resolver.forget(name)
-    target = await gateway.adapters.resolve(name)
+    try:
+        target = await gateway.adapters.resolve(name)
+    except ModelNotFound as exc:
+        raise both from exc
     request.state.adapter = target.label
     lease = await gateway.adapters.acquire(target.manifest, request.state.request_id)
     lease.release()
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
+async def _loaded_somewhere(gateway: Gateway, name: str) -> bool:
+    try:
+        manifest = await gateway.adapters.manifest_for(name)
+    except ModelNotFound:
+        return False
+    return bool(gateway.adapters.ledger.holders(manifest.engine_name))
+
+
 @router.post("/v1/unload_lora_adapter", openapi_extra=UNLOAD_BODY)
 async def unload_lora_adapter(request: Request, gateway: GatewayDep) -> Response:
+    """vLLM's runtime endpoint: the version `lora_name` names leaves every engine that holds it."""
     body = await read_json(request)
     name = body.get("lora_name")
-    target = await gateway.adapters.resolve(name)
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("'lora_name' needs to be provided to unload a LoRA adapter.", param="lora_name")
+    missing = LoRANotFound(f"The lora adapter '{name}' cannot be found.")
+    try:
+        target = await gateway.adapters.resolve(name)
+    except ModelNotFound as exc:
+        raise missing from exc
     request.state.adapter = target.label
     key = target.key
     holders = gateway.adapters.ledger.holders(key) if key else []
     if not holders:
-        raise ModelNotFound(str(name))
+        raise missing
     for engine_id in holders:
         await gateway.adapters.unload(gateway.supervisor.engines[engine_id], key or "")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

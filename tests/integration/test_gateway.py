@@ -124,18 +124,23 @@ def test_models_list_lineage_and_status(gateway: GatewayUnderTest, pushed: Any) 
     cards = {m.id: m.model_extra or {} for m in client(gateway).models.list().data}
     assert cards["tiny"]["parent"] is None and cards["tiny"]["root"] == "tiny"
     v1 = cards["a0@1"]
-    assert (v1["parent"], v1["root"], v1["version"], v1["digest"]) == ("tiny", "tiny", 1, versions["a0@1"].digest)
+    assert (v1["parent"], v1["root"], v1["version"], v1["digest"]) == ("tiny", "a0@1", 1, versions["a0@1"].digest)
     assert v1["aliases"] == ["a0:prod"] and v1["status"] == "loaded"
     assert cards["a0@2"]["aliases"] == [] and cards["a0@2"]["version"] == 2
-    assert (cards["a0"]["parent"], cards["a0"]["ref"]) == ("a0@2", "a0@2")
-    assert (cards["a0:prod"]["parent"], cards["a0:prod"]["root"]) == ("a0@1", "tiny")
+    # as in vLLM, an adapter's parent is the base; what a name or alias resolves to is loragate's own field
+    assert (cards["a0"]["parent"], cards["a0"]["ref"], cards["a0"]["resolves_to"]) == ("tiny", "a0@2", "a0@2")
+    assert (cards["a0:prod"]["parent"], cards["a0:prod"]["resolves_to"]) == ("tiny", "a0@1")
     assert cards["many-9@1"]["status"] in {"registered", "loaded"}
+    assert all(card["parent"] == "tiny" for model_id, card in cards.items() if model_id != "tiny")
 
     listed = {m.id: m for m in client(gateway).models.list().data}
     for model_id, card in listed.items():  # the SDK's models.retrieve gives each listed entry by its id
         assert client(gateway).models.retrieve(model_id) == card
     by_digest = client(gateway).models.retrieve(f"a0@{versions['a0@1'].digest[:19]}")
-    assert (by_digest.id, (by_digest.model_extra or {})["parent"]) == (f"a0@{versions['a0@1'].digest[:19]}", "a0@1")
+    assert (by_digest.id, (by_digest.model_extra or {})["resolves_to"]) == (
+        f"a0@{versions['a0@1'].digest[:19]}",
+        "a0@1",
+    )
     with pytest.raises(openai.NotFoundError) as missing:
         client(gateway).models.retrieve("no-such-adapter")
     assert missing.value.code == "model_not_found"
@@ -159,11 +164,17 @@ def test_errors_use_the_openai_envelope(
     assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
 
     wide = gateway.registry.push(build_random_adapter(tiny_model, tmp_path / "r32", seed=7, r=32), "wide", "tiny")
+    refused_before = requests_seen(gateway, route="chat", error_code="adapter_refused", adapter="wide")
     with pytest.raises(openai.BadRequestError) as refused:
         chat(gateway, "wide")
     assert refused.value.code == "adapter_refused"
     assert "rank 32, above the engines' max_lora_rank 16" in str(refused.value.message)
     assert wide.engine_name not in {r["engine_name"] for e in gateway.engines() for r in e["resident"]}
+    # counted under its own label; not offered in /v1/models; retrieve says why
+    assert requests_seen(gateway, route="chat", error_code="adapter_refused", adapter="wide") == refused_before + 1
+    assert not [m.id for m in client(gateway).models.list().data if m.id.startswith("wide")]
+    card = client(gateway).models.retrieve("wide").model_extra or {}
+    assert card["status"] == "refused" and "rank 32" in card["refusal"]
 
     upstream = client(gateway).chat.completions.with_raw_response  # vLLM's own 400, passed through
     with pytest.raises(openai.BadRequestError) as passed:
@@ -374,14 +385,40 @@ def test_vllm_runtime_endpoints_register_and_load(gateway: GatewayUnderTest, ada
     assert (load.status_code, load.text) == (200, "Success: LoRA adapter 'vllm-tool' added successfully.")
     assert load.headers["x-loragate-adapter"] == "vllm-tool@1"
     assert chat(gateway, "vllm-tool") == chat(gateway, "a0@2")  # same files as a0@2
+    # vLLM's answers, case by case (its tests/entrypoints/openai/test_lora_adapters.py)
+    twice = httpx.post(
+        f"{gateway.base_url}/load_lora_adapter",
+        json={"lora_name": "vllm-tool", "lora_path": str(adapter_dirs[0])},
+        timeout=120,
+    )
+    assert twice.status_code == 400 and "has already been loaded" in twice.json()["error"]["message"]
+    inplace = httpx.post(
+        f"{gateway.base_url}/load_lora_adapter",
+        json={"lora_name": "vllm-tool", "lora_path": str(adapter_dirs[0]), "load_inplace": True},
+        timeout=120,
+    )
+    assert inplace.status_code == 200 and inplace.headers["x-loragate-adapter"] == "vllm-tool@2"
+    assert chat(gateway, "vllm-tool") == chat(gateway, "a0@1")  # the new files: a0@1's
     unload = httpx.post(f"{gateway.base_url}/unload_lora_adapter", json={"lora_name": "vllm-tool"}, timeout=60)
-    assert unload.status_code == 200
+    assert (unload.status_code, unload.text) == (200, "Success: LoRA adapter 'vllm-tool' removed successfully.")
     again = httpx.post(f"{gateway.base_url}/unload_lora_adapter", json={"lora_name": "vllm-tool"}, timeout=60)
-    assert (again.status_code, again.json()["error"]["code"]) == (404, "model_not_found")
+    assert again.status_code == 404
+    assert again.json()["error"]["message"] == "The lora adapter 'vllm-tool' cannot be found."
     missing = httpx.post(
         f"{gateway.base_url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent"}, timeout=60
     )
-    assert (missing.status_code, missing.json()["error"]["param"]) == (400, "lora_path")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == "Loading lora x failed: No adapter found for /nonexistent"
+    cases = [
+        ({"lora_name": "x"}, 400, "Both 'lora_name' and 'lora_path' must be provided."),
+        ({"lora_name": "tiny", "lora_path": str(adapter_dirs[0])}, 400, "conflicts with a served base model"),
+    ]
+    for body, status, message in cases:
+        reply = httpx.post(f"{gateway.base_url}/load_lora_adapter", json=body, timeout=60)
+        assert reply.status_code == status and message in reply.json()["error"]["message"], body
+    nameless = httpx.post(f"{gateway.base_url}/unload_lora_adapter", json={}, timeout=60)
+    assert nameless.status_code == 400
+    assert nameless.json()["error"]["message"] == "'lora_name' needs to be provided to unload a LoRA adapter."
 
 
 def test_pinned_adapter_is_resident_everywhere_and_gates_readiness(gateway: GatewayUnderTest, pushed: Any) -> None:
