@@ -8,6 +8,9 @@ two-layer model can learn the task with a LoRA adapter in a few hundred steps.
 - `action-json`: the answer is a JSON object `{"<verb>": true}`; `ACTION_JSON_CONTRACT` is its output contract.
   (The verb comes first: with `{"action": "<verb>"}` the class token sits eight tokens into the answer, and the
   tiny model did not learn it in 3 epochs: exact match 0.20, chance level, while the format was perfect.)
+- `echo`: the answer repeats the prompt's words. Lengths follow a log-normal like chat SFT data (median about 150
+  words, ~300 tokens with a Llama-3-sized tokenizer, a tail to ~2,000 tokens), so it exercises packing, truncation
+  and long batches on real-size models; answers use a 59-word vocabulary, so even a random-weight base's loss falls.
 """
 
 from __future__ import annotations
@@ -113,7 +116,25 @@ def action_json(rows: int, seed: int) -> list[Row]:
     return out
 
 
-TASKS: dict[str, Callable[[int, int], list[Row]]] = {"topic": topic, "action-json": action_json}
+ECHO_WORDS = tuple(sorted({*FILLERS, *(w for ws in (*TOPICS.values(), *ACTIONS.values()) for w in ws)}))
+
+
+def echo(rows: int, seed: int) -> list[Row]:
+    rng = random.Random(seed)
+    out: list[Row] = []
+    for _ in range(rows):
+        words = min(1000, max(4, int(rng.lognormvariate(5.0, 0.8))))
+        text = " ".join(rng.choice(ECHO_WORDS) for _ in range(words))
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"Repeat: {text}"}],
+                "completion": [{"role": "assistant", "content": text}],
+            }
+        )
+    return out
+
+
+TASKS: dict[str, Callable[[int, int], list[Row]]] = {"topic": topic, "action-json": action_json, "echo": echo}
 
 
 def generate(task: str, rows: int, seed: int) -> list[Row]:
