@@ -23,14 +23,42 @@ log = logging.getLogger(__name__)
 PRETRAIN_VERSION = "1"
 
 
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt")
+
+
 def resolve_base(spec: BaseSpec) -> Path:
     if spec.path is not None:
         path = Path(spec.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"base.path {path}: not a model directory (no config.json)")
         return path
+    if spec.hub is not None:
+        return hub_base(spec.hub, spec.revision)
     assert spec.tiny is not None
     return tiny_base(spec.tiny)
+
+
+def hub_base(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot of a hub model: from the Hugging Face cache, or downloaded when HF_HUB_OFFLINE=0."""
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "1").lower() not in ("0", "false", "no", "")
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES), local_files_only=offline)
+    except LocalEntryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"base.hub {repo_id}: not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE=1); "
+            "download it (HF_HUB_OFFLINE=0) or point --set base.path=DIR at a local folder"
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise FileNotFoundError(f"base.hub {repo_id}: {str(exc).splitlines()[0]}") from exc
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base.hub {repo_id}: the snapshot {path} has no config.json")
+    return path
 
 
 def _tiny_spec(tiny: TinyBase) -> TinyModelSpec:

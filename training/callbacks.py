@@ -47,6 +47,53 @@ class LogToFile(TrainerCallback):  # type: ignore[misc]
         log.info("step %s/%s: %s", state.global_step, state.max_steps, shown)
 
 
+class SelectiveCheckpointing(TrainerCallback):  # type: ignore[misc]
+    """Gradient checkpointing on every n-th decoder layer only (`runtime.checkpoint_every`).
+
+    The Trainer turns checkpointing on for every layer before `on_train_begin`; this turns it back off for the
+    others, so they keep their activations (more memory, no recompute).
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.flags: list[bool] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from training.model import checkpoint_layers
+
+        model = kwargs.get("model")
+        if model is None:
+            return
+        self.flags = checkpoint_layers(model, self.every)
+        log.info("gradient checkpointing on %s of %s decoder layers", sum(self.flags), len(self.flags))
+
+
+class Throughput(TrainerCallback):  # type: ignore[misc]
+    """Trained tokens per second (TRL's `num_tokens`: non-pad tokens) between logs, the first interval left out
+    (it holds the warm-up), and the GPU's peak memory over the run."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs and "num_tokens" in logs and "eval_loss" not in logs:
+            import time
+
+            self.points.append((time.perf_counter(), float(logs["num_tokens"])))
+
+    def summary(self) -> dict[str, float]:
+        import torch
+
+        out: dict[str, float] = {}
+        if len(self.points) >= 3:
+            (t0, n0), (t1, n1) = self.points[1], self.points[-1]
+            out["trained_tokens_per_second"] = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        if torch.cuda.is_available():
+            out["peak_vram_allocated_bytes"] = float(torch.cuda.max_memory_allocated())
+            out["peak_vram_reserved_bytes"] = float(torch.cuda.max_memory_reserved())
+        return out
+
+
 class ProgressBars(ProgressCallback):  # type: ignore[misc]
     """transformers' progress bars without its printed copy of every log dict: `LogToFile` logs those once."""
 

@@ -30,4 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--publish", metavar="NAME", default=None, help="push the adapter into the registry as NAME")
     parser.add_argument("--registry", default=None, help="registry location (default: $LORAGATE_REGISTRY)")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints left in the output folder")
+    parser.add_argument(
+        "--plan", action="store_true", help="print the VRAM plan (base config only, no weights) and exit"
+    )
+    parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
+    parser.add_argument("--force", action="store_true", help="run even when the VRAM plan says it will not fit")
+    parser.add_argument(
+        "--gpu-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="plan against this much GPU memory (e.g. 24GiB) instead of the detected GPU's",
+    )
     return parser
+
+
+def _size(text: str) -> int:
+    from training.plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

@@ -120,7 +120,11 @@ def generate_constrained(
 
 
 def split_loss(model: Any, trainer: Any, rows: list[Row], batch_size: int) -> float:
-    """Mean loss per trained token over `rows`, masked exactly as in training."""
+    """Mean loss per trained token over `rows`, masked exactly as in training.
+
+    Batches come from the trainer's own collator (with padding-free packing: one flat row with per-document position
+    ids and boundaries, all passed on) and go through TRL's fused LM head, which never builds the full logits.
+    """
     import torch
     from datasets import Dataset
 
@@ -132,15 +136,11 @@ def split_loss(model: Any, trainer: Any, rows: list[Row], batch_size: int) -> fl
     for start in range(0, len(prepared), batch_size):
         items = [prepared[i] for i in range(start, min(start + batch_size, len(prepared)))]
         batch = trainer.data_collator([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in items])
-        batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += float(nll)
-        tokens += int((labels != -100).sum())
+            out = model(**batch, use_cache=False, fused_lm_head=True)
+        total += float(-out.log_probs.sum())
+        tokens += int(out.label_mask.sum())
     return total / max(tokens, 1)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from training.recipe import LoraSpec, QuantSpec, Recipe, RecipeError
+
+log = logging.getLogger(__name__)
 
 # Set by the tool, never by `sft:` in a recipe.
 MANAGED_KEYS = ("output_dir", "report_to")
@@ -47,22 +50,51 @@ def quantization_config(spec: QuantSpec) -> Any:
     )
 
 
+def attention_implementation(recipe: Recipe) -> str:
+    from training.attention import implementation
+    from training.plan import padding_free
+
+    return implementation(recipe.runtime.attention, padding_free(recipe), on_gpu())
+
+
 def load_model(base: Path, recipe: Recipe) -> Any:
     from transformers import AutoModelForCausalLM
 
+    attn = attention_implementation(recipe)
     if not recipe.quantization.enabled:
-        return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(recipe.base.dtype))
-    from peft import prepare_model_for_kbit_training
-
+        return AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch_dtype(recipe.base.dtype), attn_implementation=attn
+        )
     model = AutoModelForCausalLM.from_pretrained(
         base,
         dtype=getattr(__import__("torch"), recipe.quantization.compute_dtype),
         quantization_config=quantization_config(recipe.quantization),
+        attn_implementation=attn,
     )
-    # Norms and the head in float32, input grads on for checkpointing: the standard QLoRA preparation.
+    if not recipe.quantization.upcast_non_quantized:
+        return model  # TRL freezes the base, enables input grads for checkpointing and casts the adapter to bf16
+    from peft import prepare_model_for_kbit_training
+
+    # Norms, embeddings and head in float32, input grads on for checkpointing: PEFT's standard QLoRA preparation.
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=bool(recipe.sft.get("gradient_checkpointing", False))
     )
+
+
+def checkpoint_layers(model: Any, every: int) -> list[bool]:
+    """Keep gradient checkpointing on every `every`-th decoder layer only (0, n, 2n, ...); return the flags.
+
+    transformers enables it on all of them when the Trainer starts; this runs after (`SelectiveCheckpointing`).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    flags: list[bool] = []
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            on = bool(module.gradient_checkpointing) and len(flags) % every == 0
+            module.gradient_checkpointing = on
+            flags.append(on)
+    return flags
 
 
 def lora_config(spec: LoraSpec) -> Any:
@@ -96,6 +128,8 @@ def sft_kwargs(recipe: Recipe, output_dir: Path, data_format: str, gpu: bool) ->
         "seed": recipe.seed,
     }
     kwargs.setdefault("data_seed", recipe.seed)
+    for key in [k for k, v in kwargs.items() if k.endswith("_strategy") and v is False]:
+        kwargs[key] = "no"  # YAML 1.1 reads a bare `no` as false
     if data_format == "messages":
         kwargs.setdefault("assistant_only_loss", True)
     if not gpu:

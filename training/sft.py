@@ -5,8 +5,15 @@ Run (CPU, tiny model, a few minutes):
     loragate train --config training/recipes/tiny.yaml --output-dir runs/tiny-q --qlora
     loragate train --config training/recipes/tiny-json.yaml --output-dir runs/json --publish tiny-json
     loragate train --config my.yaml --set lora.r=8 --set sft.learning_rate=1e-4 --set sft.num_train_epochs=2
+Real models (a hub id is not fetched: point base.path at a local folder, e.g. `loragate dev random-model`):
+    loragate train --config training/recipes/llama3-8b-qlora.yaml --set base.path=/models/llama-3-8b --plan
+    loragate train --config training/recipes/llama3-8b-qlora.yaml --set base.path=/models/llama-3-8b
 Multi-GPU (see README "Training"): accelerate launch --config_file training/accelerate/fsdp_qlora.yaml \
     -m training.sft --config my.yaml --qlora
+
+Every run first checks the VRAM plan (training/plan.py) against the GPU and refuses one that would not fit with
+15% headroom (`--force` runs it anyway); after training, the post-training checks (training/checks.py) must pass
+before anything is published.
 
 The output folder holds `adapter/` (adapter_model.safetensors, adapter_config.json, chat_template.jinja,
 metrics.json, training.json), plus metrics.json, training.json, preflight.txt, train.log and checkpoints/ (a
@@ -76,6 +83,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.config, args.set)
+        if args.plan:
+            print(show_plan(recipe, qlora=args.qlora or None, gpu_memory=args.gpu_memory, as_json=args.json))
+            return 0
         result = run(
             recipe,
             args.output_dir or Path("runs") / recipe.name,
@@ -84,6 +94,8 @@ def run_cli(args: argparse.Namespace) -> int:
             publish=args.publish,
             registry=args.registry,
             resume=not args.no_resume,
+            force=args.force,
+            gpu_memory=args.gpu_memory,
         )
     except (RecipeError, TrainingError) as exc:
         raise CLIError(str(exc)) from exc
@@ -97,6 +109,56 @@ def run_cli(args: argparse.Namespace) -> int:
     if result.manifest_ref:
         print(f"published: {result.manifest_ref}")
     return 0
+
+
+def _with_flags(recipe: Recipe, qlora: bool | None, merge_only: bool | None) -> Recipe:
+    updates: dict[str, Any] = {}
+    if qlora is not None:
+        updates["quantization"] = recipe.quantization.model_copy(update={"enabled": qlora})
+    if merge_only is not None:
+        updates["serving"] = recipe.serving.model_copy(update={"merge_only": merge_only})
+    return recipe.model_copy(update=updates)
+
+
+def _gpu(gpu_memory: int | None) -> Any:
+    from training.plan import Gpu, detect_gpu
+
+    if gpu_memory is not None:
+        return Gpu(f"--gpu-memory {gpu_memory / 1024**3:.1f} GiB", gpu_memory)
+    return detect_gpu()
+
+
+def show_plan(
+    recipe: Recipe, *, qlora: bool | None = None, gpu_memory: int | None = None, as_json: bool = False
+) -> str:
+    """`loragate train --plan`: the VRAM plan of the recipe's run, from the base's config alone."""
+    from training import plan
+    from training.base import resolve_base
+    from training.errors import TrainingError
+
+    recipe = _with_flags(recipe, qlora, None)
+    try:
+        base = resolve_base(recipe.base)
+    except FileNotFoundError as exc:
+        raise TrainingError(str(exc)) from exc
+    planned = plan.plan_recipe(recipe, base)
+    gpu = _gpu(gpu_memory)
+    headroom = recipe.runtime.vram_headroom
+    return plan.plan_json(planned, gpu, headroom) if as_json else plan.render(planned, gpu, headroom)
+
+
+def check_plan(recipe: Recipe, base: Path, output_dir: Path, force: bool, gpu_memory: int | None) -> None:
+    """The VRAM check at the start of a run: refuse (PlanError) a run the GPU cannot hold with headroom."""
+    from training import plan
+    from training.attention import varlen_available, varlen_native_gqa
+    from training.model import on_gpu
+
+    gpu = _gpu(gpu_memory)
+    planned = plan.plan_recipe(
+        recipe, base, gpu=on_gpu() or gpu is not None, kernel=varlen_available(), native_gqa=varlen_native_gqa()
+    )
+    (output_dir / "plan.json").write_text(plan.plan_json(planned, gpu, recipe.runtime.vram_headroom) + "\n")
+    log.info(plan.check(planned, gpu, recipe.runtime.vram_headroom, force))
 
 
 def train(recipe: Recipe | Path | str, output_dir: Path, **kw: Any) -> Path:
@@ -115,15 +177,12 @@ def run(
     publish: str | None = None,
     registry: str | None = None,
     resume: bool = True,
+    force: bool = False,
+    gpu_memory: int | None = None,
 ) -> RunResult:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    updates: dict[str, Any] = {}
-    if qlora is not None:
-        updates["quantization"] = recipe.quantization.model_copy(update={"enabled": qlora})
-    if merge_only is not None:
-        updates["serving"] = recipe.serving.model_copy(update={"merge_only": merge_only})
-    recipe = recipe.model_copy(update=updates)
+    recipe = _with_flags(recipe, qlora, merge_only)
 
     from training import lint
     from training.base import resolve_base
@@ -140,12 +199,13 @@ def run(
         except FileNotFoundError as exc:
             raise TrainingError(str(exc)) from exc
         lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)
+        check_plan(recipe, base, output_dir, force, gpu_memory)
         contract = _contract(recipe)
         splits = make_splits(load_rows(recipe.data), recipe.data)
         digest = dataset_hash(splits)
         log.info("data: %s (%s), dataset %s", splits.sizes(), splits.format, digest)
         return _train(recipe, base, splits, digest, contract, output_dir, publish, registry, resume)
-    except ValueError as exc:  # DataError, LintError, PreflightError, RecipeError: one-line user errors
+    except ValueError as exc:  # DataError, LintError, PlanError, PreflightError, CheckError: one-line user errors
         if isinstance(exc, TrainingError):
             raise
         raise TrainingError(str(exc)) from exc
@@ -169,7 +229,15 @@ def _train(
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from training.callbacks import GenerationEval, LogToFile, console_callbacks, early_stopping
+    from training.callbacks import (
+        GenerationEval,
+        LogToFile,
+        SelectiveCheckpointing,
+        Throughput,
+        console_callbacks,
+        early_stopping,
+    )
+    from training.checks import CheckError, failures, run_checks, summary
     from training.evaluate import evaluate_run
     from training.model import load_model, lora_config, make_sft_config
     from training.preflight import run_preflight
@@ -179,9 +247,12 @@ def _train(
     checkpoints = output_dir / CHECKPOINTS_DIR
     sft_config = make_sft_config(recipe, checkpoints, splits.format)
     generation_eval = GenerationEval(splits.eval, recipe.evaluation, contract, tokenizer)
-    callbacks: list[Any] = [LogToFile()]
+    throughput = Throughput()
+    callbacks: list[Any] = [LogToFile(), throughput]
     callbacks += [generation_eval] if recipe.evaluation.per_epoch_generation else []
     callbacks += early_stopping(recipe.early_stopping)
+    if recipe.sft.get("gradient_checkpointing") and recipe.runtime.checkpoint_every > 1:
+        callbacks.append(SelectiveCheckpointing(recipe.runtime.checkpoint_every))
     trainer = SFTTrainer(
         model=model,
         args=sft_config,
@@ -199,12 +270,17 @@ def _train(
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    speed = throughput.summary()
+    if speed:
+        log.info("training: %s", ", ".join(f"{k} {v:,.0f}" for k, v in speed.items()))
 
     log.info("evaluating base and adapter on %s held-out rows", min(len(splits.test), recipe.evaluation.max_examples))
     metrics = evaluate_run(trainer, splits.test, recipe.evaluation, contract)
-    metrics["train"] = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics["train"] = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)} | speed
     metrics["per_epoch"] = _per_epoch(trainer.state.log_history, generation_eval.history)
     metrics["data"] = {"sizes": splits.sizes(), "duplicates_removed": splits.duplicates_removed, "hash": digest}
+    metrics["checks"] = run_checks(trainer.model, trainer.state.log_history, metrics["adapter"]["stop_rate"])
+    log.info(summary(metrics["checks"]))
 
     info = {
         **resolved_config(recipe, sft_config.to_dict()),
@@ -218,6 +294,9 @@ def _train(
     log.info(
         "exact_match: base %.3f -> adapter %.3f", metrics["base"]["exact_match"], metrics["adapter"]["exact_match"]
     )
+    problems = failures(metrics["checks"], recipe.checks)
+    if problems:
+        raise CheckError(f"post-training check failed: {'; '.join(problems)} (outputs kept in {output_dir})")
     ref = None
     if publish:
         from training.publish import publish_run

@@ -49,6 +49,7 @@ def test_recipe_defaults_are_the_articles() -> None:
         "quant_type": "nf4",
         "double_quant": True,
         "compute_dtype": "bfloat16",
+        "upcast_non_quantized": True,
     }
 
 
@@ -78,6 +79,7 @@ def test_overrides(overrides: list[str], path: tuple[str, ...], expected: object
         (MINIMAL, ["lora.rank=4"], "lora.rank: Extra inputs are not permitted"),
         (MINIMAL, ["lora.r=0"], "lora.r: Input should be greater than or equal to 1"),
         ({"base": {"path": "/m"}, "data": {}}, [], "data: Value error, data: give exactly one of `path` or `generate`"),
+        ({"base": {"hub": "not a hub id"}, "data": {"path": "/d"}}, [], "base.hub 'not a hub id' is not a hub id"),
         ({"data": {"path": "/d"}}, [], "base: Field required"),
     ],
 )
