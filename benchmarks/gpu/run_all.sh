@@ -126,15 +126,16 @@ if [[ " $STEPS " == *" small "* ]]; then
   G1P=$(gateway 8201 $E1 $SMALL_NAME $HOME/reg1 1 $R/gateway1b_x1.log)
   log "gateways over the 1B engine ready (x4 pid $G4P, x1 pid $G1P)"
   python3 benchmarks/gpu/short_requests.py --engine-url $E1 --base $SMALL_NAME --adapters $SMALLS --burst \
-    --target gateway-x4=$G4:$G4P --target gateway-x1=$G1:$G1P --rounds $ROUNDS > $R/short.txt 2> $R/short.log
+    --target gateway-x4=$G4:$G4P --target gateway-x1=$G1:$G1P --rounds ${SHORT_ROUNDS:-2} --duration 5 \
+    > $R/short.txt 2> $R/short.log
   cat $R/short.txt; tail -3 $R/short.log
   kill $G4P $G1P 2>/dev/null
 fi
 
 # 7. the gateway's own cost on this host's CPUs (instant upstream), 1 vs 4 workers
 if [[ " $STEPS " == *" cpu "* ]]; then
-  python3 benchmarks/bench_dataplane.py --no-adapter-row --workers 4 --modes plain --levels 1,256 --wrk-threads 8 \
-    --duration 4 --rounds 2 --json $R/dataplane.json > $R/dataplane.txt 2> $R/dataplane.log
+  python3 benchmarks/bench_dataplane.py --no-adapter-row --workers 4 --modes plain --levels 256 --wrk-threads 8 \
+    --duration 3 --rounds 1 --json $R/dataplane.json > $R/dataplane.txt 2> $R/dataplane.log
   cat $R/dataplane.txt; tail -3 $R/dataplane.log
 fi
 
