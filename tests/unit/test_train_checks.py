@@ -58,6 +58,7 @@ def test_lora_b_check_catches_an_adapter_that_learned_nothing(tiny_model: Path) 
     assert checks["lora_b_nonzero"] == {"ok": True, "total": 14, "zero": [], "zero_count": 0}
 
 
+@pytest.mark.slow
 def test_the_suites_trained_run_passes_its_checks(tiny_lora_run: TrainedRun) -> None:
     checks = tiny_lora_run.metrics["checks"]
     assert checks["lora_b_nonzero"] == {"ok": True, "total": 14, "zero": [], "zero_count": 0}
