@@ -459,7 +459,7 @@ def render(plan: Plan, gpu: Gpu | None, headroom: float) -> str:
         + (f", sharded over {i.processes} processes" if i.processes > 1 else ""),
     ]
     width = max(len(k) for k in plan.parts)
-    lines += [f"  {name:<{width}}  {gib(value):>10}" for name, value in plan.parts.items()]
+    lines += [f"  {name:<{width}}  {gib(value):>10}" for name, value in plan.parts.items() if value]
     lines.append(f"  {'predicted peak':<{width}}  {gib(plan.predicted_peak_bytes):>10}")
     if gpu is None:
         lines.append("GPU: none detected (give --gpu-memory to check against a size)")

@@ -131,15 +131,17 @@ def _gpu(gpu_memory: int | None) -> Any:
 def show_plan(
     recipe: Recipe, *, qlora: bool | None = None, gpu_memory: int | None = None, as_json: bool = False
 ) -> str:
-    """`loragate train --plan`: the VRAM plan of the recipe's run, from the base's config alone."""
-    from training import plan
+    """`loragate train --plan`: the VRAM plan of the recipe's run, from the base's config alone (after the serving
+    lint and the accelerate config's checks, so a recipe is validated on a machine without its GPUs)."""
+    from training import lint, plan
     from training.base import resolve_base
     from training.errors import TrainingError
 
     recipe = _with_flags(recipe, qlora, None)
     try:
         base = resolve_base(recipe.base)
-    except FileNotFoundError as exc:
+        lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)  # validates too
+    except (FileNotFoundError, lint.LintError) as exc:
         raise TrainingError(str(exc)) from exc
     planned = plan.plan_recipe(recipe, base)
     gpu = _gpu(gpu_memory)

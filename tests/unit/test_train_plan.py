@@ -227,6 +227,15 @@ def test_plan_json_from_the_cli(config_dirs: dict[str, Path], capsys: pytest.Cap
     assert loragate_main([*argv, "--plan"]) == 0
     table = capsys.readouterr().out
     assert "predicted peak" in table and "10.4 GiB" in table and "GPU: none detected" in table
+    assert loragate_main([*argv, "--plan", "--set", "lora.r=64"]) == 2  # --plan validates the recipe too
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "rank 64 is above the engines' max_lora_rank 16 "
+            "(pass --merge-only if this adapter will only ever be merged)"
+        )
+    )
 
 
 def test_a_run_that_does_not_fit_is_refused_in_one_line(
