@@ -61,6 +61,7 @@ def load_model(base: Path, recipe: Recipe) -> Any:
     from transformers import AutoModelForCausalLM
 
     attn = attention_implementation(recipe)
+    log.info("loading %s (%s, attention %s)", base, "4-bit" if recipe.quantization.enabled else recipe.base.dtype, attn)
     if not recipe.quantization.enabled:
         return AutoModelForCausalLM.from_pretrained(
             base, dtype=torch_dtype(recipe.base.dtype), attn_implementation=attn
