@@ -132,6 +132,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         registry = open_registry(settings.registry)
         resolve_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
+        if not registry.list_bases() and not registry.adapter_names():  # a mistyped location reads as empty
+            logging.getLogger("gateway").warning(
+                "the registry at %s holds no base and no adapter: only the base model will be served", registry.location
+            )
         for ref in settings.adapters.pinned:  # a pin of a version that does not exist, likewise
             registry.resolve(ref)
     except (BaseModelError, RegistryError) as exc:

@@ -56,17 +56,17 @@ def get_gateway(request: Request) -> Gateway:
     return gateway
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     """The principal the security middleware authenticated."""
     principal = request.scope.get("state", {}).get("principal")
     if not isinstance(principal, Principal):
-        principal = get_gateway(request).security.authenticate(request.headers.get("authorization"))
+        principal = await get_gateway(request).security.authenticate(request.headers.get("authorization"))
         request.state.principal = principal
     return principal
 
 
-def get_admin(request: Request) -> Principal:
-    principal = get_principal(request)
+async def get_admin(request: Request) -> Principal:
+    principal = await get_principal(request)
     get_gateway(request).security.require_admin(principal, f"{request.method} {request.url.path}")
     return principal
 

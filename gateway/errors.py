@@ -209,9 +209,11 @@ def error_response(exc: GatewayError) -> tuple[int, list[tuple[bytes, bytes]], b
     return exc.status, headers, body
 
 
-async def send_error(send: Any, exc: GatewayError) -> None:
-    """Send `exc` as a whole ASGI response (for code that speaks ASGI directly)."""
+async def send_error(send: Any, exc: GatewayError, *, engine: str | None = None) -> None:
+    """Send `exc` as a whole ASGI response (for code that speaks ASGI directly); `engine`: the one that answered."""
     status, headers, body = error_response(exc)
+    if engine:
+        headers.append((b"x-loragate-engine", engine.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -292,14 +292,28 @@ class KeyStore:
             self._cache.pop(record.key_id, None)
         return record
 
-    def lookup(self, key_id: str) -> ApiKey | None:
-        """The record for a key id, read through the cache (misses are cached too)."""
-        now = self._clock()
+    def cached(self, key_id: str) -> tuple[ApiKey | None] | None:
+        """The cached record for a key id while it is fresh (a 1-tuple: the record may be None, a cached miss)."""
         with self._lock:
             hit = self._cache.get(key_id)
-        if hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
-        raw = self._store.get_bytes(self._path(key_id))
+        if hit is not None and self._clock() - hit[0] < self._ttl:
+            return (hit[1],)
+        return None
+
+    def lookup(self, key_id: str) -> ApiKey | None:
+        """The record for a key id, read through the cache (misses are cached too). While the store cannot be read,
+        the last record read stands in; with none, the store's error is raised."""
+        if (fresh := self.cached(key_id)) is not None:
+            return fresh[0]
+        now = self._clock()
+        try:
+            raw = self._store.get_bytes(self._path(key_id))
+        except Exception:
+            with self._lock:
+                stale = self._cache.get(key_id)
+            if stale is None:
+                raise
+            return stale[1]
         record = ApiKey.from_json(raw) if raw is not None else None
         with self._lock:
             if len(self._cache) > 10_000:
@@ -310,6 +324,12 @@ class KeyStore:
     def authenticate(self, presented: str | None, now: datetime | None = None) -> tuple[AuthOutcome, ApiKey | None]:
         key_id = key_id_of(presented) if presented else None
         record = self.lookup(key_id) if key_id else None
+        return self.judge(presented, record, now)
+
+    @staticmethod
+    def judge(
+        presented: str | None, record: ApiKey | None, now: datetime | None = None
+    ) -> tuple[AuthOutcome, ApiKey | None]:
         outcome = check_key(presented, record, now or datetime.now(UTC))
         return outcome, record if outcome is AuthOutcome.OK else None
 

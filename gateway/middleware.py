@@ -98,7 +98,7 @@ class SecurityMiddleware:
             violation = check_headers(scope["headers"], security.settings.limits)
             if violation:
                 raise LimitExceeded(violation)
-            principal = self._authenticate(security, scope, kind, method, path)
+            principal = await self._authenticate(security, scope, kind, method, path)
             if method in BODY_METHODS and path not in COMPLETION_PATHS:
                 body, pending = await _checked_body(security, scope, receive)
                 parsed = _json_or_none(body)
@@ -118,14 +118,14 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
 
     @staticmethod
-    def _authenticate(security: Security, scope: Scope, kind: str, method: str, path: str) -> Principal:
+    async def _authenticate(security: Security, scope: Scope, kind: str, method: str, path: str) -> Principal:
         if kind == "open" or (kind == "metrics" and security.settings.metrics_auth == "none"):
             return ANONYMOUS if security.keyed() else LOCAL
         authorization = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
-        principal = security.authenticate(authorization)
+        principal = await security.authenticate(authorization)
         scope["state"]["principal"] = principal
         if kind == "admin" or (kind == "metrics" and security.settings.metrics_auth == "admin"):
             security.require_admin(principal, f"{method} {path}")

@@ -109,7 +109,7 @@ class Proxy:
             call.fail(exc)
             if exc.status >= 500:
                 log.warning("%s: %s %s", call.request_id, exc.status, exc.message)
-            await send_error(send, exc)
+            await send_error(send, exc, engine=call.engine)
         finally:
             self.finish(call)
 

@@ -18,7 +18,9 @@ within ``key_cache_ttl_s``; it never turns back while key records (even revoked 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +31,16 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from gateway.audit import AuditLog
-from gateway.errors import Forbidden, InvalidRequest, LimitExceeded, ModelNotFound, RateLimited, Unauthorized
-from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, ObjectStore, may_use, parse_bearer
+from gateway.errors import (
+    Forbidden,
+    InvalidRequest,
+    LimitExceeded,
+    ModelNotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
+from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, ObjectStore, key_id_of, may_use, parse_bearer
 from gateway.limits import (
     LimitSettings,
     check_body_size,
@@ -39,6 +49,8 @@ from gateway.limits import (
     prompt_length,
 )
 from gateway.quotas import Limits, QuotaExceeded, QuotaLease, QuotaManager, QuotaSettings
+
+logger = logging.getLogger(__name__)
 
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 ADMIN_PREFIX = "/admin"
@@ -196,6 +208,7 @@ class Security:
         self.metrics = metrics
         self._clock = clock
         self._keyed_at: tuple[float, bool] | None = None
+        self._asking: asyncio.Future[None] | None = None
         self.base_name = base_name
 
     def adapter_of(self, model: str) -> str | None:
@@ -218,28 +231,62 @@ class Security:
         return may_use(principal.key, adapter=name, base=base or model)
 
     def keyed(self) -> bool:
-        if self.settings.auth == "off":
-            return False
-        if self.settings.auth == "required":
-            return True
-        if self.keys is None:
-            return False
-        now = self._clock()
-        if self._keyed_at is not None and (
-            self._keyed_at[1] or now - self._keyed_at[0] < self.settings.key_cache_ttl_s
-        ):
-            return self._keyed_at[1]
-        keyed = self.keys.has_keys()
-        self._keyed_at = (now, keyed)
-        return keyed
+        """Keyed or local mode, as last known (`refresh_keyed` keeps it current, off the event loop)."""
+        if self.settings.auth != "auto":
+            return self.settings.auth == "required"
+        return self._keyed_at is not None and self._keyed_at[1]
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def refresh_keyed(self) -> None:
+        """In `auto` mode: whether the store holds keys, asked in a thread (never again once it said yes). The
+        first request waits for the answer; after that a stale answer (older than `key_cache_ttl_s`) still serves
+        while a fresh one is fetched behind it. While the store cannot be read, the last answer stands; with none
+        yet, 503 `keys_unavailable`."""
+        if self.settings.auth != "auto" or self.keys is None:
+            return
+        known = self._keyed_at
+        if known is not None and (known[1] or self._clock() - known[0] < self.settings.key_cache_ttl_s):
+            return
+        if known is None:
+            await self._ask_keyed()
+        elif self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask_keyed())
+            self._asking.add_done_callback(self._asked)
+
+    def _asked(self, task: asyncio.Future[None]) -> None:
+        self._asking = None
+        if not task.cancelled():
+            task.exception()  # retrieved: _ask_keyed keeps the last answer itself
+
+    async def _ask_keyed(self) -> None:
+        known = self._keyed_at
+        try:
+            keyed = await asyncio.to_thread(self.keys.has_keys)  # type: ignore[union-attr]
+        except Exception as exc:
+            if known is None:
+                raise Unavailable(f"cannot read the API keys' store: {exc}", code="keys_unavailable") from exc
+            mode = "keyed" if known[1] else "local"
+            logger.warning("cannot read the API keys' store (%s); staying in %s mode", exc, mode)
+            self._keyed_at = (self._clock(), known[1])
+            return
+        self._keyed_at = (self._clock(), keyed)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        await self.refresh_keyed()
         if not self.keyed():
             return LOCAL
         if self.keys is None:
             self._auth_failed("unknown")
             raise Unauthorized(AUTH_MESSAGES[AuthOutcome.UNKNOWN])
-        outcome, record = self.keys.authenticate(parse_bearer(authorization))
+        presented = parse_bearer(authorization)
+        key_id = key_id_of(presented) if presented else None
+        record = None
+        if key_id is not None:
+            fresh = self.keys.cached(key_id)  # the request path reads the store only on a cache miss, in a thread
+            try:
+                record = fresh[0] if fresh is not None else await asyncio.to_thread(self.keys.lookup, key_id)
+            except Exception as exc:
+                raise Unavailable(f"cannot read the API keys' store: {exc}", code="keys_unavailable") from exc
+        outcome, record = self.keys.judge(presented, record)
         if outcome is not AuthOutcome.OK or record is None:
             self._auth_failed(outcome.value)
             raise Unauthorized(AUTH_MESSAGES[outcome])

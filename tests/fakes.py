@@ -213,9 +213,10 @@ def _reply(writer: asyncio.StreamWriter, code: int, body: bytes, content_type: b
 
 
 @contextlib.contextmanager
-def fake_gateway(engines: list[FakeEngine], registry_dir: Path, **settings: Any) -> Iterator[tuple[str, Any]]:
-    """A real gateway (external mode, local mode) over `engines`, served on loopback; yields (url, app)."""
-    from adapters_registry.registry import open_registry
+def fake_gateway(engines: list[FakeEngine], registry_dir: Path | Any, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """A real gateway (external mode) over `engines`, served on loopback; yields (url, app). `registry_dir` is a
+    local registry's folder or a Registry (an S3 one, say)."""
+    from adapters_registry.registry import Registry, open_registry
     from gateway.app import create_app
     from gateway.settings import load_settings
     from tests.fixtures.gateway import served
@@ -226,14 +227,15 @@ def fake_gateway(engines: list[FakeEngine], registry_dir: Path, **settings: Any)
             "mode": "external",
             "base_name": "tiny",
             "port": port,
-            "registry": str(registry_dir),
+            "registry": str(registry_dir.location if isinstance(registry_dir, Registry) else registry_dir),
             "external": {"urls": [engine.url for engine in engines]},
             "health_interval_s": 0.2,
             "drain_grace_s": 5.0,
             **settings,
         }
     )
-    app = create_app(config, registry=open_registry(registry_dir))
+    registry = registry_dir if isinstance(registry_dir, Registry) else open_registry(registry_dir)
+    app = create_app(config, registry=registry)
     with served(app, port) as url:
         deadline = time.monotonic() + 30
         while True:
