@@ -62,6 +62,11 @@ def test_cli_flags_become_nested_overrides() -> None:
         max_loras=3,
         max_cpu_loras=None,
         max_lora_rank=None,
+        max_model_len=None,
+        tool_call_parser=None,
+        enable_auto_tool_choice=None,
+        chat_template=None,
+        workers=4,
         pin=["a:prod"],
         engine_url=[],
         discovery_dns=None,
@@ -71,7 +76,7 @@ def test_cli_flags_become_nested_overrides() -> None:
     settings = load_settings(**overrides(args))  # type: ignore[arg-type]
     assert (settings.mode, settings.engines.count, settings.engines.max_loras) == ("managed", 2, 3)
     assert settings.adapters.pinned == ["a:prod"] and settings.registry == "/r"
-    assert (settings.port, settings.metrics_port) == (8001, 9101)
+    assert (settings.port, settings.metrics_port, settings.workers) == (8001, 9101, 4)
     args.engine_url, args.base, args.base_name = ["http://e:8000"], None, "tiny"
     external = load_settings(**overrides(args))  # type: ignore[arg-type]
     assert (external.mode, external.external.urls, external.external.max_loras) == ("external", ["http://e:8000"], 3)
