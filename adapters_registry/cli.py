@@ -10,9 +10,11 @@ read-only registry included. Every read command takes `--json`. This module impo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -241,12 +243,31 @@ def _gc(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def _base_add(reg: Registry, args: argparse.Namespace) -> int:
-    base = reg.add_base(Path(args.dir), args.name, copy=args.copy)
+    model_dir = Path(args.dir)
+    with hashing_bar(model_dir, twice=args.copy) as progress:
+        base = reg.add_base(model_dir, args.name, copy=args.copy, progress=progress)
     if args.json:
         _emit(base.model_dump(mode="json"))
     else:
         print(f"{base.name} {base.fingerprint}")
     return 0
+
+
+@contextlib.contextmanager
+def hashing_bar(model_dir: Path, *, twice: bool) -> Iterator[Callable[[int], object] | None]:
+    """A progress bar (on a terminal only: tqdm, which the training stack brings) over the bytes a base add hashes."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield None
+        return
+    from adapters_registry.fingerprint import WEIGHT_SUFFIXES
+
+    files = [p for p in model_dir.iterdir() if p.is_file()] if model_dir.is_dir() else []
+    total = sum(p.stat().st_size for p in files if p.suffix in WEIGHT_SUFFIXES)  # the fingerprint hashes these
+    total += sum(p.stat().st_size for p in files if not p.name.startswith(".")) if twice else 0  # a copy, all
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing", disable=None) as bar:
+        yield bar.update
 
 
 def _base_list(reg: Registry, args: argparse.Namespace) -> int:

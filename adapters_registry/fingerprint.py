@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_registry.errors import ValidationError
-from adapters_registry.store import sha256_file
+from adapters_registry.store import Progress, sha256_file
 
 VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json")
@@ -62,7 +62,7 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, **nested} if isinstance(nested, dict) else config
 
 
-def describe_base(model_dir: Path, *, hash_weights: bool = True) -> BaseFacts:
+def describe_base(model_dir: Path, *, hash_weights: bool = True, progress: Progress | None = None) -> BaseFacts:
     config_path = model_dir / "config.json"
     config = _read_json(config_path)
     text = _text_config(config)
@@ -101,7 +101,7 @@ def describe_base(model_dir: Path, *, hash_weights: bool = True) -> BaseFacts:
     weights_hash = None
     weight_files = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if hash_weights and weight_files:
-        weights_hash = _sha(_canonical([[p.name, sha256_file(p)] for p in weight_files]))
+        weights_hash = _sha(_canonical([[p.name, sha256_file(p, progress)] for p in weight_files]))
 
     identity = {
         "architecture": architecture,

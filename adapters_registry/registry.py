@@ -52,7 +52,7 @@ from adapters_registry.manifest import (
     utc_now,
 )
 from adapters_registry.naming import Ref, check_alias, check_name, parse_ref
-from adapters_registry.store import ObjectStore, sha256_file
+from adapters_registry.store import ObjectStore, Progress, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,18 @@ class Registry:
             log.warning("audit hook failed for %s %s", record["action"], record["target"], exc_info=True)
 
     def add_base(
-        self, model_dir: Path, name: str, *, copy: bool = False, merged_from: dict[str, Any] | None = None
+        self,
+        model_dir: Path,
+        name: str,
+        *,
+        copy: bool = False,
+        merged_from: dict[str, Any] | None = None,
+        progress: Progress | None = None,
     ) -> BaseManifest:
+        """Register `model_dir` as base `name`; `progress` is told the bytes hashed as it goes (weights are hashed
+        for the fingerprint, and again when copied)."""
         with self._audited("add_base", name, None, path=str(model_dir), copy=copy) as record:
-            base = self._add_base(model_dir, name, copy=copy, merged_from=merged_from)
+            base = self._add_base(model_dir, name, copy=copy, merged_from=merged_from, progress=progress)
             record["details"]["fingerprint"] = base.fingerprint
             return base
 
@@ -294,7 +302,13 @@ class Registry:
 
     # ---- bases ---------------------------------------------------------------------------------------------------
     def _add_base(
-        self, model_dir: Path, name: str, *, copy: bool = False, merged_from: dict[str, Any] | None = None
+        self,
+        model_dir: Path,
+        name: str,
+        *,
+        copy: bool = False,
+        merged_from: dict[str, Any] | None = None,
+        progress: Progress | None = None,
     ) -> BaseManifest:
         from adapters_registry.fingerprint import describe_base, module_shapes
 
@@ -305,13 +319,13 @@ class Registry:
             self._check_case(name, "base name")
         if not model_dir.is_dir():
             raise ValidationError("not a directory", path=str(model_dir))
-        facts = describe_base(model_dir)
+        facts = describe_base(model_dir, progress=progress)
         linear, embedding = module_shapes(model_dir)
         files: dict[str, str] | None = None
         if copy:
             files = {}
             for path in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-                files[path.name] = sha256_file(path)
+                files[path.name] = sha256_file(path, progress)
             self._refresh_blobs(files, model_dir, self._upload_blobs(files, model_dir))
         manifest = BaseManifest(
             name=name,

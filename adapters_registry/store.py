@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,18 @@ def check_key(key: str) -> str:
     return key
 
 
-def sha256_file(path: Path) -> str:
+Progress = Callable[[int], object]  # told the bytes hashed so far, chunk by chunk (a progress bar's `update`)
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
     with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        if progress is None:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+            progress(len(chunk))
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)

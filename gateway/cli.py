@@ -8,6 +8,7 @@ loragate serve --engine-url http://10.0.0.5:8000 --base-name tiny      # externa
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--workers", type=int, metavar="N", help="processes serving the completion routes (default 1; see README)"
     )
-    parser.set_defaults(handler=serve)
+    parser.set_defaults(handler=serve, log_level=logging.INFO)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:

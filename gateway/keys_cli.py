@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.set_defaults(handler=run_create)
 
     listing = with_registry(keys.add_parser("list", help="list keys (never the secrets)"))
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--json", action="store_true", help="one JSON array of the keys' public records")
     listing.set_defaults(handler=run_list)
 
     revoke = with_registry(keys.add_parser("revoke", help="revoke a key by id or name"))
@@ -90,10 +90,11 @@ def run_create(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     keys, _ = _open(args.registry)
     now = datetime.now(UTC)
-    for record in keys.list():
-        if args.json:
-            print(json.dumps(record.public(), sort_keys=True))
-            continue
+    records = keys.list()
+    if args.json:  # one JSON document, as every other --json prints
+        print(json.dumps([record.public() for record in records], sort_keys=True, indent=1))
+        return 0
+    for record in records:
         state = (
             "revoked" if record.revoked else "expired" if record.expires_at and record.expires_at <= now else "active"
         )

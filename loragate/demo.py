@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
     demo.add_argument("--workdir", type=Path, default=None, help="keep artefacts here (default: a temp folder)")
     demo.add_argument("--keep-serving", action="store_true", help="keep the gateways running at the end")
     demo.add_argument("--engine-deadline", type=float, default=900.0, help="seconds a vLLM engine may take to start")
-    demo.set_defaults(handler=run)
+    demo.set_defaults(handler=run, log_level=logging.INFO)
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------------

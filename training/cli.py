@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from typing import Any
 def register(sub: Any) -> None:
     parser = sub.add_parser("train", help="fine-tune a LoRA/QLoRA adapter from a YAML recipe (PEFT + TRL)")
     add_arguments(parser)
-    parser.set_defaults(handler=_handle)
+    parser.set_defaults(handler=_handle, log_level=logging.INFO)
 
 
 def _handle(args: argparse.Namespace) -> int:

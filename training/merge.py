@@ -190,9 +190,10 @@ class _Trajectory:
 
 def _probe_trajectories(model: Any, tokenizer: Any, probes: Sequence[str], new_tokens: int) -> list[_Trajectory]:
     import torch
+    from tqdm import tqdm
 
     out = []
-    for text in probes:
+    for text in tqdm(probes, desc="merge reference", unit="probe", disable=None, leave=False):  # a terminal only
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )

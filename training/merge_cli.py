@@ -11,6 +11,7 @@ it as a dedicated deployment without LoRA under the adapter's public name.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ def register(sub: Any) -> None:
     merge.add_argument(
         "--registry", default=None, help="registry location (default: $LORAGATE_REGISTRY or ~/.loragate)"
     )
-    merge.set_defaults(handler=run)
+    merge.set_defaults(handler=run, log_level=logging.INFO)
 
 
 def _fraction(value: str) -> float:

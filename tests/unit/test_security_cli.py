@@ -56,7 +56,7 @@ def test_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (status, out) == (0, f"revoked {record.key_id} (acme)\n")
     assert keys.authenticate(secret) == (AuthOutcome.REVOKED, None)
     status, out, _ = run(capsys, "keys", "list", "--registry", where, "--json")
-    listed = [json.loads(line) for line in out.splitlines()]
+    listed = json.loads(out)  # one JSON document, like every other --json
     assert [(k["name"], k["revoked"]) for k in listed] == [("acme", True), ("ops", False)]
     assert all("key_hash" not in k for k in listed)
 
@@ -90,3 +90,38 @@ def test_create_refuses_with_one_line(
 def test_revoke_unknown_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "keys", "revoke", "--registry", str(tmp_path / "reg"), "nobody")
     assert (status, out, err) == (2, "", "error: no key with id or name 'nobody'\n")
+
+
+def test_commands_print_what_was_asked_and_log_only_with_v(tmp_path: Path) -> None:
+    """No INFO lines or audit JSON on stderr from a command whose output is its answer; -v brings them back."""
+    import subprocess
+    import sys
+
+    where = str(tmp_path / "reg")
+    argv = [
+        sys.executable,
+        "-c",
+        "from loragate.cli import main; raise SystemExit(main())",
+        "keys",
+        "create",
+        "--registry",
+        where,
+        "--name",
+        "quiet",
+    ]
+    quiet = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert quiet.stderr.startswith("created key") and "INFO" not in quiet.stderr and '"action"' not in quiet.stderr
+    argv = [
+        sys.executable,
+        "-c",
+        "from loragate.cli import main; raise SystemExit(main())",
+        "-v",
+        "keys",
+        "create",
+        "--registry",
+        where,
+        "--name",
+        "loud",
+    ]
+    loud = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert "INFO loragate.audit" in loud.stderr
