@@ -14,7 +14,8 @@ from typing import Any
 
 USAGE_MARK = b'"usage"'
 DONE = b"data: [DONE]"
-ERROR_EVENT = b'data: {"error":'
+# The Responses API's last event of a stream (there is no `[DONE]`): the answer is whole
+RESPONSES_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 
 
 def with_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -57,7 +58,7 @@ class StreamScan:
         self.events += block.count(b"\n\n")
         if self.collect_text or USAGE_MARK in block:
             block = self._inspect(block)
-        if not self.done and (DONE in block or b'"response.completed"' in block):
+        if not self.done and (DONE in block or any(end in block for end in RESPONSES_ENDS)):
             self.done = True
         return block
 

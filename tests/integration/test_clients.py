@@ -42,11 +42,12 @@ def test_the_responses_api_through_the_sdk_plain_and_streamed(gateway: GatewayUn
     tokens_before = metric(gateway, "loragate_completion_tokens_total", adapter=adapter)
     raw = sdk(gateway).responses.with_raw_response.create(model=adapter, input="Hello there", max_output_tokens=8)
     response = raw.parse()
-    assert raw.headers["x-loragate-adapter"] == f"{adapter}@1" and response.status == "completed"
+    # the tiny model never stops on its own: the answer ends at max_output_tokens ("incomplete", as OpenAI says)
+    assert raw.headers["x-loragate-adapter"] == f"{adapter}@1" and response.status in {"completed", "incomplete"}
     assert response.output_text and response.usage is not None and response.usage.output_tokens > 0
     events = list(sdk(gateway).responses.create(model=adapter, input="Hello there", max_output_tokens=8, stream=True))
     kinds = [event.type for event in events]
-    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert kinds[0] == "response.created" and kinds[-1] in {"response.completed", "response.incomplete"}
     assert any(kind == "response.output_text.delta" for kind in kinds)
     streamed_usage = events[-1].response.usage  # type: ignore[union-attr]
     assert streamed_usage is not None

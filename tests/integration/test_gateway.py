@@ -191,14 +191,23 @@ def test_adapter_loads_on_first_use_and_alias_promotion_switches_weights(
     reg.promote("a0@1", "canary")
     first = chat(gateway, "a0:canary")
     assert first == chat(gateway, "a0@1")
-    reg.promote("a0@2", "canary")
-    raw = client(gateway).chat.completions.with_raw_response.create(
-        model="a0:canary", messages=HELLO, max_tokens=12, temperature=0
-    )
-    assert raw.headers["x-loragate-adapter"] == "a0@2"
+    reg.promote("a0@2", "canary")  # elsewhere (the CLI, another replica): seen within adapters.resolve_ttl_s
+    deadline = time.monotonic() + gateway.settings.adapters.resolve_ttl_s + 3
+    while True:
+        raw = client(gateway).chat.completions.with_raw_response.create(
+            model="a0:canary", messages=HELLO, max_tokens=12, temperature=0
+        )
+        if raw.headers["x-loragate-adapter"] == "a0@2":
+            break
+        assert raw.headers["x-loragate-adapter"] == "a0@1" and time.monotonic() < deadline
+        time.sleep(0.2)
     assert raw.parse().choices[0].message.content == chat(gateway, "a0@2") != first
     resident = {r["engine_name"] for e in gateway.engines() for r in e["resident"]}
     assert versions["a0@2"].engine_name in resident
+    # through this gateway's admin API: the next request already answers with the version it points at now
+    moved = httpx.post(f"{gateway.url}/admin/aliases/promote", json={"ref": "a0@1", "alias": "canary"}, timeout=30)
+    assert moved.status_code == 200
+    assert chat(gateway, "a0:canary") == first
 
 
 def test_ten_adapters_at_once_on_four_slots(gateway: GatewayUnderTest, pushed: Any) -> None:

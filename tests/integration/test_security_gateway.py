@@ -175,9 +175,9 @@ def test_admin_loads_by_path_only_inside_roots(keyed_gateway: KeyedGateway) -> N
     events = [
         (e["who"].split(":")[-1], e["action"], e["target"], e["result"]) for e in keyed_gateway.security.audit.read()
     ]
-    assert events[-4:] == [
-        ("ops", "admin.POST /v1/load_lora_adapter", None, "denied"),
-        ("ops", "admin.POST /v1/load_lora_adapter", None, "denied"),
+    assert events[-4:] == [  # a refused load names what it was refused for
+        ("ops", "admin.POST /v1/load_lora_adapter", "acme-outside", "denied"),
+        ("ops", "admin.POST /v1/load_lora_adapter", "acme-outside", "denied"),
         ("ops", "registry.push", "acme-uploaded@1", "ok"),  # the registry write, attributed to the admin key
         ("ops", "admin.POST /v1/load_lora_adapter", "acme-uploaded", "ok"),
     ]
