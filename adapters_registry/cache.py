@@ -19,20 +19,17 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from adapters_registry.errors import IntegrityError, NotFoundError, StorageError
+from adapters_registry.layout import ADAPTERS, BLOBS, blob_key, cached_blob
 from adapters_registry.store import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
 
 
-def blob_key(hex_digest: str) -> str:
-    return f"blobs/sha256/{hex_digest[:2]}/{hex_digest}"
-
-
 def stale_entries(root: Path, folders: Collection[str], blobs: Collection[str]) -> list[Path]:
     """A cache's version folders (`adapters/<digest>`) and downloaded blobs (`blobs/<hh>/<hex>`) outside the keep
     sets (digest hexes of the versions still needed, sha256 hexes of the files still needed)."""
-    stale = [p for p in sorted(root.glob("adapters/*")) if p.is_dir() and p.name not in folders]
-    return stale + [p for p in sorted(root.glob("blobs/*/*")) if p.is_file() and p.name not in blobs]
+    stale = [p for p in sorted(root.glob(f"{ADAPTERS}*")) if p.is_dir() and p.name not in folders]
+    return stale + [p for p in sorted(root.glob(f"{BLOBS}*/*")) if p.is_file() and p.name not in blobs]
 
 
 def remove_entry(path: Path) -> None:
@@ -80,7 +77,7 @@ class BlobCache:
                 raise IntegrityError(f"blob sha256:{hex_digest} is corrupted in the store (content hash differs)")
             self._trust(in_place, hex_digest)
             return in_place
-        cached = self.root / "blobs" / hex_digest[:2] / hex_digest
+        cached = self.root / cached_blob(hex_digest)
         if cached.is_file():
             return cached  # verified before it was renamed into place
         tmp = self._staging_file(cached.parent)

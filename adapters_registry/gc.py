@@ -12,13 +12,13 @@ trip) is lost; the push's check after its commit re-uploads the blob unless it t
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from adapters_registry.cache import blob_key, remove_entry, stale_entries
+from adapters_registry.cache import remove_entry, stale_entries
+from adapters_registry.layout import BLOBS, blob_key, is_blob_key
 from adapters_registry.store import ObjectStat
 
 if TYPE_CHECKING:
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from adapters_registry.registry import Registry
 
 log = logging.getLogger(__name__)
-
-BLOBS = "blobs/"
-_BLOB_KEY = re.compile(r"blobs/sha256/([0-9a-f]{2})/(\1[0-9a-f]{62})")
 
 
 class GcPlan(NamedTuple):
@@ -54,7 +51,7 @@ def plan_gc(referenced: set[str], stats: Mapping[str, ObjectStat], now: float, m
     """Which blob keys to delete; keys that are not well-formed blob keys are never deleted."""
     if min_age_s < 0:
         raise ValueError(f"min_age_s must be >= 0, got {min_age_s}")
-    orphans = sorted(k for k in stats if k not in referenced and _BLOB_KEY.fullmatch(k))
+    orphans = sorted(k for k in stats if k not in referenced and is_blob_key(k))
     delete = [k for k in orphans if now - stats[k].mtime >= min_age_s]
     return GcPlan(delete, [k for k in orphans if now - stats[k].mtime < min_age_s])
 

@@ -1,17 +1,9 @@
 """The registry: immutable adapter versions bound to registered base models, on any `ObjectStore`.
 
-Storage layout (keys):
-    bases/<base>.json                              BaseManifest (create-only)
-    blobs/sha256/<hex[:2]>/<hex>                   file contents, content-addressed
-    adapters/<name>/versions/<000000003>.json      AdapterManifest, written last and create-only: the commit point
-    adapters/<name>/digests/<hex[:2]>/<hex>/<000000003>   index for name@sha256:<prefix> and re-push detection
-    adapters/<name>/head.json                      hint of the newest version (readers probe past it)
-    adapters/<name>/aliases/<alias>.json           AliasRecord with its history, replaced by compare-and-swap
-
-A push uploads blobs first and creates the version record last, so a push killed half-way leaves unreferenced blobs
-and no visible version; two concurrent pushes race on the create-only record and the loser takes the next number.
-`gc` deletes unreferenced blobs once they are old enough; a push touches the blobs it finds already stored so that
-they count as young (see gc.py).
+The keys it writes are drawn in layout.py. A push uploads blobs first and creates the version record last, so a
+push killed half-way leaves unreferenced blobs and no visible version; two concurrent pushes race on the create-only
+record and the loser takes the next number. `gc` deletes unreferenced blobs once they are old enough; a push touches
+the blobs it finds already stored so that they count as young (see gc.py).
 
 Writes check first that the store can be written (`ObjectStore.check_writable`), so a read-only registry refuses a
 push, promote or remove with one line before anything is hashed or written. Names are unique regardless of case (on a
@@ -39,9 +31,29 @@ from typing import Any
 from pydantic import ValidationError as PydanticValidationError
 
 from adapters_registry.aliases import rollback_chain, rollback_target
-from adapters_registry.cache import BlobCache, blob_key
+from adapters_registry.cache import BlobCache
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, StorageError, ValidationError
 from adapters_registry.gc import GcReport, collect_garbage
+from adapters_registry.layout import (
+    ADAPTERS,
+    BASES,
+    alias_key,
+    alias_name,
+    aliases_prefix,
+    base_key,
+    base_name,
+    blob_key,
+    cached_base_dir,
+    cached_version_dir,
+    digest_dir,
+    digest_entry,
+    digest_fanout,
+    head_key,
+    version_key,
+    version_number,
+    versioned_name,
+    versions_prefix,
+)
 from adapters_registry.manifest import (
     AdapterManifest,
     AliasMove,
@@ -65,14 +77,6 @@ RESOLVED_ENTRIES = 4096  # last-known resolutions kept (least recently used drop
 
 # Called once after every write attempt with {"action", "target", "result": "ok"|"error", "who", "error", "details"}.
 AuditHook = Callable[[dict[str, Any]], None]
-
-
-def _vkey(name: str, version: int) -> str:
-    return f"adapters/{name}/versions/{version:09d}.json"
-
-
-def _digest_dir(name: str, hex_digest: str) -> str:
-    return f"adapters/{name}/digests/{hex_digest[:2]}/{hex_digest}"
 
 
 def _snapshot(folder: Path, names: list[str]) -> dict[str, tuple[int, int, int]]:
@@ -267,7 +271,7 @@ class Registry:
         return obj
 
     def _record(self, name: str, version: int) -> AdapterManifest | Tombstone | None:
-        data = self.store.get_bytes(_vkey(name, version))
+        data = self.store.get_bytes(version_key(name, version))
         if data is None:
             return None
         try:
@@ -279,13 +283,12 @@ class Registry:
                 raise IntegrityError(f"{name}@{version}: unreadable manifest ({exc.error_count()} errors)") from exc
 
     def _version_numbers(self, name: str) -> list[int]:
-        prefix = f"adapters/{name}/versions/"
-        return sorted(int(k[len(prefix) :].removesuffix(".json")) for k in self.store.list_keys(prefix))
+        return sorted(version_number(name, k) for k in self.store.list_keys(versions_prefix(name)))
 
     def _head_hint(self, name: str) -> int:
         """A lower bound of the newest version number; an unreadable hint only costs probes, never correctness."""
         try:
-            obj = self._load_json(f"adapters/{name}/head.json")
+            obj = self._load_json(head_key(name))
             return max(0, int(obj.get("version", 0))) if obj else 0
         except (IntegrityError, TypeError, ValueError):
             log.warning("%s: ignoring an unreadable head hint", name)
@@ -294,9 +297,9 @@ class Registry:
     def _newest_number(self, name: str) -> int:
         """The highest allocated version number (live or removed); 0 when the name has none."""
         n = self._head_hint(name)
-        while self.store.exists(_vkey(name, n + 1)):
+        while self.store.exists(version_key(name, n + 1)):
             n += 1
-        while n > 0 and not self.store.exists(_vkey(name, n)):  # only if the hint ran ahead of a lost record
+        while n > 0 and not self.store.exists(version_key(name, n)):  # only if the hint ran ahead of a lost record
             n -= 1
         return n
 
@@ -313,9 +316,9 @@ class Registry:
         from adapters_registry.fingerprint import describe_base, module_shapes
 
         check_name(name, "base name")
-        if self.store.list_keys(f"adapters/{name}/versions/"):
+        if self.store.list_keys(versions_prefix(name)):
             raise ValidationError(f"base name {name!r} is already an adapter name; pick another")
-        if not self.store.exists(f"bases/{name}.json"):
+        if not self.store.exists(base_key(name)):
             self._check_case(name, "base name")
         if not model_dir.is_dir():
             raise ValidationError("not a directory", path=str(model_dir))
@@ -346,7 +349,7 @@ class Registry:
             embedding_shapes=embedding,
             merged_from=merged_from,
         )
-        if self.store.put_bytes(f"bases/{name}.json", manifest.to_json(), if_absent=True):
+        if self.store.put_bytes(base_key(name), manifest.to_json(), if_absent=True):
             self._restore_blobs(files or {}, model_dir)
             log.info("registered base %s (%s)", name, facts.fingerprint)
             return manifest
@@ -358,19 +361,19 @@ class Registry:
         return existing
 
     def get_base(self, name: str) -> BaseManifest:
-        obj = self._load_json(f"bases/{check_name(name, 'base name')}.json")
+        obj = self._load_json(base_key(check_name(name, "base name")))
         if obj is None:
             raise NotFoundError(f"base model {name!r} is not registered (loragate registry base add DIR --name {name})")
         return BaseManifest.model_validate(obj)
 
     def list_bases(self) -> list[BaseManifest]:
-        names = [k.removeprefix("bases/").removesuffix(".json") for k in self.store.list_keys("bases/")]
+        names = [base_name(k) for k in self.store.list_keys(BASES)]
         return [self.get_base(n) for n in sorted(names)]
 
     def base_dir(self, name: str) -> Path:
         base = self.get_base(name)
         if base.files:
-            return self.cache.assemble(base.files, f"bases/{base.fingerprint.removeprefix('sha256:')}")
+            return self.cache.assemble(base.files, cached_base_dir(base.fingerprint))
         if base.path and (Path(base.path) / "config.json").is_file():
             return Path(base.path)
         raise NotFoundError(f"base {name!r}: weights are not available here (registered from {base.path})")
@@ -395,7 +398,7 @@ class Registry:
 
         check_name(name)
         base_manifest = self.get_base(base)
-        if self.store.exists(f"bases/{name}.json"):
+        if self.store.exists(base_key(name)):
             raise ValidationError(f"adapter name {name!r} is the name of a registered base model; pick another")
         if self._newest_number(name) == 0:  # a new name: unique regardless of case
             self._check_case(name, "adapter name")
@@ -465,22 +468,22 @@ class Registry:
         version = self._newest_number(name) + 1
         while True:
             manifest = AdapterManifest(version=version, created_at=utc_now(), **fields)
-            if self.store.put_bytes(_vkey(name, version), manifest.to_json(), if_absent=True):
+            if self.store.put_bytes(version_key(name, version), manifest.to_json(), if_absent=True):
                 break
             version += 1  # a concurrent push took this number
         _pause_point("version-written")
         self._restore_blobs(files, adapter_dir)
-        self.store.put_bytes(f"{_digest_dir(name, manifest.digest_hex)}/{version:09d}", b"", if_absent=True)
+        self.store.put_bytes(digest_entry(name, manifest.digest_hex, version), b"", if_absent=True)
         if self._head_hint(name) < version:
-            self.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": version}).encode())
+            self.store.put_bytes(head_key(name), json.dumps({"version": version}).encode())
         log.info("pushed %s (%s, serving=%s)", manifest.ref, digest, manifest.serving)
         return manifest
 
     def _check_case(self, name: str, what: str) -> None:
         """Refuse `name` when an adapter or base already has the same name in another case."""
         folded = name.casefold()
-        bases = [k.removeprefix("bases/").removesuffix(".json") for k in self.store.list_keys("bases/")]
-        for kind, existing in [("adapter", n) for n in self.store.list_children("adapters/")] + [
+        bases = [base_name(k) for k in self.store.list_keys(BASES)]
+        for kind, existing in [("adapter", n) for n in self.store.list_children(ADAPTERS)] + [
             ("base", n) for n in bases
         ]:
             if existing != name and existing.casefold() == folded:
@@ -528,7 +531,7 @@ class Registry:
     def _same_content(
         self, name: str, digest: str, fingerprint: str, contract: dict[str, Any] | None
     ) -> AdapterManifest | None:
-        prefix = _digest_dir(name, digest.removeprefix("sha256:")) + "/"
+        prefix = digest_dir(name, digest.removeprefix("sha256:")) + "/"
         indexed = [int(key[len(prefix) :]) for key in self.store.list_keys(prefix)]
         # versions above the head hint may lack their index entry (a push killed just after its record)
         unindexed = range(self._head_hint(name) + 1, self._newest_number(name) + 1)
@@ -631,7 +634,7 @@ class Registry:
         return n
 
     def _by_digest(self, name: str, hex_prefix: str, ref: str) -> int:
-        base = f"adapters/{name}/digests/{hex_prefix[:2]}/"
+        base = digest_fanout(name, hex_prefix)
         hits: dict[str, list[int]] = {}
         for key in self.store.list_keys(base + hex_prefix):
             hex_digest, _, number = key[len(base) :].partition("/")
@@ -648,7 +651,7 @@ class Registry:
         raise NotFoundError(f"{ref}: no version of {name!r} has that digest")
 
     def adapter_names(self) -> list[str]:
-        return sorted({k.split("/")[1] for k in self.store.list_keys("adapters/") if "/versions/" in k})
+        return sorted({n for k in self.store.list_keys(ADAPTERS) if (n := versioned_name(k)) is not None})
 
     def list_adapters(self, name: str | None = None) -> list[AdapterManifest]:
         out: list[AdapterManifest] = []
@@ -661,24 +664,23 @@ class Registry:
 
     def materialize(self, manifest: AdapterManifest) -> Path:
         """A local folder holding the version's files, each checked against its sha256."""
-        return self.cache.assemble(manifest.files, f"adapters/{manifest.digest_hex}")
+        return self.cache.assemble(manifest.files, cached_version_dir(manifest.digest_hex))
 
     def materialized_path(self, manifest: AdapterManifest) -> Path:
         """Where `materialize` puts the version, without touching the store or the disk."""
-        return self.cache.root / "adapters" / manifest.digest_hex
+        return self.cache.root / cached_version_dir(manifest.digest_hex)
 
     # ---- aliases -------------------------------------------------------------------------------------------------
     def _alias(self, name: str, alias: str) -> tuple[AliasRecord, str] | None:
-        got = self.store.get_with_token(f"adapters/{name}/aliases/{alias}.json")
+        got = self.store.get_with_token(alias_key(name, alias))
         if got is None:
             return None
         return AliasRecord.model_validate_json(got[0]), got[1]
 
     def aliases(self, name: str) -> dict[str, int]:
-        prefix = f"adapters/{check_name(name)}/aliases/"
         out: dict[str, int] = {}
-        for key in self.store.list_keys(prefix):
-            alias = key[len(prefix) :].removesuffix(".json")
+        for key in self.store.list_keys(aliases_prefix(check_name(name))):
+            alias = alias_name(name, key)
             if (record := self._alias(name, alias)) is not None:
                 out[alias] = record[0].version
         return out
@@ -689,7 +691,7 @@ class Registry:
 
     def _move_alias(self, name: str, alias: str, who: str | None, pick: Any) -> AdapterManifest:
         """Compare-and-swap loop; `pick(record|None) -> (action, target manifest)`."""
-        key = f"adapters/{name}/aliases/{alias}.json"
+        key = alias_key(name, alias)
         for _ in range(MAX_CAS_ATTEMPTS):
             current = self._alias(name, alias)
             record, token = current if current else (None, None)
@@ -768,7 +770,7 @@ class Registry:
         else:
             rollbacks = ""
         tomb = Tombstone(name=manifest.name, version=manifest.version, digest=manifest.digest)
-        self.store.put_bytes(_vkey(manifest.name, manifest.version), tomb.to_json())
+        self.store.put_bytes(version_key(manifest.name, manifest.version), tomb.to_json())
         with self._resolved_lock:  # a removed version must not stand in for its references
             for key in [k for k, (_, m) in self._resolved.items() if m.ref == manifest.ref]:
                 del self._resolved[key]

@@ -11,8 +11,9 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapters_registry.cache import BlobCache, blob_key
+from adapters_registry.cache import BlobCache
 from adapters_registry.errors import RegistryError
+from adapters_registry.layout import blob_key, cached_version_dir
 from adapters_registry.manifest import AdapterManifest, BaseManifest, files_digest
 from adapters_registry.store import ObjectStore, sha256_file
 
@@ -50,7 +51,7 @@ def check_blob(store: ObjectStore, hex_digest: str) -> list[str]:
 
 
 def check_cached(cache: BlobCache, m: AdapterManifest, rel: str, hex_digest: str) -> list[str]:
-    path = cache.root / "adapters" / m.digest_hex / rel
+    path = cache.root / cached_version_dir(m.digest_hex) / rel
     if cache.store.local_path(blob_key(hex_digest)) is not None or not path.is_file():
         return []  # local stores hard-link the blob itself, already checked
     return [] if sha256_file(path) == hex_digest else [f"{m.ref}: {rel}: corrupted in the local cache at {path}"]

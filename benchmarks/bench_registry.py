@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters_registry.registry import Registry, _vkey, open_registry
+from adapters_registry.layout import version_key
+from adapters_registry.registry import Registry, open_registry
 
 LLAMA_7B = {
     "architectures": ["LlamaForCausalLM"],
@@ -88,7 +89,7 @@ def populate(reg: Registry, name: str, versions: int) -> None:
     for v in range(2, versions + 1):
         digest = hashlib.sha256(str(v).encode()).hexdigest()
         record = first.model_copy(update={"version": v, "digest": f"sha256:{digest}"})
-        assert reg.store.put_bytes(_vkey(name, v), record.to_json(), if_absent=True)
+        assert reg.store.put_bytes(version_key(name, v), record.to_json(), if_absent=True)
         reg.store.put_bytes(f"adapters/{name}/digests/{digest[:2]}/{digest}/{v:09d}", b"", if_absent=True)
     reg.store.put_bytes(f"adapters/{name}/head.json", json.dumps({"version": versions}).encode())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_registry.cache import blob_key
+from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry, default_cache_dir, open_registry
 from adapters_registry.store import sha256_file
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_registry.cache import blob_key
+from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry
 from loragate.cli import main
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from adapters_registry.cache import blob_key
 from adapters_registry.cli import parse_duration
 from adapters_registry.gc import GcPlan, plan_gc
+from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry, open_registry
 from adapters_registry.s3 import S3Store
 from adapters_registry.store import ObjectStat

@@ -8,8 +8,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from adapters_registry.cache import blob_key
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError
+from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry, open_registry
 from adapters_registry.s3 import S3Store
 from tests.unit.test_registry_concurrency import PUSH, _finish, _killed_at, _spawn, _variants

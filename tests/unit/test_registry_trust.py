@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters_registry.cache import blob_key
 from adapters_registry.errors import IntegrityError
+from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry, open_registry
 
 
