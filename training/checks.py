@@ -14,12 +14,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from training.errors import TrainingError
 from training.recipe import ChecksSpec
 
 log = logging.getLogger(__name__)
 
 
-class CheckError(ValueError):
+class CheckError(TrainingError):
     """A post-training check failed; the message names the check and the numbers in one line."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from training.errors import TrainingError
 from training.recipe import DataSpec
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MIN_EVAL_ROWS = 200
 DATASETS_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(TrainingError):
     """Unusable training data; the message names the file/row and the reason in one line."""
 
 

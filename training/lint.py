@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from training.errors import TrainingError
 from training.recipe import LoraSpec
 
 ALL_LINEAR = "all-linear"
 
 
-class LintError(ValueError):
+class LintError(TrainingError):
     """The adapter this recipe would produce cannot be served as a LoRA; the message lists why."""
 
 

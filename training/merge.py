@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from training.errors import TrainingError
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,7 +52,7 @@ DEFAULT_PROBES = (
 )
 
 
-class MergeError(Exception):
+class MergeError(TrainingError):
     """The merge cannot run on these inputs (bad adapter folder, existing output, unsupported adapter)."""
 
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.errors import TrainingError
 from training.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ EIGHT_BIT_OPTIMIZERS = re.compile(r"8bit")
 STATELESS_OPTIMIZERS = ("sgd", "adafactor")
 
 
-class PlanError(ValueError):
+class PlanError(TrainingError):
     """The run would not fit: the message names the prediction, the headroom and the GPU's memory in one line."""
 
 

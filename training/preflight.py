@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data import Row
+from training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
 PREFLIGHT_FILE = "preflight.txt"
 
 
-class PreflightError(ValueError):
+class PreflightError(TrainingError):
     """The loss mask is wrong for at least one example; the message says which and why."""
 
 

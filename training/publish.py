@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from training.errors import TrainingError
 from training.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 REGISTRY_METRICS = ("exact_match", "loss", "perplexity", "stop_rate", "format_compliance")
 
 
-class PublishError(ValueError):
+class PublishError(TrainingError):
     """The registry refused the run; the message is the registry's reason."""
 
 

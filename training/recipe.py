@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.errors import TrainingError
+
 SFT_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "lr_scheduler_type": "cosine",
@@ -34,7 +36,7 @@ SFT_DEFAULTS: dict[str, Any] = {
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class RecipeError(ValueError):
+class RecipeError(TrainingError):
     """A recipe that cannot be loaded or resolved; the message is one line for the user."""
 
 

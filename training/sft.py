@@ -141,7 +141,7 @@ def show_plan(
     try:
         base = resolve_base(recipe.base)
         lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)  # validates too
-    except (FileNotFoundError, lint.LintError) as exc:
+    except FileNotFoundError as exc:
         raise TrainingError(str(exc)) from exc
     planned = plan.plan_recipe(recipe, base)
     gpu = _gpu(gpu_memory)
@@ -207,10 +207,6 @@ def run(
         digest = dataset_hash(splits)
         log.info("data: %s (%s), dataset %s", splits.sizes(), splits.format, digest)
         return _train(recipe, base, splits, digest, contract, output_dir, publish, registry, resume)
-    except ValueError as exc:  # DataError, LintError, PlanError, PreflightError, CheckError: one-line user errors
-        if isinstance(exc, TrainingError):
-            raise
-        raise TrainingError(str(exc)) from exc
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
