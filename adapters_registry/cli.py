@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 
 def _open(args: argparse.Namespace) -> Registry:
+    from adapters_registry.audit import AuditLog
     from adapters_registry.errors import RegistryError
     from adapters_registry.registry import open_registry
 
@@ -33,10 +34,6 @@ def _open(args: argparse.Namespace) -> Registry:
         reg = open_registry(getattr(args, "registry", None), must_exist=not getattr(args, "creates", False))
     except RegistryError as exc:
         raise CLIError(str(exc)) from exc
-    try:  # the CLI composes the application: the registry library itself never imports gateway
-        from gateway.audit import AuditLog
-    except ImportError:
-        return reg
     reg.audit = AuditLog.for_cli(reg.store).registry_hook()
     return reg
 

@@ -20,23 +20,13 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import Any
+
+from adapters_registry.store import ObjectStore
 
 KEY_PREFIX = "keys/"
 _KEY_RE = re.compile(r"^lg-([0-9a-f]{12})-([A-Za-z0-9_-]{32,64})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-
-
-class ObjectStore(Protocol):
-    """The part of the registry's store that keys and the audit log use."""
-
-    def get_bytes(self, key: str) -> bytes | None: ...
-
-    def put_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool: ...
-
-    def list_keys(self, prefix: str) -> list[str]: ...
-
-    def delete(self, key: str) -> None: ...
 
 
 class KeyStoreError(Exception):

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.audit import AuditLog
+    from adapters_registry.audit import AuditLog
     from gateway.keys import KeyStore
 
 
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _open(location: str | None) -> tuple[KeyStore, AuditLog]:
     from adapters_registry import open_registry
-    from gateway.audit import AuditLog
+    from adapters_registry.audit import AuditLog
     from gateway.keys import KeyStore
 
     store = open_registry(location).store
@@ -58,7 +58,7 @@ def _open(location: str | None) -> tuple[KeyStore, AuditLog]:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    from gateway.audit import cli_actor
+    from adapters_registry.audit import cli_actor
     from gateway.keys import KeyStoreError, parse_expiry, parse_patterns
     from loragate.cli import CLIError
 
@@ -113,7 +113,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from gateway.audit import cli_actor
+    from adapters_registry.audit import cli_actor
     from gateway.keys import KeyStoreError
     from loragate.cli import CLIError
 

@@ -18,7 +18,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.audit import CURRENT_ACTOR
+from adapters_registry.audit import CURRENT_ACTOR
 from gateway.deps import Live
 from gateway.errors import Forbidden, GatewayError, LimitExceeded, Unavailable, error_envelope, send_error
 from gateway.limits import LimitViolation, check_headers, check_json_depth

@@ -30,7 +30,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from gateway.audit import AuditLog
+from adapters_registry.audit import AuditLog
+from adapters_registry.store import ObjectStore
 from gateway.errors import (
     Forbidden,
     InvalidRequest,
@@ -40,7 +41,7 @@ from gateway.errors import (
     Unauthorized,
     Unavailable,
 )
-from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, ObjectStore, key_id_of, may_use, parse_bearer
+from gateway.keys import AUTH_MESSAGES, ApiKey, AuthOutcome, KeyStore, key_id_of, may_use, parse_bearer
 from gateway.limits import (
     LimitSettings,
     check_body_size,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters_registry.audit import CURRENT_ACTOR, AuditLog, cli_actor
 from adapters_registry.local import LocalStore
-from gateway.audit import CURRENT_ACTOR, AuditLog, cli_actor
 
 
 def test_record_goes_to_logger_file_and_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -44,10 +44,10 @@ def test_broken_sinks_are_warned_not_raised(tmp_path: Path, caplog: pytest.LogCa
             raise OSError("disk full")
 
     log = AuditLog(store=BrokenStore(tmp_path / "s"), path=tmp_path / "missing-dir" / "audit.jsonl")
-    with caplog.at_level(logging.WARNING, logger="gateway.audit"):
+    with caplog.at_level(logging.WARNING, logger="adapters_registry.audit"):
         event = log.record("local", "admin.POST /admin/x", None, "ok")
     assert event.result == "ok"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.audit"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "adapters_registry.audit"]
     assert len(warnings) == 2
     assert "audit file" in warnings[0] and "audit event not stored" in warnings[1] and "disk full" in warnings[1]
 

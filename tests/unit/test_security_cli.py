@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters_registry.audit import AuditLog
 from adapters_registry.registry import open_registry
-from gateway.audit import AuditLog
 from gateway.keys import AuthOutcome, KeyStore
 from loragate.cli import main
 

@@ -5,7 +5,7 @@ store under ``audit/<day>/<time>-<random>.json`` (one immutable object per event
 other). A failing sink is logged as a warning and never fails the action being audited. Events carry names, refs
 and key ids only, never request bodies or key secrets.
 
-Stdlib only, so the CLIs can import it cheaply.
+Stdlib and the store interface only, so the CLIs can import it cheaply.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.keys import ObjectStore
+from adapters_registry.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 AUDIT_LOGGER = "loragate.audit"
