@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError as PydanticValidationError
 
@@ -69,7 +69,6 @@ from adapters_registry.store import ObjectStore, Progress, sha256_file
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCATION = "~/.loragate/registry"
-PAUSE_ENV = "LORAGATE_REGISTRY_PAUSE_AT"  # test hook: "<stage>" makes push stop there (see _pause_point)
 MAX_CAS_ATTEMPTS = 50
 STALE_RESOLVE_S = 300.0  # how long a last-known resolution stands in for an unreachable store (README: Readiness)
 RETRY_UNREACHABLE_S = 5.0  # while the store is unreachable, a known reference retries it at most this often
@@ -77,22 +76,19 @@ RESOLVED_ENTRIES = 4096  # last-known resolutions kept (least recently used drop
 
 # Called once after every write attempt with {"action", "target", "result": "ok"|"error", "who", "error", "details"}.
 AuditHook = Callable[[dict[str, Any]], None]
+# The points a push passes, in order; `push(on_stage=...)` is told each one (tests stop or kill a push there).
+PushStage = Literal["hashed", "blobs-written", "version-written"]
+OnStage = Callable[[PushStage], None]
+
+
+def _no_stage_hook(stage: PushStage) -> None:
+    pass
 
 
 def _snapshot(folder: Path, names: list[str]) -> dict[str, tuple[int, int, int]]:
     """(size, mtime_ns, inode) per file: any write or replacement changes it."""
     stats = {n: (folder / n).stat() for n in names}
     return {n: (st.st_size, st.st_mtime_ns, st.st_ino) for n, st in stats.items()}
-
-
-def _pause_point(stage: str) -> None:
-    """Fault-injection hook for tests: stop at `stage` so a test can kill the process there."""
-    if os.environ.get(PAUSE_ENV) != stage:
-        return
-    log.warning("pausing at %s (%s is set)", stage, PAUSE_ENV)
-    if marker := os.environ.get("LORAGATE_REGISTRY_PAUSE_FILE"):
-        Path(marker).write_text(str(os.getpid()))
-    time.sleep(float(os.environ.get("LORAGATE_REGISTRY_PAUSE_SECONDS", "3600")))
 
 
 def _who(who: str | None) -> str:
@@ -200,11 +196,13 @@ class Registry:
         labels: dict[str, str] | None = None,
         check_effect: bool = False,
         allow_base_mismatch: bool = False,
+        on_stage: OnStage = _no_stage_hook,
     ) -> AdapterManifest:
         """Store `adapter_dir` as the next version of `name`, bound to the registered base `base`.
 
         Refused (ValidationError) when the adapter's own config says it was trained on another base, unless
-        `allow_base_mismatch`, which the manifest then records as `base_mismatch` (see provenance.py).
+        `allow_base_mismatch`, which the manifest then records as `base_mismatch` (see provenance.py). `on_stage`
+        is called as the push passes each `PushStage`.
         """
         with self._audited("push", name, None, base=base, path=str(adapter_dir)) as record:
             manifest = self._push(
@@ -218,6 +216,7 @@ class Registry:
                 labels=labels,
                 check_effect=check_effect,
                 allow_base_mismatch=allow_base_mismatch,
+                on_stage=on_stage,
             )
             record["target"] = manifest.ref
             record["details"].update(version=manifest.version, digest=manifest.digest, serving=manifest.serving)
@@ -392,6 +391,7 @@ class Registry:
         labels: dict[str, str] | None = None,
         check_effect: bool = False,
         allow_base_mismatch: bool = False,
+        on_stage: OnStage = _no_stage_hook,
     ) -> AdapterManifest:
         from adapters_registry.provenance import declared_base_mismatch, describe_mismatch
         from adapters_registry.validate import CONFIG_FILE, classify_files, inspect_adapter
@@ -413,7 +413,7 @@ class Registry:
         names = classify_files(adapter_dir)
         before = _snapshot(adapter_dir, names)
         files = {f: sha256_file(adapter_dir / f) for f in names}
-        _pause_point("hashed")
+        on_stage("hashed")
         digest = files_digest(files)
         # identical content on the same base passed the same checks when it was pushed
         if same := self._same_content(name, digest, base_manifest.fingerprint, normalized):
@@ -441,7 +441,7 @@ class Registry:
         self.cache.trust(files.values())  # hashed just now: the first materialize here need not hash them again
         # after the snapshot: a folder materialized from a local store shares its files' inodes (and mtimes) with them
         self._refresh_blobs(files, adapter_dir, stored)
-        _pause_point("blobs-written")
+        on_stage("blobs-written")
         fields: dict[str, Any] = dict(
             name=name,
             digest=digest,
@@ -471,7 +471,7 @@ class Registry:
             if self.store.put_bytes(version_key(name, version), manifest.to_json(), if_absent=True):
                 break
             version += 1  # a concurrent push took this number
-        _pause_point("version-written")
+        on_stage("version-written")
         self._restore_blobs(files, adapter_dir)
         self.store.put_bytes(digest_entry(name, manifest.digest_hex, version), b"", if_absent=True)
         if self._head_hint(name) < version:

@@ -11,7 +11,7 @@ import pytest
 
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, ValidationError
 from adapters_registry.layout import blob_key
-from adapters_registry.registry import Registry
+from adapters_registry.registry import PushStage, Registry
 
 
 def _sha(path: Path) -> str:
@@ -280,20 +280,18 @@ def test_every_write_is_reported_to_the_audit_hook(registry: Registry, adapter_d
 
 
 def test_a_file_changed_during_the_push_registers_nothing(
-    registry: Registry, adapter_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    registry: Registry, adapter_dirs: list[Path], tmp_path: Path
 ) -> None:
     adapter = _variant(adapter_dirs[0], tmp_path / "moving", "before")
 
-    def trainer_still_writing(stage: str) -> None:
+    def trainer_still_writing(stage: PushStage) -> None:
         if stage == "hashed":
             (adapter / "README.md").write_text("after, and longer")
 
-    monkeypatch.setattr("adapters_registry.registry._pause_point", trainer_still_writing)
     with pytest.raises(ConflictError) as info:
-        registry.push(adapter, "support", "tiny")
+        registry.push(adapter, "support", "tiny", on_stage=trainer_still_writing)
     assert str(info.value) == f"{adapter}: files changed during the push; nothing was registered, try again"
     assert registry.list_adapters() == []
-    monkeypatch.undo()
     assert registry.push(adapter, "support", "tiny").files["README.md"] == _sha(adapter / "README.md")
 
 

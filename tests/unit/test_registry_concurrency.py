@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import signal
 import subprocess
@@ -32,6 +31,22 @@ PUSH = textwrap.dedent(
     print(reg.push(Path(sys.argv[2]), sys.argv[3], "tiny").ref)
     """
 )
+# A push that stops at one stage for `seconds` (writing its pid to the marker file first), then carries on.
+PAUSED_PUSH = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from adapters_registry import open_registry
+    location, adapter, name, stage, marker, seconds = sys.argv[1:]
+
+    def pause(at):
+        if at == stage:
+            Path(marker).write_text(str(os.getpid()))
+            time.sleep(float(seconds))
+
+    print(open_registry(location).push(Path(adapter), name, "tiny", on_stage=pause).ref)
+    """
+)
 PROMOTE = textwrap.dedent(
     """
     import sys, time
@@ -47,11 +62,10 @@ PROMOTE = textwrap.dedent(
 )
 
 
-def _spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         cwd=REPO,
-        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -107,14 +121,7 @@ def test_concurrent_alias_moves_lose_no_update(registry: Registry, adapter_dirs:
 
 def _killed_at(stage: str, registry: Registry, adapter: Path, tmp_path: Path) -> None:
     marker = tmp_path / f"paused-{stage}"
-    proc = _spawn(
-        PUSH,
-        registry.location,
-        str(adapter),
-        "support",
-        str(tmp_path),  # exists: no waiting
-        env={"LORAGATE_REGISTRY_PAUSE_AT": stage, "LORAGATE_REGISTRY_PAUSE_FILE": str(marker)},
-    )
+    proc = _spawn(PAUSED_PUSH, registry.location, str(adapter), "support", stage, str(marker), "3600")
     deadline = time.monotonic() + 120
     while not marker.exists():
         if proc.poll() is not None:

@@ -22,7 +22,7 @@ from adapters_registry.s3 import S3Store
 from adapters_registry.store import ObjectStat
 from loragate.cli import main
 from tests.unit.test_registry import _sha, _variant
-from tests.unit.test_registry_concurrency import PUSH, _spawn
+from tests.unit.test_registry_concurrency import PAUSED_PUSH, _spawn
 
 HOUR = 3600.0
 A, B, C = (blob_key(c * 64) for c in "abc")
@@ -78,12 +78,7 @@ def _age(reg: Registry, seconds: float) -> None:
 
 def _paused_push(reg: Registry, adapter: Path, stage: str, marker: Path, seconds: float) -> subprocess.Popen[str]:
     """A push (another process) stopped at `stage` for `seconds`, then carrying on."""
-    env = {
-        "LORAGATE_REGISTRY_PAUSE_AT": stage,
-        "LORAGATE_REGISTRY_PAUSE_FILE": str(marker),
-        "LORAGATE_REGISTRY_PAUSE_SECONDS": str(seconds),
-    }
-    proc = _spawn(PUSH, reg.location, str(adapter), "support", str(marker.parent), env=env)
+    proc = _spawn(PAUSED_PUSH, reg.location, str(adapter), "support", stage, str(marker), str(seconds))
     deadline = time.monotonic() + 120
     while not marker.exists():
         if proc.poll() is not None:
