@@ -607,7 +607,7 @@ def stack(work: Path, n_adapters: int) -> Iterator[tuple[Moto, UsageSink, Gatewa
     import boto3
 
     from adapters_registry.registry import open_registry
-    from loragate.tiny_model import build_random_adapter, cached_tiny_model
+    from training.tiny_model import build_random_adapter, cached_tiny_model
 
     env = {
         **os.environ,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loragate.tiny_model import DEFAULT_CORPUS_DIR, _corpus_files
+from training.tiny_model import DEFAULT_CORPUS_DIR, corpus_files
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from loragate.tiny_model import build_tiny_model, cached_tiny_model
+    from training.tiny_model import build_tiny_model, cached_tiny_model
 
     if args.out is None:
         print(cached_tiny_model())
@@ -201,7 +201,7 @@ FAMILIES: dict[str, Family] = {
 def corpus_texts(corpus_dir: Path = DEFAULT_CORPUS_DIR, limit: int = 4_000_000) -> list[str]:
     """Local text to train the BPE on: the licence texts, or (on an image without them) Python's own sources."""
     if corpus_dir.is_dir() and any(corpus_dir.iterdir()):
-        return [p.read_text(errors="replace") for p in _corpus_files(corpus_dir)]
+        return [p.read_text(errors="replace") for p in corpus_files(corpus_dir)]
     import sysconfig
 
     texts: list[str] = []

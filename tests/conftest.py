@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gateway.engine_process import EngineProcess
-from loragate.tiny_model import cached_tiny_model
 from tests.harness import make_lora_adapter, running_engine
+from training.tiny_model import cached_tiny_model
 
 BASE_NAME = "tiny"
 

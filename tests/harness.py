@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
-from loragate.tiny_model import build_random_adapter
+from training.tiny_model import build_random_adapter
 
 _LIVE: list[EngineProcess] = []
 

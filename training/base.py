@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from loragate.tiny_model import DEFAULT_CORPUS_DIR, TinyModelSpec, _corpus_files, cached_tiny_model, default_cache_dir
 from training.recipe import BaseSpec, TinyBase
+from training.tiny_model import DEFAULT_CORPUS_DIR, TinyModelSpec, cached_tiny_model, corpus_files, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def pretrain(raw: Path, out: Path, tiny: TinyBase) -> None:
 
     log.info("pretraining the tiny base for %s steps (cached once per machine)", tiny.pretrain_steps)
     tokenizer = AutoTokenizer.from_pretrained(raw)
-    text = "\n".join(p.read_text(errors="replace") for p in _corpus_files(DEFAULT_CORPUS_DIR))
+    text = "\n".join(p.read_text(errors="replace") for p in corpus_files(DEFAULT_CORPUS_DIR))
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
     chunks = ids[: len(ids) // tiny.pretrain_seq_len * tiny.pretrain_seq_len].view(-1, tiny.pretrain_seq_len)
     torch.manual_seed(tiny.seed)

@@ -45,7 +45,7 @@ class _Section(BaseModel):
 
 
 class TinyBase(_Section):
-    """Build the local tiny Llama (loragate.tiny_model) and give it a short language-model training of its own."""
+    """Build the local tiny Llama (training.tiny_model) and give it a short language-model training of its own."""
 
     vocab_size: int = 1024
     hidden_size: int = 128

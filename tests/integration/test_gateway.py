@@ -22,8 +22,8 @@ import pytest
 
 from adapters_registry.manifest import AdapterManifest
 from gateway.engine_process import group_members
-from loragate.tiny_model import build_random_adapter
 from tests.fixtures.gateway import GatewayUnderTest, derive_adapter
+from training.tiny_model import build_random_adapter
 
 pytestmark = pytest.mark.integration
 HELLO = [{"role": "user", "content": "Hello there"}]

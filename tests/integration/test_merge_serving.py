@@ -25,9 +25,9 @@ from gateway.engine_process import free_port
 from gateway.settings import load_settings
 from loragate.cli import main
 from loragate.demo import running_gateway
-from loragate.tiny_model import build_random_adapter
 from tests.fixtures.gateway import GatewayUnderTest
 from training.merge import DEFAULT_PROBES
+from training.tiny_model import build_random_adapter
 
 pytestmark = pytest.mark.integration
 

@@ -43,7 +43,7 @@ def test_base_and_runtime_adapter_answer_differently(vllm_engine: EngineProcess,
 INNER_TEST = """
 import os, time
 from pathlib import Path
-from loragate.tiny_model import cached_tiny_model
+from training.tiny_model import cached_tiny_model
 from tests.harness import running_engine
 
 def test_hold(tmp_path):

@@ -23,8 +23,8 @@ from gateway.engine_process import (
 from gateway.settings import EngineSettings, load_settings
 from loragate.cli import main as loragate_main
 from loragate.cli import make_parser
-from loragate.tiny_model import CHAT_TEMPLATE
 from tests.fixtures.gateway import TOOLS_CHAT_TEMPLATE
+from training.tiny_model import CHAT_TEMPLATE
 
 
 def _model(tmp_path: Path, config: dict[str, Any], tokenizer_config: dict[str, Any] | None = None) -> str:

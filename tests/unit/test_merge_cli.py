@@ -12,8 +12,8 @@ import yaml
 from adapters_registry.errors import NotFoundError
 from adapters_registry.registry import Registry
 from loragate.cli import main
-from loragate.tiny_model import build_random_adapter
 from training.merge import MANIFEST_NAME
+from training.tiny_model import build_random_adapter
 
 
 @pytest.fixture

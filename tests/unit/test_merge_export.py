@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from loragate.tiny_model import build_random_adapter
 from training.merge import MANIFEST_NAME, MergeError, MergeOptions, MergeRefused, merge_adapter
+from training.tiny_model import build_random_adapter
 
 # What training records (training/publish.py); this adapter was trained without double quantisation.
 QLORA_TRAINING = {"hyperparameters": {"qlora": True, "quantization": {"quant_type": "nf4", "double_quant": False}}}

@@ -14,8 +14,8 @@ import yaml
 
 from adapters_registry.registry import Registry
 from adapters_registry.store import sha256_file
-from loragate.tiny_model import build_random_adapter
 from training.merge_cli import helm_values, write_snippets
+from training.tiny_model import build_random_adapter
 
 helm = pytest.importorskip("helm_python")
 

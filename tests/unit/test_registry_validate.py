@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from adapters_registry.contract import normalize_contract
 from adapters_registry.errors import ValidationError
 from adapters_registry.registry import Registry
-from loragate.tiny_model import build_random_adapter
+from training.tiny_model import build_random_adapter
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

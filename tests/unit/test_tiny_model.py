@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from loragate.tiny_model import TinyModelSpec, build_tiny_model, cache_key, cached_tiny_model
+from training.tiny_model import TinyModelSpec, build_tiny_model, cache_key, cached_tiny_model
 
 
 def _digests(folder: Path) -> dict[str, str]:

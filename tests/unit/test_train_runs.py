@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from loragate.cli import main as loragate_main
-from loragate.tiny_model import CHAT_TEMPLATE, TinyModelSpec, cached_tiny_model
 from tests.fixtures.training import PUBLISHED_NAME, RECIPES, TrainedRun
 from training.tasks import generate
+from training.tiny_model import CHAT_TEMPLATE, TinyModelSpec, cached_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -161,10 +161,10 @@ def test_constrained_generation_follows_the_contract(tiny_model: Path, tmp_path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loragate.tiny_model import build_random_adapter
     from training.evaluate import complies, generate_constrained
     from training.recipe import EvalSpec
     from training.tasks import action_json
+    from training.tiny_model import build_random_adapter
 
     adapter = build_random_adapter(tiny_model, tmp_path / "adapter", seed=3)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
