@@ -192,7 +192,9 @@ def _materialize(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def _verify(reg: Registry, args: argparse.Namespace) -> int:
-    problems = reg.verify(args.ref)
+    from adapters_registry.verify import verify_registry
+
+    problems = verify_registry(reg, args.ref)
     if args.json:
         _emit({"ok": not problems, "problems": problems})
     else:
@@ -223,7 +225,9 @@ def _size(n: int) -> str:
 
 
 def _gc(reg: Registry, args: argparse.Namespace) -> int:
-    report = reg.gc(min_age_s=args.min_age, dry_run=args.dry_run)
+    from adapters_registry.gc import collect_garbage
+
+    report = collect_garbage(reg, min_age_s=args.min_age, dry_run=args.dry_run)
     if args.json:
         _emit(report.to_dict())
         return 0

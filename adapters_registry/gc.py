@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MIN_AGE_S = 3600.0
+
 
 class GcPlan(NamedTuple):
     delete: list[str]  # unreferenced and at least min_age_s old
@@ -63,7 +65,18 @@ def referenced_hexes(reg: Registry, live: list[AdapterManifest]) -> set[str]:
     return hexes
 
 
-def collect_garbage(reg: Registry, *, min_age_s: float, dry_run: bool) -> GcReport:
+def collect_garbage(reg: Registry, *, min_age_s: float = DEFAULT_MIN_AGE_S, dry_run: bool = False) -> GcReport:
+    """Delete blobs no live version or copied base references and older than `min_age_s`; audited as a registry
+    write (a dry run only reads: not audited)."""
+    if dry_run:
+        return _collect(reg, min_age_s, dry_run=True)
+    with reg.audited("gc", reg.location, None, min_age_s=min_age_s) as record:
+        report = _collect(reg, min_age_s, dry_run=False)
+        record["details"].update(deleted=len(report.deleted), bytes_freed=report.bytes_freed, kept=report.kept)
+        return report
+
+
+def _collect(reg: Registry, min_age_s: float, *, dry_run: bool) -> GcReport:
     live = reg.list_adapters()  # before listing blobs: a version committed later has only young blobs
     hexes = referenced_hexes(reg, live)
     stats = reg.store.stats(BLOBS)

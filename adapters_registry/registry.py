@@ -33,7 +33,6 @@ from pydantic import ValidationError as PydanticValidationError
 from adapters_registry.aliases import rollback_chain, rollback_target
 from adapters_registry.cache import BlobCache
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, StorageError, ValidationError
-from adapters_registry.gc import GcReport, collect_garbage
 from adapters_registry.layout import (
     ADAPTERS,
     BASES,
@@ -140,8 +139,9 @@ class Registry:
 
     # ---- writes, each reported to the audit hook ------------------------------------------------------------------
     @contextmanager
-    def _audited(self, action: str, target: str, who: str | None, **details: Any) -> Iterator[dict[str, Any]]:
-        """Report one write attempt to `self.audit` (success or failure); a failing hook never breaks the write."""
+    def audited(self, action: str, target: str, who: str | None, **details: Any) -> Iterator[dict[str, Any]]:
+        """Report one write attempt to `self.audit` (success or failure); a failing hook never breaks the write.
+        Every write goes through it once, `gc` (gc.py) included."""
         record: dict[str, Any] = {
             "action": f"registry.{action}",
             "target": target,
@@ -178,7 +178,7 @@ class Registry:
     ) -> BaseManifest:
         """Register `model_dir` as base `name`; `progress` is told the bytes hashed as it goes (weights are hashed
         for the fingerprint, and again when copied)."""
-        with self._audited("add_base", name, None, path=str(model_dir), copy=copy) as record:
+        with self.audited("add_base", name, None, path=str(model_dir), copy=copy) as record:
             base = self._add_base(model_dir, name, copy=copy, merged_from=merged_from, progress=progress)
             record["details"]["fingerprint"] = base.fingerprint
             return base
@@ -204,7 +204,7 @@ class Registry:
         `allow_base_mismatch`, which the manifest then records as `base_mismatch` (see provenance.py). `on_stage`
         is called as the push passes each `PushStage`.
         """
-        with self._audited("push", name, None, base=base, path=str(adapter_dir)) as record:
+        with self.audited("push", name, None, base=base, path=str(adapter_dir)) as record:
             manifest = self._push(
                 adapter_dir,
                 name,
@@ -223,14 +223,14 @@ class Registry:
             return manifest
 
     def promote(self, ref: str, alias: str, who: str | None = None) -> AdapterManifest:
-        with self._audited("promote", f"{ref} -> :{alias}", who, alias=alias) as record:
+        with self.audited("promote", f"{ref} -> :{alias}", who, alias=alias) as record:
             manifest = self._promote(ref, alias, who)
             record["target"] = f"{manifest.name}:{alias}"
             record["details"]["version"] = manifest.version
             return manifest
 
     def rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
-        with self._audited("rollback", f"{name}:{alias}", who, alias=alias) as record:
+        with self.audited("rollback", f"{name}:{alias}", who, alias=alias) as record:
             manifest = self._rollback(name, alias, who)
             record["details"]["version"] = manifest.version
             return manifest
@@ -238,19 +238,10 @@ class Registry:
     def remove(self, ref: str, who: str | None = None, *, force: bool = False) -> AdapterManifest:
         """Tombstone a version. Refused while an alias points at it, and (unless `force`) while a later rollback
         of an alias would reach it (`rollbacks_reaching` says which)."""
-        with self._audited("remove", ref, who, force=force) as record:
+        with self.audited("remove", ref, who, force=force) as record:
             manifest = self._remove(ref, force=force)
             record["target"] = manifest.ref
             return manifest
-
-    def gc(self, *, min_age_s: float = 3600, dry_run: bool = False) -> GcReport:
-        """Delete blobs no live version or copied base references and older than `min_age_s` (see gc.py)."""
-        if dry_run:  # reads only: nothing to audit
-            return collect_garbage(self, min_age_s=min_age_s, dry_run=True)
-        with self._audited("gc", self.location, None, min_age_s=min_age_s) as record:
-            report = collect_garbage(self, min_age_s=min_age_s, dry_run=False)
-            record["details"].update(deleted=len(report.deleted), bytes_freed=report.bytes_freed, kept=report.kept)
-            return report
 
     @property
     def location(self) -> str:
@@ -779,12 +770,6 @@ class Registry:
         else:
             log.info("removed %s", manifest.ref)
         return manifest
-
-    def verify(self, ref: str | None = None) -> list[str]:
-        """Re-hash stored content; one line per problem (empty: all good)."""
-        from adapters_registry.verify import verify_registry
-
-        return verify_registry(self, ref)
 
 
 def default_cache_dir(location: str) -> Path:

@@ -12,6 +12,7 @@ import pytest
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, ValidationError
 from adapters_registry.layout import blob_key
 from adapters_registry.registry import PushStage, Registry
+from adapters_registry.verify import verify_registry
 
 
 def _sha(path: Path) -> str:
@@ -148,7 +149,7 @@ def test_remove_is_refused_while_aliased_and_numbers_are_not_reused(
 
 def test_verify_reports_corruption_and_missing_blobs(registry: Registry, adapter_dirs: list[Path]) -> None:
     m = registry.push(adapter_dirs[0], "support", "tiny")
-    assert registry.verify() == []
+    assert verify_registry(registry) == []
     weights = registry.store.local_path(blob_key(m.files["adapter_model.safetensors"]))
     assert weights is not None
     data = bytearray(weights.read_bytes())
@@ -158,15 +159,15 @@ def test_verify_reports_corruption_and_missing_blobs(registry: Registry, adapter
     actual = hashlib.sha256(data).hexdigest()
     expected = m.files["adapter_model.safetensors"]
     line = f"support@1: adapter_model.safetensors: corrupted: sha256 is {actual[:12]}..., expected {expected[:12]}..."
-    assert registry.verify("support@1") == [line]
-    assert registry.verify() == [line]
+    assert verify_registry(registry, "support@1") == [line]
+    assert verify_registry(registry) == [line]
     with pytest.raises(IntegrityError) as info:
         registry.materialize(m)
     assert str(info.value) == f"blob sha256:{expected} is corrupted in the store (content hash differs)"
     readme = registry.store.local_path(blob_key(m.files["README.md"]))
     assert readme is not None
     readme.unlink()
-    assert registry.verify("support") == [
+    assert verify_registry(registry, "support") == [
         f"support@1: README.md: blob sha256:{m.files['README.md'][:12]}... is missing",
         line,
     ]
@@ -219,7 +220,7 @@ def test_bases(registry: Registry, tiny_model: Path, adapter_dirs: list[Path], t
     )
     registry.add_base(changed, "drifting")
     (changed / "config.json").write_text((tiny_model / "config.json").read_text().replace("1e-06", "1e-07"))
-    assert registry.verify() == [f"base drifting: {changed.resolve()} no longer matches its fingerprint"]
+    assert verify_registry(registry) == [f"base drifting: {changed.resolve()} no longer matches its fingerprint"]
 
 
 def test_check_effect_refuses_a_no_op_adapter(registry: Registry, tiny_model: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from adapters_registry.errors import NotFoundError
 from adapters_registry.registry import Registry
+from adapters_registry.verify import verify_registry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,7 +102,7 @@ def test_concurrent_pushes_get_distinct_versions(registry: Registry, adapter_dir
     for ref, variant in zip(refs, variants, strict=True):
         assert by_ref[ref] == registry.push(variant, "support", "tiny").files["README.md"]
         assert registry.push(variant, "support", "tiny").ref == ref  # re-push finds the same version
-    assert registry.verify() == []
+    assert verify_registry(registry) == []
 
 
 def test_concurrent_alias_moves_lose_no_update(registry: Registry, adapter_dirs: list[Path], tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ def test_push_killed_before_its_record_leaves_no_version(
     assert registry.list_adapters() == []  # ... but no version is visible
     with pytest.raises(NotFoundError):
         registry.resolve("support")
-    assert registry.verify() == []
+    assert verify_registry(registry) == []
     assert registry.push(adapter_dirs[0], "support", "tiny").version == 1
 
 
@@ -156,4 +157,4 @@ def test_push_killed_after_its_record_is_complete(registry: Registry, adapter_di
     assert registry.resolve(f"support@sha256:{m.digest_hex[:8]}") == m  # found without its index entry
     assert registry.push(adapter_dirs[0], "support", "tiny") == m
     assert registry.push(adapter_dirs[1], "support", "tiny").version == 2
-    assert registry.verify() == []
+    assert verify_registry(registry) == []

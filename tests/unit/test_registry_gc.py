@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 
 from adapters_registry.cli import parse_duration
-from adapters_registry.gc import GcPlan, plan_gc
+from adapters_registry.gc import GcPlan, collect_garbage, plan_gc
 from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry, open_registry
 from adapters_registry.s3 import S3Store
 from adapters_registry.store import ObjectStat
+from adapters_registry.verify import verify_registry
 from loragate.cli import main
 from tests.unit.test_registry import _sha, _variant
 from tests.unit.test_registry_concurrency import PAUSED_PUSH, _spawn
@@ -108,21 +109,21 @@ def test_killed_push_orphans_are_deleted_once_old(registry: Registry, adapter_di
     orphans = _killed_push(registry, adapter_dirs[0], tmp_path / "paused")
     assert len(orphans) == 3 and registry.list_adapters() == []
 
-    young = registry.gc()  # default min age: one hour
+    young = collect_garbage(registry)  # default min age: one hour
     assert (young.deleted, young.young, young.kept, young.bytes_freed) == ([], sorted(orphans), 3, 0)
 
     _age(registry, 2 * HOUR)
     sizes = {k: s.size for k, s in registry.store.stats("blobs/").items()}
-    dry = registry.gc(dry_run=True)
+    dry = collect_garbage(registry, dry_run=True)
     assert (dry.dry_run, dry.deleted, dry.kept, dry.bytes_freed) == (True, sorted(orphans), 0, sum(sizes.values()))
     assert _blobs(registry) == orphans  # a dry run deletes nothing
 
-    report = registry.gc()
+    report = collect_garbage(registry)
     assert (report.deleted, report.young, report.kept) == (sorted(orphans), [], 0)
     assert report.bytes_freed == sum(sizes.values()) > 0
     assert _blobs(registry) == set()
     m = registry.push(adapter_dirs[0], "support", "tiny")  # the same content pushes again from scratch
-    assert m.version == 1 and registry.verify() == []
+    assert m.version == 1 and verify_registry(registry) == []
 
 
 def test_removed_version_frees_only_unshared_blobs(
@@ -143,15 +144,15 @@ def test_removed_version_frees_only_unshared_blobs(
 
     freed = blob_key(two.files["README.md"])
     size = registry.store.stats(freed)[freed].size
-    report = registry.gc()
+    report = collect_garbage(registry)
     assert (report.deleted, report.bytes_freed, report.kept) == ([freed], size, total - 1)
     assert _blobs(registry) == {blob_key(h) for h in [*one.files.values(), *base.files.values()]}
-    assert registry.verify() == []
+    assert verify_registry(registry) == []
     fresh = open_registry(registry.location, cache_dir=tmp_path / "fresh-cache")
     folder = fresh.materialize(one)
     assert sorted(p.name for p in folder.iterdir()) == sorted(one.files)
     assert (fresh.base_dir("tiny-copy") / "notes.md").read_text() == "also in a base"
-    assert registry.gc().deleted == []  # nothing left to collect
+    assert collect_garbage(registry).deleted == []  # nothing left to collect
 
 
 def test_gc_prunes_the_local_cache_of_removed_versions(
@@ -162,12 +163,12 @@ def test_gc_prunes_the_local_cache_of_removed_versions(
     kept, gone = registry.materialize(one), registry.materialize(two)
     registry.remove("support@2")
 
-    assert registry.gc(min_age_s=HOUR).cache_pruned == []  # folders as young as a push in flight stay
+    assert collect_garbage(registry, min_age_s=HOUR).cache_pruned == []  # folders as young as a push in flight stay
     old = time.time() - 2 * HOUR
     os.utime(gone, (old, old))
-    dry = registry.gc(min_age_s=HOUR, dry_run=True)
+    dry = collect_garbage(registry, min_age_s=HOUR, dry_run=True)
     assert dry.cache_pruned == [f"adapters/{two.digest_hex}"] and gone.is_dir()
-    assert registry.gc(min_age_s=HOUR).cache_pruned == [f"adapters/{two.digest_hex}"]
+    assert collect_garbage(registry, min_age_s=HOUR).cache_pruned == [f"adapters/{two.digest_hex}"]
     assert not gone.exists() and kept.is_dir()
     assert {p.name: _sha(p) for p in kept.iterdir()} == one.files  # the live version's folder is intact
     assert registry.materialize(one) == kept
@@ -181,13 +182,13 @@ def test_push_reusing_an_old_orphan_refreshes_its_age(
     # a second push of the same content finds the blobs stored and stops just before its record
     push = _paused_push(registry, adapter_dirs[0], "blobs-written", tmp_path / "second", 3600)
     try:
-        report = registry.gc()  # without the touch, these old orphans would go
+        report = collect_garbage(registry)  # without the touch, these old orphans would go
         assert (report.deleted, report.young) == ([], sorted(orphans))
         assert _blobs(registry) == orphans
     finally:
         _kill(push)
     assert registry.push(adapter_dirs[0], "support", "tiny").version == 1
-    assert registry.verify() == []
+    assert verify_registry(registry) == []
 
 
 def test_pushing_a_materialized_folder_of_the_same_store_works(registry: Registry, adapter_dirs: list[Path]) -> None:
@@ -204,7 +205,7 @@ def test_push_re_uploads_a_blob_deleted_before_its_record_was_seen(
     registry.store.delete(victim)  # what a gc that listed its references just before the record does
     assert push.communicate(timeout=120)[0].strip() == "support@1"
     assert victim in _blobs(registry)
-    assert registry.verify() == []
+    assert verify_registry(registry) == []
 
 
 def test_local_delete_if_older_keeps_a_touched_key(registry: Registry) -> None:
@@ -230,9 +231,9 @@ def test_gc_is_audited(registry_template: Path, adapter_dirs: list[Path], tmp_pa
     reg.push(adapter_dirs[0], "support", "tiny")
     reg.remove("support@1")
     _age(reg, 2 * HOUR)
-    reg.gc(dry_run=True)
+    collect_garbage(reg, dry_run=True)
     assert [e["action"] for e in events] == ["registry.push", "registry.remove"]  # a dry run writes nothing
-    reg.gc()
+    collect_garbage(reg)
     assert events[-1] == {
         "action": "registry.gc",
         "target": str(root),
@@ -306,15 +307,15 @@ def test_s3_orphans_removed_version_and_reused_orphan(
     # its config is the same as support@1's: only its weights and README are orphans
     assert orphans == {blob_key(_sha(killed / f)) for f in ("adapter_model.safetensors", "README.md")}
     unreferenced = sorted({blob_key(two.files["README.md"]), *orphans})
-    assert s3_registry.gc(min_age_s=HOUR).young == unreferenced
+    assert collect_garbage(s3_registry, min_age_s=HOUR).young == unreferenced
 
     time.sleep(S3_AGE + 1.1)
     # the same content again, stopped before its record: it refreshes the old orphans
     push = _paused_push(s3_registry, killed, "blobs-written", tmp_path / "second", 3600)
     try:
-        report = s3_registry.gc(min_age_s=S3_AGE, dry_run=True)
+        report = collect_garbage(s3_registry, min_age_s=S3_AGE, dry_run=True)
         assert (report.deleted, report.young) == ([blob_key(two.files["README.md"])], sorted(orphans))
-        report = s3_registry.gc(min_age_s=S3_AGE)
+        report = collect_garbage(s3_registry, min_age_s=S3_AGE)
         assert report.deleted == [blob_key(two.files["README.md"])]
         assert report.young == sorted(orphans)
     finally:
@@ -322,9 +323,9 @@ def test_s3_orphans_removed_version_and_reused_orphan(
     assert _blobs(s3_registry) == {blob_key(h) for h in one.files.values()} | orphans
 
     time.sleep(S3_AGE + 1.1)
-    report = s3_registry.gc(min_age_s=S3_AGE)
+    report = collect_garbage(s3_registry, min_age_s=S3_AGE)
     assert (report.deleted, report.young) == (sorted(orphans), [])
     assert _blobs(s3_registry) == {blob_key(h) for h in one.files.values()}
-    assert s3_registry.verify() == []
+    assert verify_registry(s3_registry) == []
     folder = open_registry(s3_registry.location, cache_dir=tmp_path / "fresh").materialize(one)
     assert sorted(p.name for p in folder.iterdir()) == sorted(one.files)

@@ -12,6 +12,7 @@ from adapters_registry.errors import ConflictError, IntegrityError, NotFoundErro
 from adapters_registry.layout import blob_key
 from adapters_registry.registry import Registry, open_registry
 from adapters_registry.s3 import S3Store
+from adapters_registry.verify import verify_registry
 from tests.unit.test_registry_concurrency import PUSH, _finish, _killed_at, _spawn, _variants
 
 
@@ -61,14 +62,14 @@ def test_materialize_downloads_verified_copies(
     folder = s3_registry.materialize(m)
     assert folder.is_relative_to(tmp_path / "s3-cache")
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == m.files
-    assert s3_registry.verify() == []
+    assert verify_registry(s3_registry) == []
 
     sha = m.files["adapter_model.safetensors"]
     boto3.client("s3", endpoint_url=moto_endpoint).put_object(
         Bucket=s3_bucket, Key=f"loragate/{blob_key(sha)}", Body=b"tampered"
     )
     bad = hashlib.sha256(b"tampered").hexdigest()
-    assert s3_registry.verify("support@1") == [
+    assert verify_registry(s3_registry, "support@1") == [
         f"support@1: adapter_model.safetensors: corrupted: sha256 is {bad[:12]}..., expected {sha[:12]}..."
     ]
     assert s3_registry.materialize(m) == folder  # already cached and verified: still good
