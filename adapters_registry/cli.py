@@ -18,35 +18,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loragate.cli import CLIError
+from adapters_registry.errors import RegistryError, ValidationError
 
 if TYPE_CHECKING:
     from adapters_registry.manifest import AdapterManifest
     from adapters_registry.registry import Registry
 
 
+# What `loragate registry` prints as one line (`error: ...`, exit status 2) instead of a traceback.
+USER_ERRORS = (RegistryError,)
+
+
 def _open(args: argparse.Namespace) -> Registry:
     from adapters_registry.audit import AuditLog
-    from adapters_registry.errors import RegistryError
     from adapters_registry.registry import open_registry
 
-    try:
-        reg = open_registry(getattr(args, "registry", None), must_exist=not getattr(args, "creates", False))
-    except RegistryError as exc:
-        raise CLIError(str(exc)) from exc
+    reg = open_registry(getattr(args, "registry", None), must_exist=not getattr(args, "creates", False))
     reg.audit = AuditLog.for_cli(reg.store).registry_hook()
     return reg
 
 
 def _run(args: argparse.Namespace) -> int:
-    from adapters_registry.errors import RegistryError
-
     try:
         code: int = args.action(_open(args), args)
-    except RegistryError as exc:
-        raise CLIError(str(exc)) from exc
     except OSError as exc:  # outside the store (the adapter folder, an output file): still one line
-        raise CLIError(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from exc
+        raise RegistryError(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}") from exc
     return code
 
 
@@ -66,7 +62,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CLIError(f"--label {pair!r}: expected KEY=VALUE")
+            raise ValidationError(f"--label {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
 
@@ -77,11 +73,11 @@ def _read_contract(path: str | None) -> dict[str, Any] | None:
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
-        raise CLIError(f"{path}: {exc.strerror}") from exc
+        raise ValidationError(str(exc.strerror), path) from exc
     except json.JSONDecodeError as exc:
-        raise CLIError(f"{path}: not valid JSON: {exc}") from exc
+        raise ValidationError(f"not valid JSON: {exc}", path) from exc
     if not isinstance(data, dict):
-        raise CLIError(f"{path}: a contract is a JSON object")
+        raise ValidationError("a contract is a JSON object", path)
     return data
 
 

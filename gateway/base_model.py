@@ -6,10 +6,11 @@ from pathlib import Path
 
 from adapters_registry import Registry
 from adapters_registry.errors import NotFoundError
+from gateway.errors import StartupError
 from gateway.settings import Settings
 
 
-class BaseModelError(Exception):
+class BaseModelError(StartupError):
     """`base` names neither a directory nor a registry base."""
 
 

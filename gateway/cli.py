@@ -12,6 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from adapters_registry.errors import RegistryError
+from gateway.errors import StartupError
+
+# What `loragate serve` prints as one line (`error: ...`, exit status 2) instead of a traceback.
+USER_ERRORS = (StartupError, RegistryError)
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
@@ -20,6 +26,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_arguments(parser)
+    parser.set_defaults(handler=serve, log_level=logging.INFO)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML settings file (flags and LORAGATE_* env override it)")
     parser.add_argument("--base", help="registry base name or model directory (managed mode)")
     parser.add_argument("--base-name", help="served name of the base model")
@@ -66,7 +77,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--workers", type=int, metavar="N", help="processes serving the completion routes (default 1; see README)"
     )
-    parser.set_defaults(handler=serve, log_level=logging.INFO)
+    return parser
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,49 +124,41 @@ def serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from adapters_registry import open_registry
-    from adapters_registry.errors import RegistryError
     from gateway.app import create_app
-    from gateway.base_model import BaseModelError, resolve_base
+    from gateway.base_model import resolve_base
     from gateway.metrics_server import MetricsPortError, bind
     from gateway.security import choose_bind
     from gateway.server import gateway_server
     from gateway.settings import load_settings
-    from loragate.cli import CLIError
 
     try:
         settings = load_settings(args.config, **overrides(args))
     except FileNotFoundError as exc:
-        raise CLIError(str(exc)) from exc
+        raise StartupError(str(exc)) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise CLIError(f"invalid settings{' (' + where + ')' if where else ''}: {first['msg']}") from exc
-    try:
-        registry = open_registry(settings.registry)
-        resolve_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
-        if not registry.list_bases() and not registry.adapter_names():  # a mistyped location reads as empty
-            logging.getLogger("gateway").warning(
-                "the registry at %s holds no base and no adapter: only the base model will be served", registry.location
-            )
-        for ref in settings.adapters.pinned:  # a pin of a version that does not exist, likewise
-            registry.resolve(ref)
-    except (BaseModelError, RegistryError) as exc:
-        raise CLIError(str(exc)) from exc
+        raise StartupError(f"invalid settings{' (' + where + ')' if where else ''}: {first['msg']}") from exc
+    registry = open_registry(settings.registry)
+    resolve_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
+    if not registry.list_bases() and not registry.adapter_names():  # a mistyped location reads as empty
+        logging.getLogger("gateway").warning(
+            "the registry at %s holds no base and no adapter: only the base model will be served", registry.location
+        )
+    for ref in settings.adapters.pinned:  # a pin of a version that does not exist, likewise
+        registry.resolve(ref)
     # Local mode (no API keys in the registry's store) stays on loopback unless security.allow_open_bind is set.
     host, warning = choose_bind(settings.security, registry.store, settings.host)
     if warning:
         logging.getLogger("gateway").warning("%s", warning)
     settings = settings.model_copy(update={"host": host})  # the metrics port binds where the API does
     if settings.metrics_port is not None:
-        try:
-            bind(host, settings.metrics_port).close()  # a taken port is a one-line error, not a failed start-up
-        except MetricsPortError as exc:
-            raise CLIError(str(exc)) from exc
+        bind(host, settings.metrics_port).close()  # a taken port is a one-line error, not a failed start-up
     if settings.workers > 1:  # the primary: workers serve the public port, it serves them on a Unix socket
         try:
             bind(host, settings.port).close()
         except MetricsPortError as exc:
-            raise CLIError(str(exc).replace("/metrics", "the gateway")) from exc
+            raise StartupError(str(exc).replace("/metrics", "the gateway")) from exc
         worker_dir = Path(tempfile.mkdtemp(prefix="loragate-workers-"))
         app = create_app(settings, registry=registry, worker_dir=worker_dir)
         server = gateway_server(app, uds=str(worker_dir / "primary.sock"), log_level="info", access_log=False)

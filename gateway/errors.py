@@ -22,6 +22,12 @@
 the status and headers. The FastAPI handlers (`install_error_handlers`), the middleware and the completion routes
 all render through it; a client never sees a traceback. `from_registry_error` is the one mapping of registry
 errors to HTTP.
+
+Outside the HTTP tree, before anything is served (`loragate serve` prints them as one line, exit status 2):
+
+    StartupError                      the config file or a setting is wrong (cli.py)
+    ├── BaseModelError                `base` names neither a directory nor a registry base (base_model.py)
+    └── MetricsPortError              the /metrics port cannot be bound (metrics_server.py)
 """
 
 from __future__ import annotations
@@ -177,6 +183,10 @@ class UpstreamError(GatewayError):
 
     def envelope(self) -> dict[str, Any]:
         return upstream_envelope(self.status, self.body)
+
+
+class StartupError(Exception):
+    """The gateway cannot start for a reason the user can fix; `str()` is the one-line message."""
 
 
 def error_envelope(message: str, type_: str, param: str | None, code: str | int | None) -> dict[str, Any]:

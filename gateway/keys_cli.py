@@ -15,9 +15,14 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from gateway.keys import KeyStoreError
+
 if TYPE_CHECKING:
     from adapters_registry.audit import AuditLog
     from gateway.keys import KeyStore
+
+# What `loragate keys` prints as one line (`error: ...`, exit status 2) instead of a traceback.
+USER_ERRORS = (KeyStoreError,)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,8 +64,7 @@ def _open(location: str | None) -> tuple[KeyStore, AuditLog]:
 
 def run_create(args: argparse.Namespace) -> int:
     from adapters_registry.audit import cli_actor
-    from gateway.keys import KeyStoreError, parse_expiry, parse_patterns
-    from loragate.cli import CLIError
+    from gateway.keys import parse_expiry, parse_patterns
 
     keys, audit = _open(args.registry)
     try:
@@ -77,7 +81,7 @@ def run_create(args: argparse.Namespace) -> int:
         )
     except KeyStoreError as exc:
         audit.record(cli_actor(), "keys.create", args.name, "error", error=str(exc))
-        raise CLIError(str(exc)) from None
+        raise
     audit.record(cli_actor(), "keys.create", created.record.key_id, "ok", details=created.record.public())
     print(created.secret)
     print(
@@ -114,15 +118,13 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_revoke(args: argparse.Namespace) -> int:
     from adapters_registry.audit import cli_actor
-    from gateway.keys import KeyStoreError
-    from loragate.cli import CLIError
 
     keys, audit = _open(args.registry)
     try:
         record = keys.revoke(args.key)
     except KeyStoreError as exc:
         audit.record(cli_actor(), "keys.revoke", args.key, "error", error=str(exc))
-        raise CLIError(str(exc)) from None
+        raise
     audit.record(cli_actor(), "keys.revoke", record.key_id, "ok", details={"name": record.name})
     print(f"revoked {record.key_id} ({record.name})")
     return 0

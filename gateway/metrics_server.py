@@ -16,10 +16,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.errors import StartupError
+
 Render = Callable[[], Awaitable[tuple[bytes, str]]]
 
 
-class MetricsPortError(Exception):
+class MetricsPortError(StartupError):
     """The metrics port cannot be bound."""
 
 

@@ -1,7 +1,9 @@
 """The `loragate` command: one root parser; each package contributes its subcommands.
 
 Subcommand modules must stay light to import (argparse only): heavy imports happen inside the handlers, so
-`loragate registry list` does not load torch.
+`loragate registry list` does not load torch. Each declares `USER_ERRORS` next to its `register()`: the exception
+classes of its own package that mean a failure the user can fix (each `str()` one line). `main` prints those as
+`error: ...` with exit status 2; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,14 +27,7 @@ SUBCOMMAND_MODULES = (
 )
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 2 unless given."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
+USER_ERROR_STATUS = 2
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -49,7 +44,11 @@ def make_parser() -> argparse.ArgumentParser:
             if exc.name != name:
                 raise
             continue
+        known = set(sub.choices)
         module.register(sub)
+        user_errors: tuple[type[Exception], ...] = getattr(module, "USER_ERRORS", ())  # none: tracebacks only
+        for command in set(sub.choices) - known:
+            sub.choices[command].set_defaults(user_errors=user_errors)
     return parser
 
 
@@ -77,11 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     handler: Handler = args.handler
+    user_errors: tuple[type[Exception], ...] = args.user_errors
     try:
         return handler(args)
-    except CLIError as exc:
+    except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.status
+        return USER_ERROR_STATUS
     except KeyboardInterrupt:
         return 130
 

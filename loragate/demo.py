@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters_registry.errors import RegistryError
+from training.errors import TrainingError
+
 if TYPE_CHECKING:
     import openai
 
     from gateway.settings import Settings
+
+# What `loragate demo` prints as one line (`error: ...`, exit status 2) instead of a traceback.
+USER_ERRORS = (TrainingError, RegistryError)
 
 TOPIC, ACTION = "topic", "action-json"
 RECIPES = {TOPIC: "tiny.yaml", ACTION: "tiny-json.yaml"}

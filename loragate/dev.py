@@ -25,6 +25,9 @@ from training.tiny_model import DEFAULT_CORPUS_DIR, corpus_files
 
 log = logging.getLogger(__name__)
 
+# What `loragate dev` prints as one line (`error: ...`, exit status 2): an output folder that is in the way.
+USER_ERRORS = (FileExistsError, NotADirectoryError)
+
 
 def register(sub: Any) -> None:
     dev = sub.add_parser("dev", help="developer tools").add_subparsers(dest="dev_command", required=True)
@@ -42,25 +45,12 @@ def register(sub: Any) -> None:
 def _tiny_model(args: argparse.Namespace) -> int:
     from training.tiny_model import build_tiny_model, cached_tiny_model
 
-    if args.out is None:
-        print(cached_tiny_model())
-        return 0
-    from loragate.cli import CLIError
-
-    try:
-        print(build_tiny_model(args.out))
-    except FileExistsError as exc:
-        raise CLIError(str(exc)) from exc
+    print(cached_tiny_model() if args.out is None else build_tiny_model(args.out))
     return 0
 
 
 def _random_model(args: argparse.Namespace) -> int:
-    from loragate.cli import CLIError
-
-    try:
-        print(build_random_model(args.like, args.out, config_only=args.config_only, seed=args.seed))
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise CLIError(str(exc)) from exc
+    print(build_random_model(args.like, args.out, config_only=args.config_only, seed=args.seed))
     return 0
 
 

@@ -1,11 +1,20 @@
-"""`loragate train`: fine-tune a LoRA/QLoRA adapter from a recipe (imports only argparse at load time)."""
+"""`loragate train`: fine-tune a LoRA/QLoRA adapter from a recipe (imports only argparse at load time).
+
+The run itself is `training.sft.run`; under accelerate's launchers: `accelerate launch ... -m loragate train ...`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
+
+from training.errors import TrainingError
+
+# What `loragate train` prints as one line (`error: ...`, exit status 2) instead of a traceback.
+USER_ERRORS = (TrainingError,)
 
 
 def register(sub: Any) -> None:
@@ -15,9 +24,38 @@ def register(sub: Any) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from training.sft import run_cli
+    from training.recipe import load_recipe
+    from training.sft import run, show_plan
 
-    return run_cli(args)
+    recipe = load_recipe(args.config, args.set)
+    if args.plan:
+        print(show_plan(recipe, qlora=args.qlora or None, gpu_memory=args.gpu_memory, as_json=args.json))
+        return 0
+    # A run reads its base from disk or the local Hugging Face cache: no hub calls, no telemetry, unless the
+    # caller's environment says otherwise (HF_HUB_OFFLINE=0 downloads a `base.hub` model).
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run(
+        recipe,
+        args.output_dir or Path("runs") / recipe.name,
+        qlora=args.qlora or None,
+        merge_only=args.merge_only or None,
+        publish=args.publish,
+        registry=args.registry,
+        resume=not args.no_resume,
+        force=args.force,
+        gpu_memory=args.gpu_memory,
+    )
+    adapter = result.metrics["adapter"]
+    base = result.metrics["base"]
+    print(
+        f"adapter: {result.adapter_dir}\n"
+        f"exact_match: base {base['exact_match']:.3f} -> adapter {adapter['exact_match']:.3f}; "
+        f"eval loss {adapter['loss']:.3f} (ppl {adapter['perplexity']:.2f}); stop rate {adapter['stop_rate']:.2f}"
+    )
+    if result.manifest_ref:
+        print(f"published: {result.manifest_ref}")
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -16,10 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters_registry.errors import RegistryError
+from training.errors import TrainingError
+
 if TYPE_CHECKING:
     from training.merge import MergeOptions, MergeResult
 
 HELM_MODEL_MOUNT = "/models"
+
+# What `loragate merge` prints as one line (`error: ...`, exit status 2) instead of a traceback.
+USER_ERRORS = (TrainingError, RegistryError)
 
 
 def register(sub: Any) -> None:
@@ -93,14 +99,14 @@ def helm_values(
 
 
 def _read_probes(path: Path) -> list[str]:
-    from loragate.cli import CLIError
+    from training.merge import MergeError
 
     try:
         probes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as exc:
-        raise CLIError(f"{path}: cannot read probes ({exc.strerror})") from exc
+        raise MergeError(f"{path}: cannot read probes ({exc.strerror})") from exc
     if not probes:
-        raise CLIError(f"{path}: no probe prompts (one per line)")
+        raise MergeError(f"{path}: no probe prompts (one per line)")
     return probes
 
 
@@ -127,32 +133,29 @@ def merge_registered(
     register: str | None = None,
     say: Callable[[str], None] = print,
 ) -> MergeResult:
-    """Resolve `ref`, merge it into its bound base, optionally register the result; one-line `CLIError`s."""
+    """Resolve `ref`, merge it into its bound base, optionally register the result. Raises `MergeError` (a
+    `TrainingError`) or `RegistryError`, each one line for the user."""
     from adapters_registry import open_registry
-    from adapters_registry.errors import NotFoundError, RegistryError
-    from loragate.cli import CLIError
+    from adapters_registry.errors import NotFoundError
     from training.merge import MergeError, MergeRefused, merge_adapter
 
-    try:
-        reg = open_registry(registry)
-        adapter = reg.resolve(ref)
-        base = reg.get_base(adapter.base)
-        if adapter.base_fingerprint != base.fingerprint:
-            raise CLIError(
-                f"{adapter.ref}: trained on base fingerprint {adapter.base_fingerprint[:19]}, "
-                f"but base {base.name!r} is now {base.fingerprint[:19]}"
-            )
-        if register:
-            try:
-                reg.get_base(register)
-            except NotFoundError:
-                pass
-            else:
-                raise CLIError(f"base {register!r} already exists in the registry")
-        base_dir = reg.base_dir(base.name)
-        adapter_dir = reg.materialize(adapter)
-    except RegistryError as exc:
-        raise CLIError(str(exc)) from exc
+    reg = open_registry(registry)
+    adapter = reg.resolve(ref)
+    base = reg.get_base(adapter.base)
+    if adapter.base_fingerprint != base.fingerprint:
+        raise MergeError(
+            f"{adapter.ref}: trained on base fingerprint {adapter.base_fingerprint[:19]}, "
+            f"but base {base.name!r} is now {base.fingerprint[:19]}"
+        )
+    if register:
+        try:
+            reg.get_base(register)
+        except NotFoundError:
+            pass
+        else:
+            raise MergeError(f"base {register!r} already exists in the registry")
+    base_dir = reg.base_dir(base.name)
+    adapter_dir = reg.materialize(adapter)
 
     provenance = {
         "adapter": adapter.name,
@@ -168,9 +171,7 @@ def merge_registered(
         result = merge_adapter(base_dir, adapter_dir, out, options, training=adapter.training, provenance=provenance)
     except MergeRefused as exc:
         say(exc.report.summary())
-        raise CLIError(str(exc)) from exc
-    except MergeError as exc:
-        raise CLIError(str(exc)) from exc
+        raise
     say(result.report.summary())
     say(f"merged into the {result.merge_base} base -> {result.out} ({result.seconds:.1f}s)")
 
@@ -181,7 +182,7 @@ def merge_registered(
             copy = reg.location.startswith("s3://")
             registered = reg.add_base(out, register, copy=copy, merged_from=merged_from)
         except RegistryError as exc:
-            raise CLIError(f"merged model written to {out} but not registered: {exc}") from exc
+            raise MergeError(f"merged model written to {out} but not registered: {exc}") from exc
         say(f"registered base {registered.name!r} ({registered.fingerprint[:19]})")
         in_registry = registered.files is not None  # the weights themselves are in the registry
         for path in write_snippets(out, register, adapter.name, reg.location, weights_in_registry=in_registry):

@@ -9,7 +9,8 @@ Real models (a hub id is not fetched: point base.path at a local folder, e.g. `l
     loragate train --config training/recipes/llama3-8b-qlora.yaml --set base.path=/models/llama-3-8b --plan
     loragate train --config training/recipes/llama3-8b-qlora.yaml --set base.path=/models/llama-3-8b
 Multi-GPU (see README "Training"): accelerate launch --config_file training/accelerate/fsdp_qlora.yaml \
-    -m training.sft --config my.yaml --qlora
+    -m loragate train --config my.yaml --qlora
+Library: `run(recipe, output_dir, ...)` (what `loragate train` calls), `train(...)`, `show_plan(recipe, ...)`.
 
 Every run first checks the VRAM plan (training/plan.py) against the GPU and refuses one that would not fit with
 15% headroom (`--force` runs it anyway); after training, the post-training checks (training/checks.py) must pass
@@ -22,19 +23,15 @@ re-run with the same output folder resumes from the last checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import re
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from training.cli import add_arguments
 from training.data import Splits, dataset_hash, load_rows, make_splits
 from training.recipe import Recipe, RecipeError, load_recipe, resolved_config
 
@@ -68,47 +65,6 @@ class RunResult:
     adapter_dir: Path
     metrics: dict[str, Any]
     manifest_ref: str | None = None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_cli(args)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Handler of `loragate train` (and of `python -m training.sft`)."""
-    from loragate.cli import CLIError
-    from training.errors import TrainingError
-
-    try:
-        recipe = load_recipe(args.config, args.set)
-        if args.plan:
-            print(show_plan(recipe, qlora=args.qlora or None, gpu_memory=args.gpu_memory, as_json=args.json))
-            return 0
-        result = run(
-            recipe,
-            args.output_dir or Path("runs") / recipe.name,
-            qlora=args.qlora or None,
-            merge_only=args.merge_only or None,
-            publish=args.publish,
-            registry=args.registry,
-            resume=not args.no_resume,
-            force=args.force,
-            gpu_memory=args.gpu_memory,
-        )
-    except (RecipeError, TrainingError) as exc:
-        raise CLIError(str(exc)) from exc
-    adapter = result.metrics["adapter"]
-    base = result.metrics["base"]
-    print(
-        f"adapter: {result.adapter_dir}\n"
-        f"exact_match: base {base['exact_match']:.3f} -> adapter {adapter['exact_match']:.3f}; "
-        f"eval loss {adapter['loss']:.3f} (ppl {adapter['perplexity']:.2f}); stop rate {adapter['stop_rate']:.2f}"
-    )
-    if result.manifest_ref:
-        print(f"published: {result.manifest_ref}")
-    return 0
 
 
 def _with_flags(recipe: Recipe, qlora: bool | None, merge_only: bool | None) -> Recipe:
@@ -182,8 +138,6 @@ def run(
     force: bool = False,
     gpu_memory: int | None = None,
 ) -> RunResult:
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipe = _with_flags(recipe, qlora, merge_only)
 
     from training import lint
@@ -352,11 +306,3 @@ def _file_log(path: Path) -> logging.Handler:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     return handler
-
-
-def make_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog="python -m training.sft", description=__doc__.splitlines()[0]))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
