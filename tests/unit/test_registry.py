@@ -11,7 +11,8 @@ import pytest
 
 from adapters_registry.errors import ConflictError, IntegrityError, NotFoundError, ValidationError
 from adapters_registry.layout import blob_key
-from adapters_registry.registry import PushStage, Registry
+from adapters_registry.push import PushStage
+from adapters_registry.registry import Registry
 from adapters_registry.verify import verify_registry
 
 
