@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "gateway.keys_cli",
     "loragate.demo",
     "loragate.dev",
+    "loragate.bench",
 )
 
 Handler = Callable[[argparse.Namespace], int]

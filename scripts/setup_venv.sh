@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Creates or refreshes the virtualenv at .venv and installs loragate with the CPU engine and dev tools.
+# Creates or refreshes the virtualenv at .venv and installs loragate with the CPU engine, dev tools and the bench plot.
 # Idempotent: when pyproject.toml and this script are unchanged since the last successful run, it exits at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
-EXTRAS=${LORAGATE_EXTRAS:-cpu,qlora,dev}
+EXTRAS=${LORAGATE_EXTRAS:-cpu,qlora,dev,bench}
 VENV=.venv
 STAMP=$VENV/.loragate-setup
 want=$(cat pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)-$EXTRAS
