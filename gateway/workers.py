@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,7 +42,8 @@ from gateway.errors import GatewayError, Unavailable
 from gateway.supervisor import Engine
 
 if TYPE_CHECKING:
-    from gateway.deps import Gateway
+    from gateway.settings import Settings
+    from gateway.supervisor import EngineHealth
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,23 @@ def engine_state(engine: Engine) -> Message:
     return fields
 
 
+class Primary(Protocol):
+    """What the hub reads of the primary's `Gateway` (gateway/deps.py holds the hub, so it is not imported here)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def supervisor(self) -> EngineHealth: ...
+
+    @property
+    def adapters(self) -> AdapterManager: ...
+
+
 class WorkerHub:
     """The control channel's server in the primary: workers connect, get the ledger, ask for loads."""
 
-    def __init__(self, gateway: Gateway, path: Path) -> None:
+    def __init__(self, gateway: Primary, path: Path) -> None:
         self.gateway = gateway
         self.path = path
         self.channels: dict[int, Channel] = {}
