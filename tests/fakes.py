@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.engine_process import free_port
+from tests.harness import wait_until
 
 
 @dataclass(frozen=True)
@@ -236,12 +237,11 @@ def fake_gateway(engines: list[FakeEngine], registry_dir: Path | Any, **settings
     )
     registry = registry_dir if isinstance(registry_dir, Registry) else open_registry(registry_dir)
     app = create_app(config, registry=registry)
+
+    def healthy() -> bool:
+        gateway = getattr(app.state, "gateway", None)
+        return gateway is not None and all(e.healthy for e in gateway.supervisor.engines.values())
+
     with served(app, port) as url:
-        deadline = time.monotonic() + 30
-        while True:
-            gateway = getattr(app.state, "gateway", None)
-            if gateway is not None and all(e.healthy for e in gateway.supervisor.engines.values()):
-                break
-            assert time.monotonic() < deadline, "the fake engines never turned healthy"
-            time.sleep(0.05)
+        wait_until(healthy, 30, "the fake engines healthy", interval_s=0.05)
         yield url, app

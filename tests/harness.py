@@ -1,4 +1,4 @@
-"""Test harness: real vLLM (CPU build) engines on loopback, and tiny adapters made with PEFT.
+"""Test harness: real vLLM (CPU build) engines on loopback, tiny adapters made with PEFT, and `wait_until`.
 
 Every engine started here is also registered for an `atexit` sweep, so an interrupted run (Ctrl-C) still kills
 the whole process group even if a fixture finaliser never ran.
@@ -8,14 +8,43 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
 from training.tiny_model import build_random_adapter
 
+T = TypeVar("T")
 _LIVE: list[EngineProcess] = []
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    what: str | Callable[[], str],
+    *,
+    interval_s: float = 0.1,
+    ignoring: tuple[type[Exception], ...] = (),
+) -> T:
+    """Call `predicate` every `interval_s` until it returns a true value, and return that value.
+
+    After `timeout_s` raise TimeoutError with `what`, the awaited condition (a callable is asked then, so the message
+    can carry the state of that moment, a log's tail). An exception in `ignoring` means "not yet"; any other one
+    raised by `predicate` ends the wait at once (a process that exited, an answer that must never come).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if value := predicate():
+                return value
+        except ignoring:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"not within {timeout_s:g} s: {what() if callable(what) else what}")
+        time.sleep(interval_s)
 
 
 def _sweep() -> None:

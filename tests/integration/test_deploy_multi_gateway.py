@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import pytest
 from adapters_registry.registry import open_registry
 from gateway.engine_process import EngineProcess, EngineSpec, free_port
 from gateway.routing import rendezvous_order
+from tests import harness
 from tests.fixtures.gateway import derive_adapter
 from tests.unit.test_deploy_files import HEAVY
 
@@ -112,12 +112,16 @@ class Cluster:
         tmp.replace(self.discovery_file)
 
     def wait_until(self, what: str, check: Callable[[GatewayProcess], bool], timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        for gateway in self.gateways:
-            while not check(gateway):
-                assert gateway.proc.poll() is None, f"gateway exited:\n{gateway.log_tail()}"
-                assert time.monotonic() < deadline, f"{gateway.url}: {what} not seen in {timeout_s:.0f}s"
-                time.sleep(0.2)
+        pending = list(self.gateways)  # one after the other, within one deadline
+
+        def every_gateway_sees() -> bool:
+            while pending and check(pending[0]):
+                pending.pop(0)
+            if pending:
+                assert pending[0].proc.poll() is None, f"gateway exited:\n{pending[0].log_tail()}"
+            return not pending
+
+        harness.wait_until(every_gateway_sees, timeout_s, lambda: f"{pending[0].url}: {what}", interval_s=0.2)
 
     def sees(self, healthy: Collection[str], unhealthy: Collection[str] = ()) -> Callable[[GatewayProcess], bool]:
         def check(gateway: GatewayProcess) -> bool:
@@ -312,10 +316,9 @@ def read_to_end(stream: openai.Stream[Any], engine: EngineProcess) -> StreamEnd:
 
 
 def wait_exit(engine: EngineProcess, timeout_s: float = 90.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while (code := engine.returncode()) is None:
-        assert time.monotonic() < deadline, "vLLM did not exit after SIGTERM"
-        time.sleep(0.2)
+    harness.wait_until(lambda: engine.returncode() is not None, timeout_s, "vLLM exiting after SIGTERM", interval_s=0.2)
+    code = engine.returncode()
+    assert code is not None
     return code
 
 

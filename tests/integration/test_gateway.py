@@ -10,8 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from adapters_registry.manifest import AdapterManifest
 from gateway.engine_process import group_members
 from tests.fixtures.gateway import GatewayUnderTest, derive_adapter
+from tests.harness import wait_until
 from training.tiny_model import build_random_adapter
 
 pytestmark = pytest.mark.integration
@@ -192,15 +192,18 @@ def test_adapter_loads_on_first_use_and_alias_promotion_switches_weights(
     first = chat(gateway, "a0:canary")
     assert first == chat(gateway, "a0@1")
     reg.promote("a0@2", "canary")  # elsewhere (the CLI, another replica): seen within adapters.resolve_ttl_s
-    deadline = time.monotonic() + gateway.settings.adapters.resolve_ttl_s + 3
-    while True:
+
+    def answered_by_a0_2() -> Any:
         raw = client(gateway).chat.completions.with_raw_response.create(
             model="a0:canary", messages=HELLO, max_tokens=12, temperature=0
         )
         if raw.headers["x-loragate-adapter"] == "a0@2":
-            break
-        assert raw.headers["x-loragate-adapter"] == "a0@1" and time.monotonic() < deadline
-        time.sleep(0.2)
+            return raw
+        assert raw.headers["x-loragate-adapter"] == "a0@1"  # until then, the version it pointed at
+        return None
+
+    ttl_s = gateway.settings.adapters.resolve_ttl_s
+    raw = wait_until(answered_by_a0_2, ttl_s + 3, "a0:canary answered by a0@2", interval_s=0.2)
     assert raw.parse().choices[0].message.content == chat(gateway, "a0@2") != first
     resident = {r["engine_name"] for e in gateway.engines() for r in e["resident"]}
     assert versions["a0@2"].engine_name in resident
@@ -329,13 +332,6 @@ def stopped_engines(gateway: GatewayUnderTest) -> Iterator[StoppedEngines]:
         engines.close()
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest) -> None:
     max_tokens = 480
     body = {
@@ -366,20 +362,24 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
     with stopped_engines(gateway) as engines:
         client = threading.Thread(target=read_first_chunk_and_hang_up)
         client.start()
-        deadline = time.monotonic() + 120
-        while client.is_alive():  # the engines run only in 1 ms pulses until the first chunk is through
-            assert time.monotonic() < deadline, "no first chunk after 120 s of pulses"
+
+        def first_chunk_through() -> bool:  # the engines run only in 1 ms pulses until it is
+            if not client.is_alive():
+                return True
             engines.pulse()
             client.join(0.1)
+            return False
+
+        wait_until(first_chunk_through, 120, "the first chunk through the pulses", interval_s=0)
         assert first_chunk.get("status") == 200, first_chunk
         engine_url = engine_by_id(gateway, first_chunk["engine"])["url"]
         # The engines stay stopped: the gateway notices the hang-up itself and closes its upstream connection.
-        wait_for(lambda: not gateway.state.inflight(), "the gateway never noticed the hang-up", timeout_s=30)
+        wait_until(lambda: not gateway.state.inflight(), 30, "the gateway noticing the hang-up", interval_s=0.05)
         ran = f"engines ran {len(engines.pulses)} pulses, the longest {max(engines.pulses):.3f} s"
         recorded = requests_seen(gateway, route="completions", error_code="client_disconnected")
         assert recorded == disconnects + 1, (ran, requests_seen(gateway, route="completions", status_class="2xx"))
     # Running again, vLLM notices the closed connection on its next write and aborts the request.
-    wait_for(lambda: not engine_busy(), "the request never left the engine")
+    wait_until(lambda: not engine_busy(), 120, "the request leaving the engine", interval_s=0.05)
     generated = engine_metric(engine_url, counters[0]) - before[engine_url][counters[0]]
     assert 0 < generated < max_tokens  # stopped early: aborted, not finished
     assert engine_metric(engine_url, counters[1]) == before[engine_url][counters[1]]  # never counted as finished
@@ -487,24 +487,18 @@ def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: Gateway
         assert len(set(answers)) == 1
         assert chat(gateway, "a0@1")  # moved to the survivor (retried or re-placed), not failed
 
-        deadline = time.monotonic() + 400
-        while True:
+        def back_with_its_adapters() -> dict[str, Any] | None:
             now = engine_by_id(gateway, victim["id"])
-            if (
-                now["healthy"]
-                and now["restarts"] == restarts + 1
-                and pin_key in {r["engine_name"] for r in now["resident"]}
-            ):
-                break
-            assert time.monotonic() < deadline, f"engine did not come back with its adapters: {now}"
-            time.sleep(1)
+            back = now["healthy"] and now["restarts"] == restarts + 1
+            return now if back and pin_key in {r["engine_name"] for r in now["resident"]} else None
+
+        now = wait_until(back_with_its_adapters, 400, "the engine back with its adapters", interval_s=1)
+        assert now is not None
         assert held <= {r["engine_name"] for r in now["resident"]}
         direct = httpx.get(f"{now['url']}/v1/models", timeout=10).json()["data"]
         assert held <= {card["id"] for card in direct if card.get("parent")}  # vLLM itself holds them again
         assert now["pid"] != victim["pid"]
-        deadline = time.monotonic() + 60
-        while (ready := httpx.get(f"{gateway.url}/readyz", timeout=10)).status_code != 200:
-            assert time.monotonic() < deadline, f"/readyz did not recover: {ready.json()}"
-            time.sleep(0.5)
+        readyz = f"{gateway.url}/readyz"
+        wait_until(lambda: httpx.get(readyz, timeout=10).status_code == 200, 60, "/readyz 200 again", interval_s=0.5)
     finally:
         assert httpx.post(f"{gateway.url}/admin/adapters/unpin", json={"model": "a0@2"}, timeout=10).status_code == 200

@@ -16,6 +16,7 @@ from gateway.app import create_app
 from gateway.engine_process import free_port
 from gateway.settings import load_settings
 from tests.fixtures.gateway import served
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +50,14 @@ def engine_state(url: str) -> dict[str, Any]:
 
 
 def test_an_engine_that_cannot_start_spends_its_restart_budget_then_stays_down(broken_gateway: str) -> None:
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            state = engine_state(broken_gateway)
-        except httpx.TransportError:  # the gateway is still starting
-            state = {}
-        if state.get("gave_up"):
-            break
-        assert time.monotonic() < deadline, f"the gateway never gave up on the engine: {state}"
-        time.sleep(0.5)
+    def given_up() -> dict[str, Any] | None:
+        state = engine_state(broken_gateway)
+        return state if state.get("gave_up") else None
+
+    state = wait_until(
+        given_up, 240, "the gateway giving up on the engine", interval_s=0.5, ignoring=(httpx.TransportError,)
+    )  # a TransportError: the gateway is still starting
+    assert state is not None
     assert (state["healthy"], state["restarts"]) == (False, 1)
     assert state["last_error"] == "vLLM exited with status 2"  # argparse's exit status: the bad flag
 

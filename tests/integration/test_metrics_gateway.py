@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.gateway import GatewayUnderTest, derive_adapter
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -241,15 +241,12 @@ def test_lru_eviction_is_counted_per_engine(
     assert ours_evicted == sum(max(0, len(names) - 2 + pinned[e]) for e, names in placed.items()) >= 1
 
     # the tier comes from vLLM's lora_requests_info, read by the supervisor's next /metrics probe
-    tiers: set[str] = set()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def known_tiers() -> set[str]:
         tiers = {
             ls["tier"]
             for n, ls, v in scrape(gateway).samples
             if n == "loragate_adapter_resident" and ls["adapter"] in evict_adapters and v > 0
         }
-        if tiers and "unknown" not in tiers:
-            break
-        time.sleep(0.5)
-    assert tiers and tiers <= {"gpu", "cpu"}
+        return tiers if "unknown" not in tiers else set()
+
+    assert wait_until(known_tiers, 60, "a known tier for each resident adapter", interval_s=0.5) <= {"gpu", "cpu"}

@@ -14,6 +14,7 @@ import pytest
 from adapters_registry.registry import Registry
 from tests.fixtures.gateway import GatewayUnderTest
 from tests.fixtures.registry import MotoServer, s3_registry_at
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -74,19 +75,20 @@ def test_an_outage_past_the_grace_period_makes_it_unready_until_the_registry_ans
 
     gateway.app.state.registry_readiness = RegistryReadiness(interval_s=0, timeout_s=0.5, grace_s=0)
     assert ready(gateway) == (200, [])
+
+    def unready() -> tuple[int, list[str]] | None:
+        answer = ready(gateway)
+        return answer if answer[0] != 200 else None
+
     private_moto.pause()
     try:
-        deadline = time.monotonic() + 60
-        while (answer := ready(gateway))[0] == 200:
-            assert time.monotonic() < deadline, "still ready with the registry down past its grace period"
-            time.sleep(0.2)
+        answer = wait_until(unready, 60, "unready with the registry down past its grace period", interval_s=0.2)
+        assert answer is not None
         status, problems = answer
         assert status == 503 and len(problems) == 1
         assert problems[0].startswith("registry unreachable for ")
         assert problems[0].endswith("s (grace 0s after the last success): no answer within 0.5s")
     finally:
         private_moto.resume()
-    deadline = time.monotonic() + 60
-    while ready(gateway) != (200, []):  # recovers on its own once the registry answers
-        assert time.monotonic() < deadline, f"not ready again: {ready(gateway)}"
-        time.sleep(0.2)
+    # recovers on its own once the registry answers
+    wait_until(lambda: ready(gateway) == (200, []), 60, lambda: f"ready again (now {ready(gateway)})", interval_s=0.2)

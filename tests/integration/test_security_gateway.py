@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from gateway.engine_process import EngineProcess
 from tests.fixtures.security import MAX_BODY_BYTES, MAX_TOKENS, KeyedGateway, wait_ready
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +108,7 @@ def test_concurrency_limit_gives_rate_limit_error(keyed_gateway: KeyedGateway, v
     try:
         first = threading.Thread(target=lambda: answers.append(chat(keyed_gateway, "conc", "tiny")))
         first.start()
-        deadline = time.monotonic() + 60
-        while quotas.inflight("key", key_id) == 0:
-            assert time.monotonic() < deadline, "the first call never reached the gateway"
-            time.sleep(0.05)
+        wait_until(lambda: quotas.inflight("key", key_id), 60, "the first call in the gateway", interval_s=0.05)
         with pytest.raises(openai.RateLimitError) as refused:
             chat(keyed_gateway, "conc", "tiny")
         assert isinstance(refused.value.body, dict)

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from gateway.engine_process import EngineProcess, free_port
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -35,17 +35,13 @@ def test_local_mode_binds_loopback_and_warns(
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_until(healthy, 120, log.read_text, interval_s=0.2, ignoring=(httpx.TransportError,))
         listening = {
             (c.laddr.ip, c.laddr.port)
             for c in psutil.Process(proc.pid).net_connections(kind="inet")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from gateway.engine_process import EngineProcess, group_alive
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -71,12 +71,15 @@ def test_ctrl_c_leaves_no_engine_running(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+    def inner_engine_ready() -> bool:
+        if pidfile.exists():
+            return True
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        return False
+
     try:
-        deadline = time.monotonic() + 300
-        while not pidfile.exists():
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "inner engine never became ready"
-            time.sleep(0.5)
+        wait_until(inner_engine_ready, 300, "the inner engine ready", interval_s=0.5)
         pgid = int(pidfile.read_text())
         assert group_alive(pgid)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground pytest

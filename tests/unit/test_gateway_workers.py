@@ -22,6 +22,7 @@ import pytest
 from adapters_registry.registry import Registry
 from gateway.engine_process import free_port
 from tests.fakes import FakeEngine, stream
+from tests.harness import wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -88,6 +89,15 @@ def workers(
             assert process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
+        # /readyz answers once one worker listens; the other may bind its socket a moment later
+        seen: set[str] = set()
+
+        def both_workers_listen() -> bool:
+            with httpx.Client(base_url=url, timeout=30) as client:  # a new connection: the kernel picks a worker
+                seen.add(chat(client, "tiny").headers["x-loragate-worker"])
+            return seen == {"0", "1"}
+
+        wait_until(both_workers_listen, 60, lambda: f"only workers {sorted(seen)} answered", interval_s=0.05)
         try:
             yield Workers(url, process, engine, log)
         finally:
