@@ -273,6 +273,22 @@ def table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def describe(config: Mapping[str, Any]) -> str:
+    """One line saying what was sent, e.g. `200 requests x 3 rounds: 16 adapters Zipf(1.1) + tiny 10%, ...`."""
+    models = "a trace" if config["trace"] else f"{config['adapters']} adapters Zipf({config['zipf']:g})"
+    if config["base_model"] and config["base_share"]:
+        models += f" + {config['base_model']} {100 * config['base_share']:g}%"
+    if config["arrivals"] == "closed":
+        load = f"closed loop, {config['concurrency']} clients"
+    else:
+        load = f"Poisson {config['rate']:g}/s" if config["arrivals"] == "poisson" else "the trace's times"
+        load += f", at most {config['concurrency']} in flight" if config["concurrency"] else ""
+    lengths = f"prompt {config['prompt_tokens']}, output {config['output_tokens']} tokens"
+    lengths += " (ignore_eos)" if config["ignore_eos"] else ""
+    rounds = f" x {config['rounds']} rounds" if config["rounds"] > 1 else ""
+    return f"{config['requests']} requests{rounds} per target: {models}; {load}; {lengths}"
+
+
 def render_text(document: Mapping[str, Any], show_adapters: int = 8) -> str:
     """The summary table of a `to_json` document, the per-adapter table of the most popular adapters, and notes."""
     config, targets = document["config"], document["targets"]
@@ -281,6 +297,7 @@ def render_text(document: Mapping[str, Any], show_adapters: int = 8) -> str:
     header += ["SLO"] if has_slo else []
     header += ["loads/min", "evict/min", "hit"]
     rows = [header]
+    out = []
     for name, t in targets.items():
         o, g = t["overall"], t["gateway"] or {}
         row = [name, f"{o['ok']}/{o['requests']}", _num(o["requests_per_s"], 2), _num(o["output_tokens_per_s"])]
@@ -289,7 +306,7 @@ def render_text(document: Mapping[str, Any], show_adapters: int = 8) -> str:
         row += [_share(o["slo_attained"])] if has_slo else []
         row += [_num(g.get("loads_per_min")), _num(g.get("evictions_per_min")), _share(g.get("hit_ratio"))]
         rows.append(row)
-    out = [table(rows)]
+    out.append(describe(config) + "\n" + table(rows))
     models = document["workload"]["models"]
     shown = [m for m in models if models[m]["rank"] <= show_adapters]
     if shown:

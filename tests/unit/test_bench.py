@@ -156,7 +156,11 @@ def test_two_targets_get_the_same_sequence_and_a_url_list_takes_turns() -> None:
     assert set(rr["rounds"][0]) == ROUND_KEYS and set(rr["rounds"][0]["records"]) == RECORD_KEYS
     assert all(len(column) == 40 for column in rr["rounds"][0]["records"].values())
     text = render_text(document)
-    assert text.splitlines()[0].split()[:3] == ["target", "ok/sent", "req/s"]
+    assert text.splitlines()[0] == (
+        "40 requests x 2 rounds per target: 5 adapters Zipf(1.1) + tiny 20%; closed loop, 4 clients; "
+        "prompt 12, output uniform:4:9 tokens (ignore_eos)"
+    )
+    assert text.splitlines()[1].split()[:3] == ["target", "ok/sent", "req/s"]
     assert "one: failed 503 x1 (first: engines busy)" in text
 
 
@@ -252,7 +256,7 @@ def test_the_command_writes_its_json_plot_and_trace(tmp_path: Path, capsys: pyte
     document = json.loads((tmp_path / "r.json").read_text())
     assert list(document["targets"]) == ["a", "a-2", "b"]
     assert all(t["overall"]["ok"] == 48 for t in document["targets"].values())
-    assert out.splitlines()[0].split()[:2] == ["target", "ok/sent"] and "SLO" in out.splitlines()[0]
+    assert out.splitlines()[1].split()[:2] == ["target", "ok/sent"] and "SLO" in out.splitlines()[1]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 24
     assert "wrote 24 requests" in err and err.count("round ") == 6
