@@ -8,7 +8,6 @@ wait on it. The ledger changes only after vLLM accepted a load or confirmed an u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -20,10 +19,11 @@ from typing import Any, Protocol
 
 from adapters_registry import AdapterManifest, Registry
 from adapters_registry.errors import RegistryError
+from gateway.dispatch import Ask, Decision, Dispatcher
 from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, Unavailable, from_registry_error
 from gateway.ledger import ResidencyLedger
 from gateway.resolver import Resolver
-from gateway.routing import EngineLoad, Placement, Policy, Refusal, choose_engine
+from gateway.routing import Placement, Policy, Refusal
 from gateway.supervisor import Engine
 from gateway.upstream import ERRORS, Reply, Upstream
 
@@ -155,12 +155,12 @@ class AdapterManager:
         self.pin_problems: dict[str, str] = {}  # ref -> why it is not pinned yet
         self._paths: dict[str, Path] = {}
         self._loading: Counter[str] = Counter()
-        self._busy: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.dispatcher = Dispatcher(self.ledger, policy, lambda: list(self.engines.values()))
         self._version_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._engine_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._path_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._slot_freed = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
         # With gateway workers: which of these adapters another process has requests in flight for on an engine
         self.busy_elsewhere: Callable[[str, tuple[str, ...]], Awaitable[set[str]]] | None = None
 
@@ -194,40 +194,98 @@ class AdapterManager:
         return "loading" if self._loading[key] else "registered"
 
     # -- placement ---------------------------------------------------------------------------------------------------
-    def _loads(self, exclude: set[str]) -> list[EngineLoad]:
-        return [
-            EngineLoad(e.id, e.healthy and e.id not in exclude, e.inflight, e.waiting) for e in self.engines.values()
-        ]
-
     async def acquire(
         self, manifest: AdapterManifest | None, request_id: str, exclude: set[str] | None = None
     ) -> Lease:
-        """Place the request, loading its adapter first when needed; waits for a free slot up to the load timeout."""
-        exclude = exclude or set()
+        """Place the request (gateway.dispatch), loading its adapter first when needed; a request that must wait
+        for a slot or a load waits up to the load timeout."""
         deadline = time.monotonic() + self.load_timeout_s
         key = manifest.engine_name if manifest is not None else None
         while True:
-            decision = choose_engine(
-                key, self._loads(exclude), self.ledger, self.policy, busy=self._busy, spread_key=request_id
-            )
+            decision = await self._dispatch(key, request_id, frozenset(exclude or ()), deadline)
             if decision is Refusal.NO_ENGINE:
                 raise no_engine_error(list(self.engines.values()))
             if decision is Refusal.BUSY:
                 raise Unavailable("all engines are busy; retry shortly", code="engines_busy")
-            if isinstance(decision, Placement):
-                engine = self.engines[decision.engine]
-                if key is None or self.ledger.has(engine.id, key):
-                    return self._lease(engine, key)
-                assert manifest is not None
-                placed = await self.place(engine, manifest, request_id, exclude)
-                if placed is not None:
-                    return self._lease(placed, key)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Unavailable(f"no adapter slot freed up within {self.load_timeout_s:.0f}s", code="no_adapter_slot")
-            async with self._slot_freed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), min(remaining, 1.0))
+            assert isinstance(decision, Placement)
+            engine = self.engines[decision.engine]
+            lease = self._lease(engine, key)
+            if key is None or self.ledger.has(engine.id, key):
+                return lease
+            assert manifest is not None
+            try:
+                placed = await self.place(engine, manifest, request_id, set(exclude or ()))
+            except BaseException:
+                lease.release()
+                raise
+            finally:
+                if decision.load:
+                    self.dispatcher.load_done(engine.id, key, None)
+            if placed is None:
+                lease.release()
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        f"no adapter slot freed up within {self.load_timeout_s:.0f}s", code="no_adapter_slot"
+                    )
+                await asyncio.sleep(0.05)
+                continue
+            if placed is not engine:
+                self.dispatcher.moved(key, engine.id, placed.id)
+                engine.inflight -= 1
+                placed.inflight += 1
+                return self._lease(placed, key)
+            return lease
+
+    async def _dispatch(self, key: str | None, request_id: str, exclude: frozenset[str], deadline: float) -> Decision:
+        """The dispatcher's decision for one request, waiting in its queue when it holds the request."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Decision] = loop.create_future()
+
+        def on_ready(decision: Decision) -> None:
+            self._reserve(decision)
+            if not ready.done():
+                ready.set_result(decision)
+
+        ask = Ask(key, request_id, on_ready, exclude)
+        decision = self.dispatcher.offer(ask)
+        if decision is not None:
+            self._reserve(decision)
+            return decision
+        self._tick()
+        try:
+            return await asyncio.wait_for(asyncio.shield(ready), max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            self.dispatcher.cancel(ask)
+            if ready.done():  # placed just as the deadline passed
+                return ready.result()
+            why = ask.held.value if ask.held is not None else "no slot"
+            raise Unavailable(
+                f"no adapter slot freed up within {self.load_timeout_s:.0f}s ({why})", code="no_adapter_slot"
+            ) from None
+        except asyncio.CancelledError:
+            self.dispatcher.cancel(ask)
+            if ready.done() and isinstance(ready.result(), Placement):  # placed, then its client went away
+                placement = ready.result()
+                assert isinstance(placement, Placement)
+                self.engines[placement.engine].inflight -= 1
+                self.dispatcher.release(placement.engine, key)
+            raise
+
+    def _reserve(self, decision: Decision) -> None:
+        if isinstance(decision, Placement):
+            self.engines[decision.engine].inflight += 1
+
+    def _tick(self) -> None:
+        """While requests wait, look again every 0.2 s (engines come back, slot hand-overs fall due)."""
+        if self._ticker is not None and not self._ticker.done():
+            return
+
+        async def tick() -> None:
+            while self.dispatcher.waiting:
+                await asyncio.sleep(0.2)
+                self.dispatcher.pump()
+
+        self._ticker = asyncio.get_running_loop().create_task(tick())
 
     async def place(
         self, engine: Engine, manifest: AdapterManifest, request_id: str, exclude: set[str]
@@ -236,32 +294,19 @@ class AdapterManager:
         return engine if await self.ensure_loaded(engine, manifest) else None
 
     def _lease(self, engine: Engine, key: str | None) -> Lease:
-        engine.inflight += 1
-        if key is None:
-            return Lease(engine, None, lambda: self._release_base(engine))
-        self._busy[engine.id][key] += 1
-        self.ledger.touch(engine.id, key)
-        return Lease(engine, key, lambda: self._release(engine, key))
+        """The lease of a placed call (the engine's in-flight count was raised when it was placed)."""
+        if key is not None:
+            self.ledger.touch(engine.id, key)
 
-    @staticmethod
-    def _release_base(engine: Engine) -> None:
-        engine.inflight -= 1
+        def release() -> None:
+            engine.inflight -= 1
+            self.dispatcher.release(engine.id, key)
 
-    def _release(self, engine: Engine, key: str) -> None:
-        engine.inflight -= 1
-        busy = self._busy[engine.id]
-        busy[key] -= 1
-        if busy[key] <= 0:
-            del busy[key]
-            self._spawn(self._notify())
+        return Lease(engine, key, release)
 
     def busy_here(self, engine_id: str) -> set[str]:
         """The adapters this process has calls in flight for on `engine_id`."""
-        return {key for key, count in self._busy[engine_id].items() if count > 0}
-
-    async def _notify(self) -> None:
-        async with self._slot_freed:
-            self._slot_freed.notify_all()
+        return self.dispatcher.active(engine_id)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -290,7 +335,7 @@ class AdapterManager:
                 return True
             path = await self._local_path(manifest)
             async with self._engine_locks[engine.id]:
-                evict = self.ledger.plan_admit(engine.id, key, self._busy[engine.id])
+                evict = self.ledger.plan_admit(engine.id, key, self.dispatcher.active(engine.id))
                 if evict is None or (evict and not await self._idle_elsewhere(engine, evict)):
                     return False
                 for victim in evict:
@@ -335,6 +380,7 @@ class AdapterManager:
             )
         self.ledger.record_loaded(engine.id, key)
         seconds = time.monotonic() - started
+        self.dispatcher.load_done(engine.id, key, seconds)
         log.info("%s: loaded %s as %s in %.3fs", engine.id, manifest.ref if manifest else key, key, seconds)
         if manifest is not None:
             self.metrics.adapter_loaded(engine.id, manifest.name, str(manifest.version), seconds)

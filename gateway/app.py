@@ -29,13 +29,13 @@ from gateway.api.completions import ROUTES, CompletionRoute, openapi_paths
 from gateway.base_model import bound_base_name, resolve_base
 from gateway.call import Call
 from gateway.deps import Gateway, Live
+from gateway.engine_collector import engine_snapshots
 from gateway.errors import MethodNotAllowed, install_error_handlers, send_error
 from gateway.hooks import CompletionHook
-from gateway.metrics import EngineSnapshot, GatewayMetrics, ResidentAdapter, residency_tier
+from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import metrics_server
 from gateway.middleware import RequestHeaders, SecurityMiddleware
 from gateway.proxy import Proxy
-from gateway.routing import Policy
 from gateway.security import build_security, settle
 from gateway.settings import Settings
 from gateway.structured import StructuredOutputs
@@ -45,22 +45,6 @@ from gateway.usage import UsageEmitter
 from gateway.workers import WorkerHub, WorkerPool, merge_expositions
 
 log = logging.getLogger(__name__)
-
-
-def engine_snapshots(gateway: Gateway) -> list[EngineSnapshot]:
-    snapshots = []
-    ledger = gateway.adapters.ledger
-    for engine_id in ledger.engines():
-        engine = gateway.supervisor.engines.get(engine_id)
-        running = engine.gpu_adapters if engine else None
-        resident = []
-        for key in ledger.resident(engine_id):
-            manifest = gateway.adapters.manifests.get(key)
-            if manifest is not None:
-                resident.append(ResidentAdapter(manifest.name, str(manifest.version), residency_tier(key, running)))
-        waiting, inflight = (engine.waiting, engine.inflight) if engine else (0, 0)
-        snapshots.append(EngineSnapshot(engine_id, ledger.slots(engine_id), resident, waiting, inflight))
-    return snapshots
 
 
 def settle_quota(call: Call) -> None:
@@ -120,7 +104,7 @@ async def build_gateway(
             supervisor.engines,
             base_name=base_name,
             bound_base=bound_base_name(settings, base_name),
-            policy=Policy(routing.overload_threshold, routing.max_queue, routing.load_bucket),
+            policy=routing.policy(),
             load_timeout_s=settings.adapters.load_timeout_s,
             metrics=metrics,
             materialize=settings.adapters.materialize,
@@ -135,7 +119,7 @@ async def build_gateway(
             [metrics.observe_request, usage.emit, settle_quota],
         )
         gateway = Gateway(settings, base_name, reg, upstream, supervisor, adapters, proxy, metrics, usage, security)
-        metrics.add_state_collector(lambda: engine_snapshots(gateway))
+        metrics.add_state_collector(lambda: engine_snapshots(adapters.ledger, supervisor.engines, adapters.manifests))
         if settings.metrics_port is not None:  # up before the engines and stopped after them: scrapes see both
             render = functools.partial(render_metrics, gateway)
             await stack.enter_async_context(metrics_server(settings.host, settings.metrics_port, render))

@@ -1,6 +1,23 @@
 """Pure placement decisions: rendezvous hashing and engine choice over a residency ledger (gateway.ledger). No I/O.
 
-Placement of an adapter, in order of preference:
+Two placements. `place` (v2, the default) keeps each engine's working set inside its GPU slots and gives a hot
+adapter more engines as its share of the load grows:
+1. An adapter's candidates are the first `replicas` engines of its rendezvous order (its home first); `replicas`
+   comes from `replicas_wanted`: one engine per fair share of the current load (the total in flight over the
+   engines), at least `replica_min_load` requests, grown at once and shrunk one at a time well below, so a cold
+   adapter stays on its home and several gateway replicas that see the same shares pick the same engines.
+2. On a candidate, a request is *ready* when the adapter is resident (or being loaded there) and either already in
+   the engine's working set (adapters with calls in flight) or the working set has a free GPU slot (`max_loras`):
+   vLLM batches at most that many distinct adapters, and a request past them would only wait in vLLM's queue
+   behind adapters that never leave. An adapter *closing* on an engine (its slot is being handed to a waiting one)
+   takes no new calls there.
+3. The least-loaded ready candidate wins, unless a candidate without the adapter is at least two load buckets
+   less loaded: a load there is then worth it. A load stalls the whole engine (vLLM adds an adapter inside its
+   engine loop), so it is priced as the engine's last load time x the requests running there, and budgeted: one
+   load at a time per engine, at most `max_loading_fraction` of the engines loading at once.
+4. Otherwise the request waits in the gateway (`Hold`), where gateway.dispatch serves the waiting adapters in turn.
+
+`choose_engine` (v1, `routing.placement: v1`) places an adapter, in order of preference:
 1. an engine that already holds it and is not overloaded;
 2. an engine with room for it (a free slot before one that must evict), least-loaded first;
 3. an overloaded engine that holds it;
@@ -13,6 +30,7 @@ each other, and an engine joining or leaving only moves the adapters whose first
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -22,9 +40,19 @@ from gateway.ledger import ResidencyLedger
 
 @dataclass(frozen=True)
 class Policy:
-    overload_threshold: int = 8
+    overload_threshold: int = 8  # v1 only
     max_queue: int = 256
     load_bucket: int = 4
+    placement: str = "v2"
+    replica_min_load: float = 4.0  # v2: an adapter needs this many requests in flight before it gets a 2nd engine
+    shrink_ratio: float = 0.5  # v2: a replica goes when demand fits in one fewer at this fraction of a share
+    replica_hold_s: float = 10.0  # v2: at most one replica fewer per adapter this often
+    slot_wait_s: float = 0.5  # v2: a request waiting this long for a GPU slot gets one handed over
+    max_loading_fraction: float = 0.5  # v2: engines loading an adapter at once, as a fraction of the engines
+    stall_bucket_s: float = 1.0  # v2: load prices (seconds x requests stalled) within this tie
+    working_set_cap: bool = True  # v2: at most max_loras adapters with calls in flight per engine
+    spill: bool = True  # v2: when every candidate is full, an engine beyond them with room
+    min_load_s: float = 0.1  # v2: the load time assumed of an engine that has not loaded anything yet
 
 
 @dataclass(frozen=True)
@@ -50,6 +78,30 @@ class Refusal(Enum):
     NO_ENGINE = "no healthy engine"
     BUSY = "every engine's queue is full"
     NO_SLOT = "no engine has a free or evictable adapter slot"
+
+
+class Hold(Enum):
+    """v2: why a request waits in the gateway for now."""
+
+    SLOT = "every candidate engine's GPU slots hold other adapters"
+    LOADING = "the candidate engines are loading other adapters (load budget)"
+    RESIDENT = "no candidate engine has a free or evictable adapter slot"
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """v2: one engine as placement sees it."""
+
+    engine: str
+    healthy: bool = True
+    queue: int = 0  # requests in flight from this gateway + vLLM's waiting ones
+    running: int = 0  # vLLM's running requests (what a load stalls)
+    gpu_slots: int = 1  # vLLM max_loras: distinct adapters in one batch
+    active: frozenset[str] = frozenset()  # adapters with calls in flight (or placed) here
+    closing: frozenset[str] = frozenset()  # adapters that take no new calls here (their slot goes to another)
+    loading: str | None = None  # the adapter being loaded here now
+    load_s: float = 0.0  # the engine's recent adapter load time
+    promised: str | None = None  # the waiting adapter this engine's next free GPU slot is handed to
 
 
 def rendezvous_score(engine: str, key: str) -> int:
@@ -117,3 +169,115 @@ def choose_engine(
         load, evict = min(rooms, key=room_rank)
         return Placement(load.engine, load=True, evict=evict)
     return Refusal.NO_SLOT
+
+
+def replicas_wanted(demand: float, total: float, engines: int, current: int, policy: Policy) -> int:
+    """v2: how many engines an adapter with `demand` requests in flight or waiting should be on (`current` now).
+
+    A share is one engine's part of the whole load (`total` over `engines`), never below `replica_min_load`; the
+    adapter gets one engine per share it fills, at once, and gives one back only when its demand fits in one fewer
+    at `shrink_ratio` of a share (the caller spaces the shrinks out by `replica_hold_s`)."""
+    if engines <= 0:
+        return 1
+    share = max(total / engines, policy.replica_min_load)
+    want = min(max(math.ceil(demand / share - 1e-9), 1), engines)
+    current = min(max(current, 1), engines)
+    if want >= current:
+        return want
+    if demand < (current - 1) * share * policy.shrink_ratio:
+        return current - 1
+    return current
+
+
+def candidates(key: str, engines: Sequence[EngineView], replicas: int, pinned: bool) -> list[EngineView]:
+    """v2: the engines an adapter may be served on: the first `replicas` of its rendezvous order over the healthy
+    engines (all of them for a pinned adapter, which every engine holds)."""
+    live = [view for view in engines if view.healthy]
+    ordered = sorted(live, key=lambda view: rendezvous_score(view.engine, key), reverse=True)
+    return ordered if pinned else ordered[: max(replicas, 1)]
+
+
+def place(
+    key: str | None,
+    engines: Sequence[EngineView],
+    ledger: ResidencyLedger,
+    policy: Policy,
+    *,
+    replicas: int = 1,
+    spread_key: str = "",
+    waited_s: float = 0.0,
+    queued: int = 1,
+) -> Placement | Hold | Refusal:
+    """v2: where a request for adapter `key` (None: the base model) goes now, or why it waits (`waited_s`: how
+    long the oldest request for it has waited, `queued`: how many wait)."""
+    live = [view for view in engines if view.healthy]
+    if not live:
+        return Refusal.NO_ENGINE
+    open_ = [view for view in live if view.queue < policy.max_queue]
+    if not open_:
+        return Refusal.BUSY
+    if key is None:
+        return Placement(min(open_, key=lambda v: (v.queue, -rendezvous_score(v.engine, spread_key))).engine)
+
+    def bucket(view: EngineView) -> tuple[int, int]:
+        return view.queue // policy.load_bucket, -rendezvous_score(view.engine, key)
+
+    def slot_free(view: EngineView) -> bool:
+        if not policy.working_set_cap:
+            return key not in view.closing
+        if key in view.active:
+            return key not in view.closing
+        return len(view.active) < view.gpu_slots and view.promised in (None, key)
+
+    budget = max(1, math.floor(len(live) * policy.max_loading_fraction))
+    loading_now = sum(1 for view in live if view.loading is not None)
+    holds: set[Hold] = set()
+
+    def choose(chosen: list[EngineView], spilling: bool) -> Placement | None:
+        ready = [v for v in chosen if (ledger.has(v.engine, key) or v.loading == key) and slot_free(v)]
+        loadable: list[tuple[EngineView, tuple[str, ...]]] = []
+        for view in chosen:
+            if view in ready or ledger.has(view.engine, key) or view.loading == key:
+                continue
+            if spilling and waited_s * max(queued, 1) < max(view.load_s, policy.min_load_s) * (view.running + 1):
+                continue  # a load beyond the candidates only once the wait it ends costs more than the stall
+            if not slot_free(view):
+                holds.add(Hold.SLOT)
+                continue
+            if view.loading is not None or loading_now >= budget:
+                holds.add(Hold.LOADING)
+                continue
+            evict = ledger.plan_admit(view.engine, key, view.active)
+            if evict is not None:
+                loadable.append((view, evict))
+            else:
+                holds.add(Hold.RESIDENT)
+        if any(not slot_free(v) for v in chosen if ledger.has(v.engine, key) or v.loading == key):
+            holds.add(Hold.SLOT)
+
+        def load_rank(item: tuple[EngineView, tuple[str, ...]]) -> tuple[int, int, int, int]:
+            view, evict = item
+            stall = view.load_s * (view.running + 1)
+            return len(evict) > 0, int(stall // policy.stall_bucket_s), *bucket(view)
+
+        best_ready = min(ready, key=bucket) if ready else None
+        best_load = min(loadable, key=load_rank) if loadable else None
+        if best_ready is not None and (spilling or best_load is None):
+            return Placement(best_ready.engine)
+        if best_load is not None and (best_ready is None or bucket(best_load[0])[0] + 1 < bucket(best_ready)[0]):
+            return Placement(best_load[0].engine, load=True, evict=best_load[1])
+        return Placement(best_ready.engine) if best_ready is not None else None
+
+    ordered = candidates(key, live, len(live), key in ledger.pinned)
+    first = max(replicas, 1) if key not in ledger.pinned else len(ordered)
+    chosen = [view for view in ordered[:first] if view.queue < policy.max_queue]
+    placed = choose(chosen, spilling=False)
+    if placed is None and policy.spill:
+        # Every candidate is full: another engine with room, the adapter's next ones in rendezvous order first
+        placed = choose([view for view in ordered[first:] if view.queue < policy.max_queue], spilling=True)
+    if placed is not None:
+        return placed
+    for hold in (Hold.LOADING, Hold.SLOT):
+        if hold in holds:
+            return hold
+    return Hold.RESIDENT

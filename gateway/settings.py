@@ -16,6 +16,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.routing import Policy
 from gateway.security import SecuritySettings
 
 
@@ -69,9 +70,31 @@ class ExternalSettings(BaseModel):
 
 
 class RoutingSettings(BaseModel):
-    overload_threshold: int = Field(default=8, ge=1, description="queue depth above which a holder is passed over")
+    """Placement (gateway.routing): v2 keeps each engine's working set inside its GPU slots and gives hot adapters
+    more engines; v1 is the earlier holder-first placement, kept for comparison."""
+
+    placement: Literal["v2", "v1"] = "v2"
     max_queue: int = Field(default=256, ge=1, description="queue depth on every engine above which requests get 503")
     load_bucket: int = Field(default=4, ge=1, description="loads in one bucket tie; rendezvous order decides")
+    replica_min_load: float = Field(default=4.0, gt=0, description="v2: requests an adapter needs for a 2nd engine")
+    shrink_ratio: float = Field(default=0.5, gt=0, le=1, description="v2: an engine fewer below this part of a share")
+    replica_hold_s: float = Field(default=10.0, ge=0, description="v2: at most one engine fewer this often")
+    slot_wait_s: float = Field(default=0.5, ge=0, description="v2: a GPU-slot wait this long gets one handed over")
+    max_loading_fraction: float = Field(default=0.5, gt=0, le=1, description="v2: engines loading at once")
+    overload_threshold: int = Field(default=8, ge=1, description="v1: queue depth above which a holder is passed over")
+
+    def policy(self) -> Policy:
+        return Policy(
+            overload_threshold=self.overload_threshold,
+            max_queue=self.max_queue,
+            load_bucket=self.load_bucket,
+            placement=self.placement,
+            replica_min_load=self.replica_min_load,
+            shrink_ratio=self.shrink_ratio,
+            replica_hold_s=self.replica_hold_s,
+            slot_wait_s=self.slot_wait_s,
+            max_loading_fraction=self.max_loading_fraction,
+        )
 
 
 class AdapterSettings(BaseModel):

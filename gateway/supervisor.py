@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from gateway.engine_metrics import parse_engine_metrics
 from gateway.engine_process import EngineProcess, engine_spec, free_port
-from gateway.metrics import running_lora_adapters
 from gateway.settings import Settings
 from gateway.upstream import ERRORS, Upstream
 
@@ -59,19 +59,6 @@ class EngineHealth(Protocol):
     def report_failure(self, engine_id: str, error: str) -> None: ...
 
     def probe_now(self, engine_id: str) -> None: ...
-
-
-def parse_queue(metrics_text: str) -> tuple[int, int]:
-    """(running, waiting) request counts from vLLM's Prometheus text, summed over label sets."""
-    totals = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
-    for line in metrics_text.splitlines():
-        if line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            with contextlib.suppress(ValueError, IndexError):
-                totals[name] += float(line.rsplit(" ", 1)[1])
-    return int(totals["vllm:num_requests_running"]), int(totals["vllm:num_requests_waiting"])
 
 
 def backoff_s(restarts: int, base_s: float, max_s: float) -> float:
@@ -191,8 +178,8 @@ class Supervisor:
                 return False
             metrics = await self.upstream.get(f"{engine.url}/metrics", timeout_s=5.0)
             if metrics.status == 200:
-                engine.running, engine.waiting = parse_queue(metrics.text)
-                engine.gpu_adapters = running_lora_adapters(metrics.text)
+                seen = parse_engine_metrics(metrics.text)
+                engine.running, engine.waiting, engine.gpu_adapters = seen.running, seen.waiting, seen.running_adapters
             return True
         except ERRORS as exc:
             engine.last_error = f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,6 @@ from gateway.errors import MethodNotAllowed, Unavailable, send_error
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestHeaders, SecurityMiddleware, read_body
 from gateway.proxy import Proxy
-from gateway.routing import Policy
 from gateway.security import build_security
 from gateway.server import GatewayServer
 from gateway.settings import Settings
@@ -61,7 +60,7 @@ async def build_worker(settings: Settings, index: int, control: Path, base: str,
             engines.engines,
             base_name=base,
             bound_base=bound,
-            policy=Policy(routing.overload_threshold, routing.max_queue, routing.load_bucket),
+            policy=routing.policy(),
             load_timeout_s=settings.adapters.load_timeout_s,
             metrics=metrics,
             materialize=False,

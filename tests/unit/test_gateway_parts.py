@@ -23,7 +23,7 @@ from gateway.proxy import failure_verdict, usage_of
 from gateway.routing import Policy
 from gateway.settings import UpstreamSettings, load_settings
 from gateway.sse import StreamScan, with_usage
-from gateway.supervisor import Engine, backoff_s, parse_queue, read_engine_file
+from gateway.supervisor import Engine, backoff_s, read_engine_file
 from gateway.upstream import Upstream
 
 
@@ -132,16 +132,7 @@ def test_refusal_reason(kw: dict[str, Any], expected: str | None) -> None:
     assert reason == expected if expected is None else reason is not None and reason.startswith(expected)
 
 
-def test_parse_queue_and_backoff_and_engine_file(tmp_path: Path) -> None:
-    text = (
-        "# HELP vllm:num_requests_waiting x\n"
-        'vllm:num_requests_running{engine="0",model_name="tiny"} 3.0\n'
-        'vllm:num_requests_waiting{engine="0",model_name="tiny"} 2.0\n'
-        'vllm:num_requests_waiting{engine="1",model_name="tiny"} 1.0\n'
-        "vllm:num_requests_waiting_total 99\n"
-    )
-    assert parse_queue(text) == (3, 3)
-    assert parse_queue("") == (0, 0)
+def test_backoff_and_engine_file(tmp_path: Path) -> None:
     assert [backoff_s(n, 2.0, 10.0) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
     listing = tmp_path / "engines.txt"
     listing.write_text("# engines\nhttp://a:8000/\n\nhttp://b:8000  # second\n")

@@ -1,4 +1,5 @@
-"""Unit tests of gateway.metrics: exact sample values on a fresh CollectorRegistry per test."""
+"""Unit tests of gateway.metrics, metric_labels and engine_collector: exact sample values on a fresh
+CollectorRegistry per test."""
 
 from __future__ import annotations
 
@@ -6,20 +7,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters_registry.manifest import AdapterManifest
 from gateway.call import Call
-from gateway.metrics import (
-    EngineSnapshot,
-    FoldDecision,
-    GatewayMetrics,
-    ResidentAdapter,
-    fold_decision,
-    residency_tier,
-    running_lora_adapters,
-    slug,
-    status_class,
-    time_per_output_token,
-    validity_label,
-)
+from gateway.engine_collector import EngineSnapshot, ResidentAdapter, engine_snapshots, residency_tier
+from gateway.ledger import ResidencyLedger
+from gateway.metric_labels import FoldDecision, fold_decision, slug, status_class, time_per_output_token, validity_label
+from gateway.metrics import GatewayMetrics
+from gateway.supervisor import Engine
 
 
 def outcome(adapter: str | None = "acme", version: str | None = "3", **kw: object) -> Call:
@@ -102,29 +96,6 @@ def test_slug(raw: str, label: str) -> None:
     assert slug(raw) == label
 
 
-VLLM_TEXT = """# HELP vllm:lora_requests_info Running stats on lora requests.
-# TYPE vllm:lora_requests_info gauge
-vllm:lora_requests_info{max_lora="2",running_lora_adapters="a@1,b@2",waiting_lora_adapters=""} 1.7950001e+09
-vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 1.7950003e+09
-vllm:lora_requests_info{max_lora="2",running_lora_adapters="c@9",waiting_lora_adapters="a@1"} 1.7950002e+09
-vllm:num_requests_running{engine="0",model_name="tiny"} 0.0
-"""
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (VLLM_TEXT, frozenset()),
-        (VLLM_TEXT.replace("1.7950003e+09", "1.7950000e+09"), frozenset({"c@9"})),
-        (VLLM_TEXT.replace("1.7950003e+09", "1.7950000e+09").replace("1.7950002e+09", "1"), frozenset({"a@1", "b@2"})),
-        ("vllm:num_requests_running 0.0\n", None),
-        ('vllm:lora_requests_info{running_lora_adapters="x"} NaNx\n', None),
-    ],
-)
-def test_running_lora_adapters(text: str, expected: frozenset[str] | None) -> None:
-    assert running_lora_adapters(text) == expected
-
-
 @pytest.mark.parametrize(
     ("running", "tier"),
     [(None, "unknown"), (frozenset(), "cpu"), (frozenset({"a@1"}), "gpu"), (frozenset({"b"}), "cpu")],
@@ -196,16 +167,6 @@ def test_error_codes_are_capped() -> None:
     assert "other" in codes
     assert value(m, "loragate_requests_total", adapter="acme", version="3", route="chat", status_class="5xx",
                  error_code="other") == 8  # fmt: skip
-
-
-def test_inflight_gauge_returns_to_zero_on_error(m: GatewayMetrics) -> None:
-    with m.track_inflight("e0"):
-        with m.track_inflight("e0"):
-            assert value(m, "loragate_engine_inflight_requests", engine="e0") == 2
-        with pytest.raises(RuntimeError), m.track_inflight("e0"):
-            raise RuntimeError("upstream broke")
-        assert value(m, "loragate_engine_inflight_requests", engine="e0") == 1
-    assert value(m, "loragate_engine_inflight_requests", engine="e0") == 0
 
 
 # -- folding ------------------------------------------------------------------------------------------------------
@@ -322,13 +283,45 @@ def test_state_collector_reads_ledgers_at_scrape_time(m: GatewayMetrics) -> None
     assert value(m, "loragate_engine_free_adapter_slots", engine="e0") == 0
 
 
-def test_inflight_comes_from_the_snapshot_when_it_reports_one(m: GatewayMetrics) -> None:
+def test_inflight_comes_from_the_snapshot(m: GatewayMetrics) -> None:
     m.add_state_collector(lambda: [EngineSnapshot("e0", adapter_slots=2, inflight=7), EngineSnapshot("e1", 2)])
-    with m.track_inflight("e0"), m.track_inflight("e1"), m.track_inflight("e2"):
-        assert value(m, "loragate_engine_inflight_requests", engine="e0") == 7
-        assert value(m, "loragate_engine_inflight_requests", engine="e1") == 1
-        assert value(m, "loragate_engine_inflight_requests", engine="e2") == 1
+    assert value(m, "loragate_engine_inflight_requests", engine="e0") == 7
     assert value(m, "loragate_engine_inflight_requests", engine="e1") == 0
+    assert value(m, "loragate_engine_inflight_requests", engine="e2") is None  # no snapshot, no series
+
+
+def _manifest(name: str, version: int, hex_char: str) -> AdapterManifest:
+    return AdapterManifest(
+        name=name,
+        version=version,
+        digest="sha256:" + hex_char * 64,
+        files={},
+        base="tiny",
+        base_fingerprint="sha256:" + "f" * 64,
+        peft_type="LORA",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj"],
+        dtype="float32",
+        size_bytes=0,
+    )
+
+
+def test_engine_snapshots_read_the_ledger_and_the_engines() -> None:
+    a, b = _manifest("a", 1, "a"), _manifest("b", 2, "b")
+    ledger = ResidencyLedger()
+    ledger.add_engine("e0", 3)
+    ledger.add_engine("e1", 2)  # not (or no longer) known to the supervisor
+    for key in (a.engine_name, b.engine_name, "gone@cccccccccccc"):  # gone: its manifest is no longer kept
+        ledger.record_loaded("e0", key)
+    ledger.record_loaded("e1", a.engine_name)
+    engine = Engine("e0", "http://e0", max_loras=2, slots=3, max_lora_rank=16, waiting=4, inflight=6)
+    engine.gpu_adapters = frozenset({b.engine_name})
+    manifests = {m.engine_name: m for m in (a, b)}
+    assert engine_snapshots(ledger, {"e0": engine}, manifests) == [
+        EngineSnapshot("e0", 3, [ResidentAdapter("a", "1", "cpu"), ResidentAdapter("b", "2", "gpu")], 4, 6),
+        EngineSnapshot("e1", 2, [ResidentAdapter("a", "1", "unknown")], 0, 0),
+    ]
 
 
 def test_a_failing_state_source_does_not_break_the_scrape(m: GatewayMetrics) -> None:

@@ -1,0 +1,559 @@
+"""A discrete-event simulator of many LoRA adapters over many vLLM engines, to compare placements at sizes no test
+machine holds (100 engines, 10,000 adapters).
+
+    .venv/bin/python benchmarks/sim_placement.py --profile h200-7b --engines 4 --adapters 64 --clients 128
+    .venv/bin/python benchmarks/sim_placement.py --profile h200-7b --engines 100 --adapters 10000 --clients 3200
+    .venv/bin/python benchmarks/sim_placement.py --profile cpu-tiny --engines 3 --adapters 32 --clients 24 \
+        --max-loras 2 --max-cpu-loras 4 --json out.json
+
+Engines follow vLLM's V1 scheduler where placement cares about it: continuous batching with one decode token per
+running request per step; at most `max_loras` distinct adapters in a batch (a waiting request whose adapter would
+be one more is skipped, as vLLM skips it); an adapter must be in the engine's CPU cache of `max_cpu_loras` (LRU)
+to run, and getting it there stalls the whole engine for `load_s` (vLLM adds an adapter inside its engine loop);
+a step takes `step_s + per_seq_s x running + per_lora_s x distinct adapters + prefill_token_s x new prompt tokens`.
+
+Placements, over the same engines and the same request sequence:
+- `round-robin`: what a Kubernetes Service in front of vLLM pods does; each engine loads adapters on demand (vLLM's
+  filesystem resolver), so every engine sees every adapter;
+- `least-loaded`: the engine with the fewest requests, loading on demand;
+- `affinity`: a stock LoRA-affinity scorer (the Gateway API inference extension's, in spirit): an engine that holds
+  the adapter and has it running or a free GPU slot, else one that holds it, else one with a free GPU slot, else
+  the least loaded; loading on demand;
+- `v1` and `v2`: loragate's gateway, with its own code deciding (gateway.dispatch.Dispatcher over gateway.routing),
+  loads made by the gateway before it sends the request.
+Costs come from a profile (`--profile`, calibrated from measured runs: see PROFILES) or flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway.dispatch import Ask, Decision, Dispatcher
+from gateway.ledger import ResidencyLedger
+from gateway.routing import Placement, Policy, Refusal
+
+
+@dataclass(frozen=True)
+class Costs:
+    step_s: float  # a decode step's fixed part
+    per_seq_s: float  # per running request
+    per_lora_s: float  # per distinct adapter in the batch
+    prefill_token_s: float  # per prompt token admitted in the step
+    load_s: float  # an adapter load (the engine stalls)
+    max_num_seqs: int
+
+
+# Calibrations (what each was fitted to is in the README's placement section).
+PROFILES: dict[str, Costs] = {
+    # one vLLM 0.26 engine of a 7B-shaped model alone on an H200 (benchmarks/gpu, 2026-12-03): 6.3 ms per token at
+    # 1 request, 9.7 ms at 16, 34 ms at 128; a cold rank-16 all-linear adapter load 134 ms
+    "h200-7b": Costs(0.0060, 0.00022, 0.0003, 0.00002, 0.134, 256),
+    # three vLLM CPU engines of the tiny test model sharing this 2-core machine (benchmarks/bench_placement.py
+    # calibrate, 2026-12-03)
+    "cpu-tiny": Costs(0.012, 0.0012, 0.0005, 0.00002, 0.060, 64),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    engines: int = 4
+    adapters: int = 64
+    zipf: float = 1.1
+    base_share: float = 0.05  # requests for the base model (the starvation yardstick)
+    clients: int = 128
+    requests: int = 4000
+    prompt_tokens: tuple[int, int] = (64, 256)
+    output_tokens: tuple[int, int] = (32, 128)
+    max_loras: int = 4
+    max_cpu_loras: int = 16
+    seed: int = 1
+    health_interval_s: float = 2.0
+
+
+@dataclass
+class Request:
+    id: int
+    client: int
+    key: str | None
+    prompt: int
+    output: int
+    arrived: float = 0.0
+    first: float | None = None
+    done: float | None = None
+    generated: int = 0
+    engine: str = ""
+    failed: str = ""
+
+
+class Sim:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (when, next(self._order), action))
+
+    def run(self, until: Callable[[], bool]) -> None:
+        while self._events and not until():
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+
+
+class Engine:
+    """One vLLM engine: its scheduler, batch, adapter cache and loads, in simulated time."""
+
+    def __init__(self, sim: Sim, engine_id: str, costs: Costs, scenario: Scenario, on_done: Callable[[Request], None]):
+        self.sim = sim
+        self.id = engine_id
+        self.costs = costs
+        self.max_loras = scenario.max_loras
+        self.cpu_slots = scenario.max_cpu_loras
+        self.on_done = on_done
+        self.healthy = True
+        self.inflight = 0  # the gateway's count (v1/v2)
+        self.waiting = 0  # vLLM's num_requests_waiting as the gateway last scraped it
+        self.queue: deque[Request] = deque()
+        self.batch: list[Request] = []
+        self.cache: OrderedDict[str, None] = OrderedDict()
+        self.explicit: deque[tuple[str, tuple[str, ...], Callable[[], None]]] = deque()
+        self.stepping = False
+        self.loads = 0
+        self.evictions = 0
+        self.stalled_s = 0.0
+        self.busy_s = 0.0  # time stepping (batch x time in seq_s)
+        self.seq_s = 0.0
+        self.lora_s = 0.0
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    def load(self) -> int:
+        return len(self.batch) + len(self.queue)
+
+    def submit(self, request: Request) -> None:
+        request.engine = self.id
+        self.queue.append(request)
+        self._kick()
+
+    def add_lora(self, key: str, evict: tuple[str, ...], done: Callable[[], None]) -> None:
+        """The gateway's load call: run between two steps, stalling the engine."""
+        self.explicit.append((key, evict, done))
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self.stepping:
+            self.stepping = True
+            self.sim.at(self.sim.now, self._step)
+
+    def _make_room(self, protect: set[str]) -> bool:
+        while len(self.cache) >= self.cpu_slots:
+            victim = next((k for k in self.cache if k not in protect), None)
+            if victim is None:
+                return False
+            del self.cache[victim]
+            self.evictions += 1
+        return True
+
+    def _step(self) -> None:
+        costs = self.costs
+        stall = 0.0
+        finished_loads: list[Callable[[], None]] = []
+        while self.explicit:
+            key, evict, done = self.explicit.popleft()
+            for victim in evict:
+                if self.cache.pop(victim, "gone") is None:
+                    self.evictions += 1
+            if key not in self.cache:
+                self._make_room({r.key for r in self.batch if r.key})
+                self.cache[key] = None
+                self.loads += 1
+                stall += costs.load_s
+            finished_loads.append(done)
+        active = {r.key for r in self.batch if r.key}
+        admitted: list[Request] = []
+        kept: deque[Request] = deque()
+        room = costs.max_num_seqs - len(self.batch)
+        for request in self.queue:
+            key = request.key
+            if room <= 0 or (key is not None and key not in active and len(active) >= self.max_loras):
+                kept.append(request)
+                continue
+            if key is not None and key not in self.cache:  # vLLM loads it from disk inside this step
+                if not self._make_room(active):
+                    kept.append(request)
+                    continue
+                self.cache[key] = None
+                self.loads += 1
+                stall += costs.load_s
+            if key is not None:
+                active.add(key)
+                self.cache.move_to_end(key)
+            admitted.append(request)
+            room -= 1
+        self.queue = kept
+        self.batch.extend(admitted)
+        if not self.batch and stall == 0.0:
+            self.stepping = False
+            for done in finished_loads:
+                done()
+            return
+        self.stalled_s += stall
+        step = costs.step_s + costs.per_seq_s * len(self.batch) + costs.per_lora_s * len(active) if self.batch else 0.0
+        step += costs.prefill_token_s * sum(r.prompt for r in admitted)
+        end = self.sim.now + stall + step
+        self.busy_s += stall + step
+        self.seq_s += len(self.batch) * step
+        self.lora_s += len(active) * step
+        if finished_loads:
+            self.sim.at(self.sim.now + stall, lambda: [done() for done in finished_loads])
+        self.sim.at(end, self._end_step)
+
+    def _end_step(self) -> None:
+        now = self.sim.now
+        still: list[Request] = []
+        for request in self.batch:
+            request.generated += 1
+            if request.first is None:
+                request.first = now
+            if request.generated >= request.output:
+                request.done = now
+                self.on_done(request)
+            else:
+                still.append(request)
+        self.batch = still
+        self._step()
+
+
+class Placer:
+    """Where a request goes, for one placement; `finished` is told when it ends."""
+
+    def __init__(self, sim: Sim, engines: dict[str, Engine]) -> None:
+        self.sim = sim
+        self.engines = engines
+        self.order = list(engines)
+
+    def send(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def finished(self, request: Request) -> None:
+        pass
+
+
+class RoundRobin(Placer):
+    def __init__(self, sim: Sim, engines: dict[str, Engine]) -> None:
+        super().__init__(sim, engines)
+        self.next = itertools.cycle(self.order)
+
+    def send(self, request: Request) -> None:
+        self.engines[next(self.next)].submit(request)
+
+
+class LeastLoaded(Placer):
+    def send(self, request: Request) -> None:
+        min(self.engines.values(), key=lambda e: e.load()).submit(request)
+
+
+class Affinity(Placer):
+    def send(self, request: Request) -> None:
+        key = request.key
+        engines = list(self.engines.values())
+        if key is None:
+            min(engines, key=lambda e: e.load()).submit(request)
+            return
+
+        def tier(e: Engine) -> int:
+            active = {r.key for r in e.batch if r.key}
+            slot = key in active or len(active) < e.max_loras
+            held = key in e.cache
+            return 0 if held and slot else 1 if held else 2 if slot else 3
+
+        min(engines, key=lambda e: (tier(e), e.load())).submit(request)
+
+
+class Gateway(Placer):
+    """loragate's dispatcher and ledger deciding; loads asked of the engine before the request is sent."""
+
+    def __init__(self, sim: Sim, engines: dict[str, Engine], policy: Policy, scenario: Scenario) -> None:
+        super().__init__(sim, engines)
+        self.ledger = ResidencyLedger()
+        for engine in engines.values():
+            self.ledger.add_engine(engine.id, engine.cpu_slots)
+        self.dispatcher = Dispatcher(self.ledger, policy, lambda: list(self.engines.values()), lambda: self.sim.now)
+        self.held: defaultdict[tuple[str, str], list[Request]] = defaultdict(list)
+        self.failed: Callable[[Request], None] = lambda request: None
+        self.scenario = scenario
+        self.ticking = False
+        self._scrape()
+
+    def _scrape(self) -> None:
+        for engine in self.engines.values():
+            engine.waiting = len(engine.queue)
+        self.sim.at(self.sim.now + self.scenario.health_interval_s, self._scrape)
+
+    def send(self, request: Request) -> None:
+        ask = Ask(request.key, str(request.id), lambda decision: self._placed(request, decision))
+        decision = self.dispatcher.offer(ask)
+        if decision is not None:
+            self._placed(request, decision)
+        elif not self.ticking:
+            self.ticking = True
+            self.sim.at(self.sim.now + 0.2, self._tick)
+
+    def _tick(self) -> None:
+        self.dispatcher.pump()
+        if self.dispatcher.waiting:
+            self.sim.at(self.sim.now + 0.2, self._tick)
+        else:
+            self.ticking = False
+
+    def _placed(self, request: Request, decision: Decision) -> None:
+        if isinstance(decision, Refusal):
+            request.failed = decision.name
+            self.failed(request)
+            return
+        assert isinstance(decision, Placement)
+        engine = self.engines[decision.engine]
+        engine.inflight += 1
+        key = request.key
+        if key is None or self.ledger.has(engine.id, key):
+            engine.submit(request)
+            return
+        waiting = self.held[(engine.id, key)]
+        waiting.append(request)
+        if len(waiting) > 1:
+            return  # its load is on the way
+        evict = self.ledger.plan_admit(engine.id, key, self.dispatcher.active(engine.id)) or ()
+        for victim in evict:
+            self.ledger.record_unloaded(engine.id, victim)
+        started = self.sim.now
+
+        def loaded() -> None:
+            self.ledger.record_loaded(engine.id, key)
+            self.dispatcher.load_done(engine.id, key, self.sim.now - started)
+            for held in self.held.pop((engine.id, key), []):
+                engine.submit(held)
+
+        engine.add_lora(key, evict, loaded)
+
+    def finished(self, request: Request) -> None:
+        engine = self.engines[request.engine]
+        engine.inflight -= 1
+        self.dispatcher.release(engine.id, request.key)
+
+
+def zipf_weights(n: int, alpha: float) -> list[float]:
+    weights = [1.0 / (rank**alpha) for rank in range(1, n + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def workload(scenario: Scenario) -> list[tuple[str | None, int, int]]:
+    """The request sequence (adapter, prompt tokens, output tokens), the same for every placement."""
+    rng = random.Random(scenario.seed)
+    names = [f"adapter-{i:05d}" for i in range(scenario.adapters)]
+    weights = zipf_weights(scenario.adapters, scenario.zipf)
+    keys = rng.choices(names, weights, k=scenario.requests)
+    out: list[tuple[str | None, int, int]] = []
+    for key in keys:
+        base = rng.random() < scenario.base_share
+        out.append((None if base else key, rng.randint(*scenario.prompt_tokens), rng.randint(*scenario.output_tokens)))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | None = None) -> dict[str, Any]:
+    sim = Sim()
+    requests = workload(scenario)
+    done: list[Request] = []
+    failed: list[Request] = []
+    issued = itertools.count()
+    placer: Placer
+
+    def on_done(request: Request) -> None:
+        placer.finished(request)
+        done.append(request)
+        issue(request.client)
+
+    engines = {f"e{i:03d}": Engine(sim, f"e{i:03d}", costs, scenario, on_done) for i in range(scenario.engines)}
+    if placement == "round-robin":
+        placer = RoundRobin(sim, engines)
+    elif placement == "least-loaded":
+        placer = LeastLoaded(sim, engines)
+    elif placement == "affinity":
+        placer = Affinity(sim, engines)
+    else:
+        gateway = Gateway(sim, engines, replace(policy or Policy(), placement=placement), scenario)
+
+        def on_failed(request: Request) -> None:
+            failed.append(request)
+            sim.at(sim.now + 0.05, lambda: issue(request.client))
+
+        gateway.failed = on_failed
+        placer = gateway
+
+    def issue(client: int) -> None:
+        index = next(issued)
+        if index >= len(requests):
+            return
+        key, prompt, output = requests[index]
+        request = Request(index, client, key, prompt, output, arrived=sim.now)
+        placer.send(request)
+
+    for client in range(scenario.clients):
+        sim.at(0.0, lambda c=client: issue(c))  # type: ignore[misc]
+    started = time.monotonic()
+    sim.run(lambda: len(done) + len(failed) >= len(requests))
+    wall = time.monotonic() - started
+    return summarize(placement, scenario, done, failed, engines, wall)
+
+
+def summarize(
+    placement: str,
+    scenario: Scenario,
+    done: list[Request],
+    failed: list[Request],
+    engines: dict[str, Engine],
+    wall_s: float,
+) -> dict[str, Any]:
+    # The first and last tenth are the ramp: measure the middle of the run.
+    ordered = sorted(done, key=lambda r: r.done or 0.0)
+    skip = len(ordered) // 10
+    middle = ordered[skip : len(ordered) - skip] or ordered
+    span = (middle[-1].done or 0.0) - (middle[0].done or 0.0) if len(middle) > 1 else math.nan
+    ttft = [(r.first or 0.0) - r.arrived for r in middle]
+    e2e = [(r.done or 0.0) - r.arrived for r in middle]
+    per_adapter: defaultdict[str, list[float]] = defaultdict(list)
+    for r in middle:
+        per_adapter[r.key or "(base)"].append((r.first or 0.0) - r.arrived)
+    base_p99 = percentile(per_adapter.get("(base)", []), 99)
+    adapter_p99 = {k: percentile(v, 99) for k, v in per_adapter.items() if k != "(base)" and len(v) >= 5}
+    worst = max(adapter_p99.values(), default=math.nan)
+    return {
+        "placement": placement,
+        "requests": len(done),
+        "failed": len(failed),
+        "requests_per_s": len(middle) / span if span else math.nan,
+        "output_tokens_per_s": sum(r.output for r in middle) / span if span else math.nan,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "e2e_p99_s": percentile(e2e, 99),
+        "base_ttft_p99_s": base_p99,
+        "worst_adapter_ttft_p99_s": worst,
+        "worst_vs_base": worst / base_p99 if base_p99 else math.nan,
+        "loads": sum(e.loads for e in engines.values()),
+        "evictions": sum(e.evictions for e in engines.values()),
+        "stalled_s": sum(e.stalled_s for e in engines.values()),
+        "mean_batch": sum(e.seq_s for e in engines.values()) / max(sum(e.busy_s for e in engines.values()), 1e-9),
+        "mean_distinct": sum(e.lora_s for e in engines.values()) / max(sum(e.busy_s for e in engines.values()), 1e-9),
+        "busy_fraction": sum(e.busy_s for e in engines.values()) / max(len(engines) * (ordered[-1].done or 1.0), 1e-9)
+        if ordered
+        else 0.0,
+        "simulated_s": (ordered[-1].done or 0.0) if ordered else 0.0,
+        "wall_s": wall_s,
+    }
+
+
+PLACEMENTS = ("round-robin", "least-loaded", "affinity", "v1", "v2")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    rr = next((r for r in rows if r["placement"] == "round-robin"), None)
+    head = (
+        f"{'placement':13} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p99':>8} "
+        f"{'worst/base':>10} {'loads':>7} {'x RR tput':>9} {'RR/p99':>7} {'failed':>6}"
+    )
+    lines = [head]
+    for r in rows:
+        tput = r["requests_per_s"] / rr["requests_per_s"] if rr else math.nan
+        p99 = rr["ttft_p99_s"] / r["ttft_p99_s"] if rr and r["ttft_p99_s"] else math.nan
+        lines.append(
+            f"{r['placement']:13} {r['requests_per_s']:8.1f} {r['output_tokens_per_s']:9.0f} {r['ttft_p50_s']:9.3f} "
+            f"{r['ttft_p99_s']:9.3f} {r['e2e_p99_s']:8.2f} {r['worst_vs_base']:10.1f} {r['loads']:7d} "
+            f"{tput:9.2f} {p99:7.2f} {r['failed']:6d}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="h200-7b")
+    parser.add_argument("--load-s", type=float, help="adapter load time (overrides the profile)")
+    parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--base-share", type=float, default=0.05)
+    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=0, help="default: 30 per client")
+    parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument("--max-cpu-loras", type=int, default=16)
+    parser.add_argument("--prompt", default="64-256", help="prompt tokens, A-B (uniform)")
+    parser.add_argument("--output", default="32-128", help="output tokens, A-B (uniform)")
+    parser.add_argument("--placements", default=",".join(PLACEMENTS))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    costs = PROFILES[args.profile]
+    if args.load_s is not None:
+        costs = replace(costs, load_s=args.load_s)
+
+    def span(text: str) -> tuple[int, int]:
+        low, _, high = text.partition("-")
+        return int(low), int(high or low)
+
+    scenario = Scenario(
+        engines=args.engines,
+        adapters=args.adapters,
+        zipf=args.zipf,
+        base_share=args.base_share,
+        clients=args.clients,
+        requests=args.requests or 30 * args.clients,
+        prompt_tokens=span(args.prompt),
+        output_tokens=span(args.output),
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        seed=args.seed,
+    )
+    unknown = set(args.placements.split(",")) - set(PLACEMENTS)
+    if unknown:
+        parser.error(f"unknown placement(s): {', '.join(sorted(unknown))} (known: {', '.join(PLACEMENTS)})")
+    rows = []
+    for placement in args.placements.split(","):
+        rows.append(simulate(placement, scenario, costs))
+        print(f"  {placement}: {rows[-1]['wall_s']:.1f}s wall", file=sys.stderr)
+    print(
+        f"{scenario.engines} engines x (max_loras {scenario.max_loras}, max_cpu_loras {scenario.max_cpu_loras}), "
+        f"{scenario.adapters} adapters Zipf({scenario.zipf}) + {scenario.base_share:.0%} base, {scenario.clients} "
+        f"closed-loop clients, {scenario.requests} requests, profile {args.profile} (load {costs.load_s * 1000:.0f} ms)"
+    )
+    print(table(rows))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"scenario": asdict(scenario), "costs": asdict(costs), "rows": rows}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

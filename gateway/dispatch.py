@@ -1,0 +1,340 @@
+"""The gateway's side of placement: which requests are placed where, and which wait (synchronous, no I/O).
+
+The adapter manager (gateway.adapters) asks `offer` for every request and does the loads and the HTTP; the
+placement simulator (benchmarks/sim_placement.py) drives the same object with simulated time, so what it measures
+is this code. Decisions come from gateway.routing (`place` for v2, `choose_engine` for v1). What the dispatcher
+keeps:
+- the calls in flight per engine and adapter (an engine's working set; never evicted while busy);
+- each adapter's demand (requests in flight or waiting here) and its replica count (gateway.routing.replicas_wanted);
+- the requests that wait, one FIFO per adapter, served in turn (one per adapter per pass), so a hot adapter's queue
+  cannot starve a cold adapter's single request;
+- slot hand-overs: a request that waited `slot_wait_s` for a GPU slot on its candidates marks the least busy
+  adapter of one of them *closing* there; that adapter takes no new calls there, and when its last call ends the
+  slot goes to the waiting one;
+- the load in progress per engine and each engine's last load time (the price of the next one).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.ledger import ResidencyLedger
+from gateway.routing import (
+    EngineLoad,
+    EngineView,
+    Hold,
+    Placement,
+    Policy,
+    Refusal,
+    candidates,
+    choose_engine,
+    place,
+    replicas_wanted,
+)
+
+Decision = Placement | Refusal
+DEMAND_TAU_S = 5.0  # smoothing of an adapter's demand for shrinking its replicas (growth follows it at once)
+
+
+class EngineState(Protocol):
+    """What the dispatcher reads of an engine (gateway.supervisor.Engine has it)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def max_loras(self) -> int: ...
+
+
+class Ask:
+    """One request that wants an engine; `on_ready` gets its decision if it had to wait."""
+
+    __slots__ = ("arrived", "exclude", "held", "key", "on_ready", "request_id")
+
+    def __init__(
+        self,
+        key: str | None,
+        request_id: str,
+        on_ready: Callable[[Decision], None],
+        exclude: frozenset[str] = frozenset(),
+        arrived: float = 0.0,
+    ) -> None:
+        self.key = key
+        self.request_id = request_id
+        self.on_ready = on_ready
+        self.exclude = exclude
+        self.arrived = arrived
+        self.held: Hold | None = None
+
+
+@dataclass
+class _Demand:
+    count: int = 0  # requests in flight or waiting here
+    smooth: float = 0.0  # the same, smoothed over DEMAND_TAU_S
+    at: float = 0.0
+    replicas: int = 1
+    shrunk_at: float = -math.inf
+
+    def advance(self, now: float) -> None:
+        if now > self.at:
+            self.smooth += (self.count - self.smooth) * (1 - math.exp(-(now - self.at) / DEMAND_TAU_S))
+            self.at = now
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        ledger: ResidencyLedger,
+        policy: Policy,
+        engines: Callable[[], Iterable[EngineState]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.engines = engines
+        self.clock = clock
+        self.busy: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.closing: defaultdict[str, set[str]] = defaultdict(set)
+        self.promised: dict[str, str] = {}  # engine -> the waiting adapter its next free GPU slot goes to
+        self.loading: dict[str, str] = {}
+        self.load_s: dict[str, float] = {}
+        self.waiting: OrderedDict[str, deque[Ask]] = OrderedDict()
+        self._demand: defaultdict[str | None, _Demand] = defaultdict(_Demand)
+        self._total = _Demand()
+        self.handovers = 0  # slot hand-overs started (a metric)
+
+    # -- the requests ------------------------------------------------------------------------------------------------
+    def offer(self, ask: Ask) -> Decision | None:
+        """Place `ask` now (its reservation is made), or queue it (None): `on_ready` then gets its decision, maybe
+        before this returns. With v2, a request for an adapter joins the queue when others wait (its turn comes)."""
+        now = self.clock()
+        ask.arrived = ask.arrived or now
+        self._count(ask.key, +1, now)
+        if ask.key is None or not self.waiting or self.policy.placement != "v2":
+            decision = self._decide(ask, now)
+            if not isinstance(decision, Hold):
+                return self._settle(ask, decision, now)
+            ask.held = decision
+            self._enqueue(ask)
+            return None
+        self._enqueue(ask)
+        self.pump()
+        return None
+
+    def _enqueue(self, ask: Ask) -> None:
+        assert ask.key is not None  # the base model never waits
+        self.waiting.setdefault(ask.key, deque()).append(ask)
+
+    def cancel(self, ask: Ask) -> None:
+        """A waiting request gave up (its deadline passed, or its client went away)."""
+        key = ask.key
+        queue = self.waiting.get(key) if key is not None else None
+        if key is not None and queue is not None and ask in queue:
+            queue.remove(ask)
+            if not queue:
+                del self.waiting[key]
+                for engine, promised in list(self.promised.items()):
+                    if promised == key:
+                        del self.promised[engine]
+            self._count(key, -1, self.clock())
+
+    def release(self, engine: str, key: str | None) -> None:
+        """A placed call ended."""
+        self._count(key, -1, self.clock())
+        if key is not None:
+            busy = self.busy[engine]
+            busy[key] -= 1
+            if busy[key] <= 0:
+                del busy[key]
+                self.closing[engine].discard(key)
+        if self.waiting:
+            self.pump()
+
+    def load_done(self, engine: str, key: str, seconds: float | None) -> None:
+        """The load placement asked for on `engine` ended (seconds None: it failed, or there was no room after all)."""
+        if self.loading.get(engine) == key:
+            del self.loading[engine]
+        if seconds is not None:
+            last = self.load_s.get(engine)
+            self.load_s[engine] = seconds if last is None else 0.5 * last + 0.5 * seconds
+        if self.waiting:
+            self.pump()
+
+    def moved(self, key: str, source: str, target: str) -> None:
+        """A call placed on `source` went to `target` instead (a worker's load, made by the primary elsewhere)."""
+        if source == target:
+            return
+        busy = self.busy[source]
+        busy[key] -= 1
+        if busy[key] <= 0:
+            del busy[key]
+        self.busy[target][key] += 1
+
+    # -- views -------------------------------------------------------------------------------------------------------
+    def active(self, engine: str) -> set[str]:
+        return {key for key, count in self.busy[engine].items() if count > 0}
+
+    def replicas(self, key: str) -> int:
+        return self._demand[key].replicas
+
+    def views(self, exclude: frozenset[str] = frozenset()) -> list[EngineView]:
+        return [
+            EngineView(
+                e.id,
+                e.healthy and e.id not in exclude,
+                e.inflight + e.waiting,
+                e.running,
+                e.max_loras,
+                frozenset(self.busy[e.id]),
+                frozenset(self.closing[e.id]),
+                self.loading.get(e.id),
+                self.load_s.get(e.id, 0.0),
+                self.promised.get(e.id),
+            )
+            for e in self.engines()
+        ]
+
+    # -- the waiting requests ----------------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Place waiting requests, one per adapter per pass in turn, until a pass places none."""
+        while self.waiting:
+            now = self.clock()
+            placed = False
+            joinable = self._joinable()
+            for key in list(self.waiting):
+                queue = self.waiting.get(key)
+                if not queue:
+                    continue
+                ask = queue[0]
+                if joinable is not None and key not in joinable and not ask.exclude:
+                    ask.held = Hold.SLOT  # no engine has a GPU slot for it: no need to ask placement
+                    continue
+                decision = self._decide(ask, now)
+                if isinstance(decision, Hold):
+                    ask.held = decision
+                    continue
+                queue.popleft()
+                if not queue:
+                    del self.waiting[key]
+                else:
+                    self.waiting.move_to_end(key)
+                placed = True
+                ask.on_ready(self._settle(ask, decision, now))
+            if not placed:
+                self._hand_over(now)
+                return
+
+    def _joinable(self) -> set[str] | None:
+        """When every healthy engine's GPU slots are taken, the only adapters that can be placed: those running
+        somewhere and not closing there (None: some engine has a free slot, or none is healthy: ask placement)."""
+        if self.policy.placement != "v2" or not self.policy.working_set_cap:
+            return None
+        joinable: set[str] = set()
+        healthy = False
+        for engine in self.engines():
+            if not engine.healthy:
+                continue
+            healthy = True
+            busy = self.busy[engine.id]
+            if len(busy) < engine.max_loras:
+                return None
+            joinable.update(key for key in busy if key not in self.closing[engine.id])
+        return joinable if healthy else None
+
+    def _hand_over(self, now: float) -> None:
+        """Give a GPU slot to the adapter that has waited longest for one past `slot_wait_s`."""
+        if self.policy.placement != "v2":
+            return
+        heads = [q[0] for q in self.waiting.values() if q and q[0].held is Hold.SLOT and q[0].key is not None]
+        overdue = [ask for ask in heads if now - ask.arrived >= self.policy.slot_wait_s]
+        if not overdue:
+            return
+        ask = min(overdue, key=lambda a: a.arrived)
+        assert ask.key is not None
+        views = self.views(ask.exclude)
+        options: list[tuple[int, str, str]] = []
+        for view in candidates(ask.key, views, self.replicas(ask.key), ask.key in self.ledger.pinned):
+            if self.closing[view.engine] or view.engine in self.promised or len(view.active) < view.gpu_slots:
+                continue  # a slot is already on its way there
+            busy = self.busy[view.engine]
+            victims = [k for k in busy if k != ask.key]
+            if victims:
+                victim = min(victims, key=lambda k: (busy[k], k))
+                options.append((busy[victim], view.engine, victim))
+        if options:
+            _, engine, victim = min(options)
+            self.closing[engine].add(victim)
+            self.promised[engine] = ask.key
+            self.handovers += 1
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+    def _decide(self, ask: Ask, now: float) -> Placement | Refusal | Hold:
+        if self.policy.placement != "v2":
+            loads = [EngineLoad(v.engine, v.healthy, v.queue) for v in self.views(ask.exclude)]
+            busy = self.busy
+            decision = choose_engine(ask.key, loads, self.ledger, self.policy, busy=busy, spread_key=ask.request_id)
+            return Hold.RESIDENT if decision is Refusal.NO_SLOT else decision
+        replicas = self._replicas(ask.key, now) if ask.key is not None else 1
+        return place(
+            ask.key,
+            self.views(ask.exclude),
+            self.ledger,
+            self.policy,
+            replicas=replicas,
+            spread_key=ask.request_id,
+            waited_s=now - ask.arrived,
+            queued=len(self.waiting.get(ask.key, ())) if ask.key is not None else 0,
+        )
+
+    def _settle(self, ask: Ask, decision: Decision, now: float) -> Decision:
+        if isinstance(decision, Refusal):
+            self._count(ask.key, -1, now)
+            return decision
+        if ask.key is not None:
+            self.busy[decision.engine][ask.key] += 1
+            for engine in [e for e, promised in self.promised.items() if promised == ask.key]:
+                del self.promised[engine]  # placed (there or elsewhere): the promise is kept or void
+            if decision.load:
+                self.loading[decision.engine] = ask.key
+        return decision
+
+    def _count(self, key: str | None, delta: int, now: float) -> None:
+        demand = self._demand[key]
+        demand.advance(now)
+        demand.count += delta
+        self._total.advance(now)
+        self._total.count += delta
+        if key is not None and demand.count <= 0 and demand.smooth < 0.05 and demand.replicas == 1:
+            del self._demand[key]  # forget idle adapters (thousands may pass through)
+
+    def _replicas(self, key: str, now: float) -> int:
+        demand = self._demand[key]
+        demand.advance(now)
+        self._total.advance(now)
+        live = sum(1 for engine in self.engines() if engine.healthy)
+        level = max(demand.count, demand.smooth)
+        total = max(self._total.count, self._total.smooth)
+        want = replicas_wanted(level, total, live, demand.replicas, self.policy)
+        if want < demand.replicas:
+            if now - demand.shrunk_at < self.policy.replica_hold_s:
+                return demand.replicas
+            demand.shrunk_at = now
+        demand.replicas = want
+        return want
