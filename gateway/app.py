@@ -26,7 +26,7 @@ from adapters_registry import Registry, open_registry
 from gateway.adapters import AdapterManager
 from gateway.api import admin, openai
 from gateway.api.completions import ROUTES, CompletionRoute, openapi_paths
-from gateway.base_model import bound_base_name, resolve_base
+from gateway.base_model import bound_base_name, resolve_served_base
 from gateway.call import Call
 from gateway.deps import Gateway, Live
 from gateway.engine_collector import engine_snapshots
@@ -64,7 +64,7 @@ async def build_gateway(
     With `worker_dir` (`--workers N`), this is the primary: it starts the workers, which serve the completions."""
     async with AsyncExitStack() as stack:
         reg = registry if registry is not None else await asyncio.to_thread(open_registry, settings.registry)
-        model_path, base_name = await asyncio.to_thread(resolve_base, settings, reg)
+        model_path, base_name = await asyncio.to_thread(resolve_served_base, settings, reg)
         upstream = await stack.enter_async_context(Upstream(settings.upstream))
         metrics = GatewayMetrics(registry=CollectorRegistry(), max_adapter_labels=settings.metrics_max_adapter_labels)
         security = build_security(settings.security, reg.store, metrics, base_name=base_name)

@@ -14,7 +14,7 @@ class BaseModelError(StartupError):
     """`base` names neither a directory nor a registry base."""
 
 
-def resolve_base(settings: Settings, registry: Registry) -> tuple[str | None, str]:
+def resolve_served_base(settings: Settings, registry: Registry) -> tuple[str | None, str]:
     """(model path for managed engines, served base name)."""
     if settings.mode == "external":
         return None, settings.base_name or str(settings.base)

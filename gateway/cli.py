@@ -125,7 +125,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from adapters_registry import open_registry
     from gateway.app import create_app
-    from gateway.base_model import resolve_base
+    from gateway.base_model import resolve_served_base
     from gateway.metrics_server import MetricsPortError, bind
     from gateway.security import choose_bind
     from gateway.server import gateway_server
@@ -140,7 +140,7 @@ def serve(args: argparse.Namespace) -> int:
         where = ".".join(str(part) for part in first["loc"])
         raise StartupError(f"invalid settings{' (' + where + ')' if where else ''}: {first['msg']}") from exc
     registry = open_registry(settings.registry)
-    resolve_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
+    resolve_served_base(settings, registry)  # a wrong --base is a one-line error here, not a traceback at start-up
     if not registry.list_bases() and not registry.adapter_names():  # a mistyped location reads as empty
         logging.getLogger("gateway").warning(
             "the registry at %s holds no base and no adapter: only the base model will be served", registry.location
