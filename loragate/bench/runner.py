@@ -35,29 +35,35 @@ from loragate.bench.workload import BenchRequest, build_requests, prompt_text
 
 Send = Callable[[BenchRequest, float], Awaitable[Record]]
 Progress = Callable[[RunResult], None]
+# Entered before each run of a target (its warm-up too) and left after it: a benchmark that starts a target
+# fresh for every run (a gateway process, engines emptied of adapters) passes one.
+Around = Callable[[Target, int], contextlib.AbstractAsyncContextManager[None]]
 
 
-def run_bench(config: BenchConfig, progress: Progress | None = None) -> BenchResult:
+def run_bench(config: BenchConfig, progress: Progress | None = None, around: Around | None = None) -> BenchResult:
     """`run_bench_async` on an event loop of its own (uvloop when installed)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run_bench_async(config, progress))
+        return asyncio.run(run_bench_async(config, progress, around))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run_bench_async(config, progress))
+        return runner.run(run_bench_async(config, progress, around))
 
 
-async def run_bench_async(config: BenchConfig, progress: Progress | None = None) -> BenchResult:
-    """Every target once per round; `progress` is called after each run."""
+async def run_bench_async(
+    config: BenchConfig, progress: Progress | None = None, around: Around | None = None
+) -> BenchResult:
+    """Every target once per round; `progress` is called after each run. With `around`, each run happens inside
+    `around(target, round)`, and the target is checked and warmed up there, at every run."""
     config.check()
     requests = build_requests(config.workload)
     headers = {"content-type": "application/json"}
     if config.api_key:
         headers["authorization"] = f"Bearer {config.api_key}"
-    await _check_reachable(config.targets, headers)
-    if config.warmup:
-        warm = requests[: config.warmup]
-        for target in config.targets:
+    warm = requests[: config.warmup]
+    if around is None:
+        await _check_reachable(config.targets, headers)
+        for target in config.targets if warm else ():
             await _run(config, target, warm, headers, salt="warmup", interval_s=None)
     runs: list[RunResult] = []
     orders: list[list[str]] = []
@@ -66,14 +72,19 @@ async def run_bench_async(config: BenchConfig, progress: Progress | None = None)
         random.Random(f"{config.workload.seed}:order:{round_}").shuffle(order)
         orders.append([target.name for target in order])
         for position, target in enumerate(order):
-            run = await _run(
-                config,
-                target,
-                requests,
-                headers,
-                f"{config.workload.seed}:{round_}:{target.name}",
-                config.metrics_interval_s,
-            )
+            async with around(target, round_) if around is not None else contextlib.nullcontext():
+                if around is not None:
+                    await _check_reachable([target], headers)
+                    if warm:
+                        await _run(config, target, warm, headers, f"warmup:{round_}", interval_s=None)
+                run = await _run(
+                    config,
+                    target,
+                    requests,
+                    headers,
+                    f"{config.workload.seed}:{round_}:{target.name}",
+                    config.metrics_interval_s,
+                )
             run.round, run.position = round_, position
             runs.append(run)
             if progress is not None:

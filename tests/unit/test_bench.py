@@ -4,8 +4,10 @@ eviction deltas, the JSON schema, the CLI's one-line errors. Nothing here is tim
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +323,29 @@ def test_bad_or_unreachable_targets_are_one_line(target: str, message: str, caps
     assert main(["bench", "--target", target.replace("PORT", port), "--adapters", "a"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and err.startswith(message.replace("PORT", port)), err
+
+
+def test_around_wraps_every_run_and_its_warmup() -> None:
+    """`around(target, round)` is entered before each run of a target (its warm-up included) and left after it;
+    here it starts a fresh engine for every run, which then saw exactly the warm-up and that run's requests."""
+    ports = {"x": free_port(), "y": free_port()}
+    events: list[tuple[str, str, int]] = []
+    seen: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def around(target: Target, round_: int) -> AsyncIterator[None]:
+        events.append(("enter", target.name, round_))
+        with FakeEngine(port=ports[target.name]) as engine:
+            yield
+        seen.append(len(engine.seen))
+        events.append(("exit", target.name, round_))
+
+    targets = tuple(Target(name, (f"http://127.0.0.1:{port}",)) for name, port in ports.items())
+    config = BenchConfig(targets, WorkloadSpec(adapters=ADAPTERS, requests=10), concurrency=2, rounds=2, warmup=3)
+    result = run_bench(config, around=around)
+    assert seen == [13] * 4
+    assert [what for what, _, _ in events] == ["enter", "exit"] * 4
+    entered = [(name, round_) for what, name, round_ in events if what == "enter"]
+    assert entered == [(name, round_) for round_, order in enumerate(result.orders) for name in order]
+    assert [len(run.records) for run in result.runs] == [10] * 4
+    assert all(record.ok for run in result.runs for record in run.records)

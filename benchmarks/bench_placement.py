@@ -1,0 +1,219 @@
+"""Placement on real engines: round-robin over vLLM engines against the gateway's placements, same workload.
+
+    .venv/bin/python benchmarks/bench_placement.py [--engines 3] [--adapters 32] [--max-loras 2] [--max-cpu-loras 4]
+        [--requests 300] [--concurrency 32] [--zipf 1.1] [--rounds 2] [--json FILE] [--plot FILE]
+
+vLLM CPU engines serve the tiny model (built locally) with few GPU slots (`--max-loras`) and a small CPU cache
+(`--max-cpu-loras`); `--adapters` random rank-8 adapters are in a registry and, for round-robin, in a folder
+vLLM's `lora_filesystem_resolver` loads from. Targets, each sent the same seeded sequence by `loragate bench`
+(Zipf popularity plus a base-model share, closed loop), in an order shuffled per round:
+- `round-robin`: the engine URLs in turn, each engine loading what it is asked for by itself through the resolver
+  (what a round-robin Service over vLLM pods with on-demand loading does);
+- `gateway-v1`, `gateway-v2`: `loragate serve --engine-url ...` over the same engines with `routing.placement`
+  v1 or v2; `gateway-v2-again` is v2 once more, the noise row.
+Before every run the engines are emptied of adapters (vLLM's unload API) and a gateway target starts as a fresh
+process, so no run inherits another's residency. Loads per run are counted from the engines' logs ("Loaded new
+LoRA adapter", which vLLM prints for a runtime-API load and for a resolver load alike). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.engine_process import EngineProcess, EngineSpec, free_port  # noqa: E402
+from loragate.bench.config import BenchConfig, Target  # noqa: E402
+from loragate.bench.report import render_text, to_json  # noqa: E402
+from loragate.bench.runner import run_bench  # noqa: E402
+from loragate.bench.workload import Lengths, WorkloadSpec  # noqa: E402
+
+BASE = "tiny"
+LOADED = "Loaded new LoRA adapter"
+GATEWAYS = {"gateway-v1": "v1", "gateway-v2": "v2", "gateway-v2-again": "v2"}
+
+
+def build_adapters(work: Path, count: int) -> tuple[Path, Path, list[str]]:
+    """The tiny model, `count` adapters pushed to a registry, and the same adapters in a resolver folder."""
+    from adapters_registry.registry import open_registry
+    from training.tiny_model import build_random_adapter, cached_tiny_model
+
+    model = cached_tiny_model()
+    registry = open_registry(work / "registry")
+    registry.add_base(model, BASE)
+    resolver = work / "resolver"
+    names = [f"p{i:03d}" for i in range(count)]
+    for i, name in enumerate(names):
+        built = build_random_adapter(model, work / "built" / name, seed=i + 1)
+        registry.push(built, name, BASE)
+        shutil.copytree(built, resolver / name)
+        config = json.loads((resolver / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(model)  # the resolver takes it only when it names --model exactly
+        (resolver / name / "adapter_config.json").write_text(json.dumps(config))
+    return model, resolver, names
+
+
+@contextlib.contextmanager
+def engines(model: Path, resolver: Path, work: Path, args: argparse.Namespace) -> Iterator[list[EngineProcess]]:
+    env = {"VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver)}
+    started = []
+    try:
+        for i in range(args.engines):
+            spec = EngineSpec(
+                model=str(model),
+                served_model_name=BASE,
+                port=free_port(),
+                max_loras=args.max_loras,
+                max_cpu_loras=args.max_cpu_loras,
+                max_lora_rank=8,
+                extra_env=env,
+            )
+            engine = EngineProcess(spec, work / f"engine-{i}.log")
+            engine.start()
+            started.append(engine)
+        for engine in started:
+            engine.wait_ready(timeout_s=600)
+        yield started
+    finally:
+        for engine in started:
+            engine.stop()
+
+
+def empty(engine_urls: Sequence[str]) -> None:
+    """Unload every adapter the engines hold (what the last run left there)."""
+    for url in engine_urls:
+        cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        for card in cards:
+            if card["id"] != BASE:
+                reply = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": card["id"]}, timeout=60)
+                reply.raise_for_status()
+
+
+def loads_logged(logs: Sequence[Path]) -> int:
+    return sum(log.read_text(errors="replace").count(LOADED) for log in logs)
+
+
+@contextlib.contextmanager
+def gateway(
+    port: int, placement: str, engine_urls: Sequence[str], work: Path, args: argparse.Namespace
+) -> Iterator[None]:
+    argv = [sys.executable, "-m", "gateway", "--base-name", BASE, "--registry", str(work / "registry")]
+    argv += ["--port", str(port), "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras)]
+    argv += ["--max-lora-rank", "8"]
+    for url in engine_urls:
+        argv += ["--engine-url", url]
+    env = {**os.environ, "LORAGATE_ROUTING__PLACEMENT": placement, "LORAGATE_HEALTH_INTERVAL_S": "1"}
+    log = work / f"gateway-{placement}-{port}.log"
+    process = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the gateway did not become ready; see {log}")
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", type=int, default=3)
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--max-loras", type=int, default=2)
+    parser.add_argument("--max-cpu-loras", type=int, default=4)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--base-share", type=float, default=0.05)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--prompt-tokens", default="32")
+    parser.add_argument("--max-tokens", default="16")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--targets", default="round-robin,gateway-v1,gateway-v2,gateway-v2-again")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--work", type=Path, help="keep the engines' and gateways' logs here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-placement-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, resolver, names = build_adapters(work, args.adapters)
+    wanted = [t for t in args.targets.split(",") if t]
+    ports = {name: free_port() for name in wanted if name in GATEWAYS}
+    loads: dict[str, list[int]] = {name: [] for name in wanted}
+    with engines(model, resolver, work, args) as running:
+        engine_urls = [engine.url for engine in running]
+        logs = [work / f"engine-{i}.log" for i in range(len(running))]
+        targets = tuple(
+            Target(name, tuple(engine_urls) if name == "round-robin" else (f"http://127.0.0.1:{ports[name]}",))
+            for name in wanted
+        )
+
+        @contextlib.asynccontextmanager
+        async def around(target: Target, round_: int) -> AsyncIterator[None]:
+            empty(engine_urls)
+            before = loads_logged(logs)
+            with contextlib.ExitStack() as stack:
+                if target.name in GATEWAYS:
+                    stack.enter_context(gateway(ports[target.name], GATEWAYS[target.name], engine_urls, work, args))
+                yield
+            loads[target.name].append(loads_logged(logs) - before)
+            print(f"round {round_}: {target.name} done, {loads[target.name][-1]} loads", file=sys.stderr)
+
+        config = BenchConfig(
+            targets,
+            WorkloadSpec(
+                adapters=tuple(names),
+                zipf=args.zipf,
+                base_model=BASE,
+                base_share=args.base_share,
+                requests=args.requests,
+                prompt_tokens=Lengths.parse(args.prompt_tokens),
+                output_tokens=Lengths.parse(args.max_tokens),
+                seed=args.seed,
+            ),
+            concurrency=args.concurrency,
+            rounds=args.rounds,
+            ignore_eos=True,
+            timeout_s=300,
+            metrics_interval_s=5,
+        )
+        result = run_bench(config, around=around)
+    document = to_json(result)
+    document["engines"] = {
+        "count": args.engines,
+        "max_loras": args.max_loras,
+        "max_cpu_loras": args.max_cpu_loras,
+        "loads_per_run": loads,
+    }
+    print(render_text(document))
+    print("\nloads per run (engine logs): " + ", ".join(f"{n} {v}" for n, v in loads.items()))
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1))
+    if args.plot:
+        from loragate.bench.plot import save_plot
+
+        save_plot(document, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
