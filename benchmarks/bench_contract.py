@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
     from training import sft
-    from training.base import resolve_base
+    from training.base_model import resolve_base
     from training.data import load_rows, make_splits
     from training.evaluate import reference
     from training.recipe import load_recipe

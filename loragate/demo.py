@@ -204,7 +204,7 @@ class Demo:
         from adapters_registry import open_registry
 
         t = self.step("building the tiny base model (2-layer Llama, tokenizer trained on local text, pre-trained)")
-        from training.base import resolve_base
+        from training.base_model import resolve_base
         from training.recipe import load_recipe
 
         base_spec = load_recipe(recipes_dir() / RECIPES[TOPIC]).base

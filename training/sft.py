@@ -90,7 +90,7 @@ def show_plan(
     """`loragate train --plan`: the VRAM plan of the recipe's run, from the base's config alone (after the serving
     lint and the accelerate config's checks, so a recipe is validated on a machine without its GPUs)."""
     from training import lint, plan
-    from training.base import resolve_base
+    from training.base_model import resolve_base
     from training.errors import TrainingError
 
     recipe = _with_flags(recipe, qlora, None)
@@ -141,7 +141,7 @@ def run(
     recipe = _with_flags(recipe, qlora, merge_only)
 
     from training import lint
-    from training.base import resolve_base
+    from training.base_model import resolve_base
     from training.errors import TrainingError
     from training.model import set_cpu_threads
 

@@ -13,7 +13,7 @@ import pytest
 
 import loragate.dev as dev
 from loragate.cli import main as loragate_main
-from training.base import resolve_base
+from training.base_model import resolve_base
 from training.recipe import BaseSpec
 
 CHAT = [{"role": "user", "content": "Repeat: the license terms"}, {"role": "assistant", "content": "the license terms"}]
