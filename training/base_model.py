@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from training.recipe import BaseSpec, TinyBase
-from training.tiny_model import DEFAULT_CORPUS_DIR, TinyModelSpec, cached_tiny_model, corpus_files, default_cache_dir
+from training.tiny_model import DEFAULT_CORPUS_DIR, TinyModelSpec, cached_tiny_model, corpus_files, tiny_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def tiny_base(tiny: TinyBase, cache_dir: Path | None = None) -> Path:
     if tiny.pretrain_steps == 0:
         return raw
     key = hashlib.sha256(f"{PRETRAIN_VERSION}|{raw.name}|{tiny.model_dump_json()}".encode()).hexdigest()[:16]
-    root = cache_dir or default_cache_dir().parent / "pretrained-base"
+    root = cache_dir or tiny_cache_dir().parent / "pretrained-base"
     final = root / key
     if (final / "config.json").exists():
         return final

@@ -110,7 +110,7 @@ def build_tiny_model(out: Path, spec: TinyModelSpec = TinyModelSpec(), corpus_di
     return out
 
 
-def default_cache_dir() -> Path:
+def tiny_cache_dir() -> Path:
     root = os.environ.get("LORAGATE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loragate")
     return Path(root) / "tiny-model"
 
@@ -121,7 +121,7 @@ def cached_tiny_model(
     corpus_dir: Path = DEFAULT_CORPUS_DIR,
 ) -> Path:
     """Return the checkpoint for `spec`, building it once per content key (atomic: temp dir, then rename)."""
-    root = cache_dir or default_cache_dir()
+    root = cache_dir or tiny_cache_dir()
     final = root / cache_key(spec, corpus_dir)
     if (final / "config.json").exists():
         return final
