@@ -287,7 +287,7 @@ class Bench:
 def make_registry(work: Path) -> tuple[Path, str | None]:
     """A registry with the tiny base (under the upstream's served name) and one random adapter bound to it."""
     from adapters_registry.registry import open_registry
-    from loragate.tiny_model import build_random_adapter, cached_tiny_model
+    from training.tiny_model import build_random_adapter, cached_tiny_model
 
     model = cached_tiny_model()
     registry = open_registry(str(work / "registry"))

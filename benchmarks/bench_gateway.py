@@ -149,7 +149,7 @@ def cpu_stack() -> Iterator[Stack]:
     # Imported here: a running stack needs nothing but httpx (the GPU machine has no training stack).
     from adapters_registry.registry import open_registry
     from gateway.engine_process import EngineProcess, EngineSpec, free_port
-    from loragate.tiny_model import build_random_adapter, cached_tiny_model
+    from training.tiny_model import build_random_adapter, cached_tiny_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))

@@ -517,7 +517,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _tiny_base() -> Path:
-    from loragate.tiny_model import cached_tiny_model
+    from training.tiny_model import cached_tiny_model
 
     return cached_tiny_model()
 
