@@ -3,7 +3,7 @@
     TrainingError            base class (a ValueError); str(exc) is one line fit for a user
     ├── RecipeError          the recipe cannot be loaded or resolved (recipe.py; model.py, plan.py)
     ├── DataError            the dataset cannot be read, or a row is malformed (data.py)
-    ├── LintError            the adapter the recipe would produce cannot be served as a LoRA (lint.py)
+    ├── LintError            the adapter the recipe would produce cannot be served as a LoRA (serving_lint.py)
     ├── PlanError            the run would not fit in the GPU's memory with headroom (plan.py)
     ├── PreflightError       the loss mask is wrong for an example (preflight.py)
     ├── CheckError           a post-training check failed; outputs kept, nothing published (checks.py)

@@ -89,14 +89,14 @@ def show_plan(
 ) -> str:
     """`loragate train --plan`: the VRAM plan of the recipe's run, from the base's config alone (after the serving
     lint and the accelerate config's checks, so a recipe is validated on a machine without its GPUs)."""
-    from training import lint, plan
+    from training import plan, serving_lint
     from training.base_model import resolve_base
     from training.errors import TrainingError
 
     recipe = _with_flags(recipe, qlora, None)
     try:
         base = resolve_base(recipe.base)
-        lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)  # validates too
+        serving_lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)  # validates too
     except FileNotFoundError as exc:
         raise TrainingError(str(exc)) from exc
     planned = plan.plan_recipe(recipe, base)
@@ -140,7 +140,7 @@ def run(
 ) -> RunResult:
     recipe = _with_flags(recipe, qlora, merge_only)
 
-    from training import lint
+    from training import serving_lint
     from training.base_model import resolve_base
     from training.errors import TrainingError
     from training.model import set_cpu_threads
@@ -154,7 +154,7 @@ def run(
             base = resolve_base(recipe.base)
         except FileNotFoundError as exc:
             raise TrainingError(str(exc)) from exc
-        lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)
+        serving_lint.check(recipe.lora, recipe.serving.max_lora_rank, base, recipe.serving.merge_only)
         check_plan(recipe, base, output_dir, force, gpu_memory)
         contract = _contract(recipe)
         splits = make_splits(load_rows(recipe.data), recipe.data)

@@ -11,12 +11,12 @@ from loragate.cli import main as loragate_main
 from training.checks import CheckError
 from training.data import DataError
 from training.errors import TrainingError
-from training.lint import LintError
 from training.merge import MergeError, MergeRefused
 from training.plan import PlanError
 from training.preflight import PreflightError
 from training.publish import PublishError
 from training.recipe import RecipeError
+from training.serving_lint import LintError
 
 
 def test_every_training_error_is_in_the_tree() -> None:

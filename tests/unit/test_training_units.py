@@ -11,10 +11,10 @@ import pytest
 
 from training.data import DataError, dataset_hash, dedupe, make_splits, normalise, read_file, split_of
 from training.evaluate import Generation, complies, score
-from training.lint import lint, missing_targets
 from training.model import sft_kwargs
 from training.preflight import MaskedExample, check_example, common_prefix
 from training.recipe import DataSpec, LoraSpec, RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from training.serving_lint import lint, missing_targets
 from training.tasks import ACTION_JSON_CONTRACT, generate
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
