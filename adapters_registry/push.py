@@ -82,7 +82,7 @@ def push_version(
     if mismatch is not None:
         log.warning("%s: %s; accepted (allow_base_mismatch)", adapter_dir, describe_mismatch(mismatch, base))
     if check_effect:
-        from adapters_registry.effect import check_effect as run_effect_check
+        from adapters_registry.effect_check import check_effect as run_effect_check
 
         run_effect_check(base_dir(store, cache, base), adapter_dir)
 
