@@ -65,12 +65,5 @@ async def get_principal(request: Request) -> Principal:
     return principal
 
 
-async def get_admin(request: Request) -> Principal:
-    principal = await get_principal(request)
-    get_gateway(request).security.require_admin(principal, f"{request.method} {request.url.path}")
-    return principal
-
-
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -299,11 +299,6 @@ def should_retry(valid: bool | None, constraint: Constraint | None, attempt: int
     )
 
 
-def validity_header(valid: bool | None) -> dict[str, str]:
-    """The `x-loragate-output-valid` response header; absent when nothing was checked."""
-    return {} if valid is None else {"x-loragate-output-valid": "true" if valid else "false"}
-
-
 class StructuredOutputs:
     """The completion hook (gateway.hooks.CompletionHook): applies constraints and contracts, judges answers.
 

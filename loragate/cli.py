@@ -13,7 +13,6 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 # (module, function) pairs that add subcommands to the root parser, in help order.
 SUBCOMMAND_MODULES = (
@@ -85,10 +84,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR_STATUS
     except KeyboardInterrupt:
         return 130
-
-
-def existing_dir(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{value}: not a directory")
-    return path

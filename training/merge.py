@@ -410,11 +410,3 @@ def build_manifest(
         "equivalence": asdict(report),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / MANIFEST_NAME
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data

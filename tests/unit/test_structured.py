@@ -22,7 +22,6 @@ from gateway.structured import (
     prepare_request,
     schema_cache_info,
     should_retry,
-    validity_header,
 )
 
 SCHEMA = {
@@ -380,14 +379,6 @@ RETRIES: list[tuple[str, bool | None, Constraint | None, int, bool]] = [
 )
 def test_should_retry(valid: bool | None, constraint: Constraint | None, attempt: int, expected: bool) -> None:
     assert should_retry(valid, constraint, attempt) is expected
-
-
-@pytest.mark.parametrize(
-    ("valid", "headers"),
-    [(True, {"x-loragate-output-valid": "true"}), (False, {"x-loragate-output-valid": "false"}), (None, {})],
-)
-def test_validity_header(valid: bool | None, headers: dict[str, str]) -> None:
-    assert validity_header(valid) == headers
 
 
 def call_for(contract: dict[str, Any] | None, *, stream: bool = False) -> Call:
