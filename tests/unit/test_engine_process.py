@@ -42,11 +42,9 @@ def test_wait_ready_fails_fast_with_log_tail_when_process_exits(tmp_path: Path) 
     spec = EngineSpec(model="/m", served_model_name="m", port=1, python=_script(tmp_path, "echo boom-42; exit 3"))
     engine = EngineProcess(spec, tmp_path / "log")
     engine.start()
-    started = time.monotonic()
-    with pytest.raises(EngineStartError, match="exited with status 3") as info:
+    with pytest.raises(EngineStartError, match="exited with status 3") as info:  # the exit, not the 60 s deadline
         engine.wait_ready(timeout_s=60)
     assert "boom-42" in str(info.value)
-    assert time.monotonic() - started < 30
 
 
 def test_wait_ready_deadline_stops_the_process(tmp_path: Path) -> None:

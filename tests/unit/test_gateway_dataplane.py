@@ -85,12 +85,11 @@ def test_the_gateways_own_connection_limit_is_a_busy_503_and_a_silent_engine_a_5
         while not engine.seen:  # the first request holds the only connection
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        started = time.monotonic()
         busy = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10)
-        refused_in = time.monotonic() - started
+        first_answered = bool(replies)  # the first waits 1.5 s for the silent engine
         first.join(10)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-        assert busy.json()["error"]["code"] == "engines_busy" and refused_in < 1.0  # at once, not queued
+        assert busy.json()["error"]["code"] == "engines_busy" and not first_answered  # at once, not queued behind it
         assert len(engine.seen) == 1  # not sent, not retried: the limit is the gateway's own
         assert replies[0].status_code == 504
         assert replies[0].json()["error"] == {

@@ -81,13 +81,12 @@ def test_a_stream_still_open_at_the_drain_deadline_ends_with_an_error_event(
         engine.script.append(stream(events=100, gap_s=0.1))  # 10 s: far past the 1 s grace
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         received: list[str | None] = []
-        started = time.monotonic()
+        # The gateway's drain deadline ends the stream with this event; uvicorn's backstop would only cut it off.
         with pytest.raises(openai.APIError, match="drain period ended before this answer did"):
             for chunk in client.chat.completions.create(**CHAT, stream=True):  # type: ignore[call-overload]
                 received.append(chunk.choices[0].delta.content)
                 if len(received) == 1:
                     server.should_exit = True
-        assert time.monotonic() - started < 5  # the gateway's deadline, not uvicorn's backstop
         assert 5 <= len(received) <= 20
         metrics = app.state.gateway.metrics.render()[0].decode()
     assert 'error_code="drain_deadline",route="chat",status_class="5xx"' in metrics

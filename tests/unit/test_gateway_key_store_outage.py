@@ -35,9 +35,8 @@ def test_a_frozen_key_store_neither_blocks_the_gateway_nor_locks_out_known_keys(
             )
             asker.start()
             time.sleep(0.5)
-            started = time.monotonic()
             probe = httpx.get(f"{url}/healthz", timeout=5)  # the event loop is free meanwhile
-            assert probe.status_code == 200 and time.monotonic() - started < 1.0
+            assert probe.status_code == 200 and not replies  # answered while the chat still waits on the store
             asker.join(60)
             assert replies and replies[0].status_code == 200  # answered from the record read before the freeze
             unknown = httpx.post(

@@ -153,12 +153,10 @@ def test_no_worker_evicts_an_adapter_another_worker_is_streaming(workers: Worker
     with clients["0"].stream("POST", "/v1/chat/completions", json={**CHAT, "model": "a", "stream": True}) as held:
         chunks = held.iter_raw()
         first = next(chunks)
-        started = time.monotonic()
         other = chat(clients["1"], "b")  # one slot: `b` needs `a`'s, which worker 0 is using
-        waited = time.monotonic() - started
         rest = b"".join(chunks)
     assert b"t0" in first and (first + rest).endswith(b"data: [DONE]\n\n")
-    assert other.headers["x-loragate-worker"] == "1" and waited > 0.5
+    assert other.headers["x-loragate-worker"] == "1"
     events = [(what, name.split("@")[0]) for _, what, name in engine.log if what != "load" or name.startswith("b")]
     assert events[-4:] == [("stream", "a"), ("streamed", "a"), ("unload", "a"), ("load", "b")]
     for client in clients.values():
