@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from adapters_registry.errors import StorageError
-from adapters_registry.store import ObjectStat, ObjectStore, check_key
+from adapters_registry.store import ObjectStat, ObjectStore, check_storage_key
 
 _PRIVATE = (".tmp", ".locks", ".cache")
 
@@ -46,7 +46,7 @@ class LocalStore(ObjectStore):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+        return self.root / check_storage_key(key)
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

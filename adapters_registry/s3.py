@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_registry.errors import StorageError
-from adapters_registry.store import ObjectStat, ObjectStore, check_key
+from adapters_registry.store import ObjectStat, ObjectStore, check_storage_key
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class S3Store(ObjectStore):
         return cls(bucket, prefix)
 
     def _key(self, key: str) -> str:
-        return self.prefix + check_key(key)
+        return self.prefix + check_storage_key(key)
 
     @contextmanager
     def _errors(self, key: str) -> Iterator[None]:

@@ -25,7 +25,7 @@ from adapters_registry.errors import StorageError
 _KEY_RE = re.compile(r"[A-Za-z0-9._@:+=-]+(/[A-Za-z0-9._@:+=-]+)*")
 
 
-def check_key(key: str) -> str:
+def check_storage_key(key: str) -> str:
     if not _KEY_RE.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
         raise StorageError(f"invalid storage key {key!r}")
     return key
