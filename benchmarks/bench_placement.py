@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,76 @@ def gateway(
         process.wait(60)
 
 
+def measure(
+    urls: Sequence[str],
+    adapters: Sequence[str],
+    clients: int,
+    prompt: int,
+    output: int,
+    base_share: float,
+    requests: int,
+) -> dict[str, float]:
+    """TTFT and TPOT medians of a closed loop of `clients` over the engine URLs in turn (so clients / engines per
+    engine), every engine at once, as in the placement run."""
+    workload = WorkloadSpec(
+        adapters=tuple(adapters),
+        zipf=0.0,
+        base_model=BASE,
+        base_share=base_share,
+        requests=requests,
+        prompt_tokens=Lengths("fixed", prompt),
+        output_tokens=Lengths("fixed", output),
+    )
+    config = BenchConfig(
+        (Target("engines", tuple(urls)),), workload, concurrency=clients, ignore_eos=True, warmup=clients
+    )
+    overall = to_json(run_bench(config))["targets"]["engines"]["overall"]
+    return {"ttft_s": overall["ttft_s"]["p50"], "tpot_s": overall["tpot_s"]["p50"]}
+
+
+def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespace) -> dict[str, float]:
+    """The simulator's costs (benchmarks/sim_placement.py Costs) on these engines: decode step time against the
+    batch (base model, every engine busy at once), the extra of distinct adapters in a batch, prefill per token,
+    and an adapter load's time on an idle engine."""
+    engines = len(urls)
+    rows = {}
+    for batch in (1, 4, 16):
+        rows[batch] = measure(urls, [], batch * engines, 32, 32, 1.0, batch * engines * 4)
+        print(f"calibrate: batch {batch}: {rows[batch]}", file=sys.stderr)
+    per_seq = (rows[16]["tpot_s"] - rows[1]["tpot_s"]) / 15
+    step = rows[1]["tpot_s"] - per_seq
+    long = measure(urls, [], engines, 512, 4, 1.0, engines * 4)
+    prefill = max(long["ttft_s"] - rows[1]["ttft_s"], 0.0) / (512 - 32)
+    # two adapters per engine, resident and in the batch together (max_loras 2), against the base at the same batch
+    for url in urls:
+        for name in names[:2]:
+            path = str(Path(args.resolver) / name)
+            httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120)
+    two = measure(urls, names[:2], 4 * engines, 32, 32, 0.0, 16 * engines)
+    per_lora = max(two["tpot_s"] - rows[4]["tpot_s"], 0.0) / 2
+    empty(urls)
+    loads = []
+    for name in names[2:8]:
+        started = time.perf_counter()
+        reply = httpx.post(
+            f"{urls[0]}/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": str(Path(args.resolver) / name)},
+            timeout=120,
+        )
+        reply.raise_for_status()
+        loads.append(time.perf_counter() - started)
+    empty(urls)
+    costs = {
+        "step_s": round(step, 5),
+        "per_seq_s": round(per_seq, 6),
+        "per_lora_s": round(per_lora, 6),
+        "prefill_token_s": round(prefill, 7),
+        "load_s": round(statistics.median(loads), 4),
+    }
+    print(f"calibrate: two adapters per batch of 4 {two}; loads {[round(x, 3) for x in loads]}", file=sys.stderr)
+    return costs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=int, default=3)
@@ -151,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--work", type=Path, help="keep the engines' and gateways' logs here")
+    parser.add_argument("--calibrate", action="store_true", help="measure the simulator's costs on these engines first")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-placement-"))
@@ -159,8 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = [t for t in args.targets.split(",") if t]
     ports = {name: free_port() for name in wanted if name in GATEWAYS}
     loads: dict[str, list[int]] = {name: [] for name in wanted}
+    args.resolver = resolver
     with engines(model, resolver, work, args) as running:
         engine_urls = [engine.url for engine in running]
+        costs = calibrate(engine_urls, names, args) if args.calibrate else None
+        if costs is not None:
+            print("calibrated costs: " + json.dumps(costs))
         logs = [work / f"engine-{i}.log" for i in range(len(running))]
         targets = tuple(
             Target(name, tuple(engine_urls) if name == "round-robin" else (f"http://127.0.0.1:{ports[name]}",))
@@ -203,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_loras": args.max_loras,
         "max_cpu_loras": args.max_cpu_loras,
         "loads_per_run": loads,
+        "calibrated_costs": costs,
     }
     print(render_text(document))
     print("\nloads per run (engine logs): " + ", ".join(f"{n} {v}" for n, v in loads.items()))

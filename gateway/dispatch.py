@@ -218,15 +218,20 @@ class Dispatcher:
             now = self.clock()
             placed = False
             joinable = self._joinable()
+            views: list[EngineView] | None = None  # the engines as placement sees them, until a placement changes them
             for key in list(self.waiting):
                 queue = self.waiting.get(key)
                 if not queue:
                     continue
                 ask = queue[0]
-                if joinable is not None and key not in joinable and not ask.exclude:
-                    ask.held = Hold.SLOT  # no engine has a GPU slot for it: no need to ask placement
+                if joinable is not None and key not in joinable[0] and not ask.exclude:
+                    ask.held = joinable[1]  # no engine could take it now: no need to ask placement
                     continue
-                decision = self._decide(ask, now)
+                if views is None or ask.exclude:
+                    views = self.views(ask.exclude)
+                decision = self._decide(ask, now, views)
+                if ask.exclude:
+                    views = None
                 if isinstance(decision, Hold):
                     ask.held = decision
                     continue
@@ -236,27 +241,42 @@ class Dispatcher:
                 else:
                     self.waiting.move_to_end(key)
                 placed = True
+                views = None
                 ask.on_ready(self._settle(ask, decision, now))
             if not placed:
                 self._hand_over(now)
                 return
 
-    def _joinable(self) -> set[str] | None:
-        """When every healthy engine's GPU slots are taken, the only adapters that can be placed: those running
-        somewhere and not closing there (None: some engine has a free slot, or none is healthy: ask placement)."""
+    def _joinable(self) -> tuple[set[str], Hold] | None:
+        """The only waiting adapters placement could place now (None: any of them, so ask it for every one): those
+        running somewhere and not closing there, and, on an engine with a free GPU slot but no load possible (it is
+        loading, or the load budget is spent), those it holds; a slot promised to an adapter is for that one only.
+        The Hold is what the others wait for: a GPU slot when every engine's are taken, else a load."""
         if self.policy.placement != "v2" or not self.policy.working_set_cap:
             return None
+        live = [engine for engine in self.engines() if engine.healthy]
+        if not live:
+            return None
+        budget = max(1, math.floor(len(live) * self.policy.max_loading_fraction))
+        can_load = sum(1 for engine in live if engine.id in self.loading) < budget
         joinable: set[str] = set()
-        healthy = False
-        for engine in self.engines():
-            if not engine.healthy:
+        hold = Hold.SLOT
+        for engine in live:
+            busy, closing = self.busy[engine.id], self.closing[engine.id]
+            joinable.update(key for key in busy if key not in closing)
+            if len(busy) >= engine.max_loras:
                 continue
-            healthy = True
-            busy = self.busy[engine.id]
-            if len(busy) < engine.max_loras:
-                return None
-            joinable.update(key for key in busy if key not in self.closing[engine.id])
-        return joinable if healthy else None
+            hold = Hold.LOADING
+            promised = self.promised.get(engine.id)
+            if promised is not None:
+                joinable.add(promised)
+            elif can_load and engine.id not in self.loading:
+                return None  # a load could start here: any adapter may be placed
+            else:
+                joinable.update(self.ledger.resident(engine.id))
+                if engine.id in self.loading:
+                    joinable.add(self.loading[engine.id])
+        return joinable, hold
 
     def _hand_over(self, now: float) -> None:
         """Give a GPU slot to the adapter that has waited longest for one past `slot_wait_s`."""
@@ -285,16 +305,18 @@ class Dispatcher:
             self.handovers += 1
 
     # -- internals ---------------------------------------------------------------------------------------------------
-    def _decide(self, ask: Ask, now: float) -> Placement | Refusal | Hold:
+    def _decide(self, ask: Ask, now: float, views: list[EngineView] | None = None) -> Placement | Refusal | Hold:
+        if views is None:
+            views = self.views(ask.exclude)
         if self.policy.placement != "v2":
-            loads = [EngineLoad(v.engine, v.healthy, v.queue) for v in self.views(ask.exclude)]
+            loads = [EngineLoad(v.engine, v.healthy, v.queue) for v in views]
             busy = self.busy
             decision = choose_engine(ask.key, loads, self.ledger, self.policy, busy=busy, spread_key=ask.request_id)
             return Hold.RESIDENT if decision is Refusal.NO_SLOT else decision
         replicas = self._replicas(ask.key, now) if ask.key is not None else 1
         return place(
             ask.key,
-            self.views(ask.exclude),
+            views,
             self.ledger,
             self.policy,
             replicas=replicas,

@@ -12,10 +12,14 @@ adapter more engines as its share of the load grows:
    behind adapters that never leave. An adapter *closing* on an engine (its slot is being handed to a waiting one)
    takes no new calls there.
 3. The least-loaded ready candidate wins, unless a candidate without the adapter is at least two load buckets
-   less loaded: a load there is then worth it. A load stalls the whole engine (vLLM adds an adapter inside its
-   engine loop), so it is priced as the engine's last load time x the requests running there, and budgeted: one
-   load at a time per engine, at most `max_loading_fraction` of the engines loading at once.
-4. Otherwise the request waits in the gateway (`Hold`), where gateway.dispatch serves the waiting adapters in turn.
+   less loaded: a load there is then worth it. An engine beyond the candidates that holds the adapter (an engine
+   joined and became its home, or its replica set shrank) is ready like a candidate until it evicts it, so
+   neither moves anything already loaded. A load stalls the whole engine (vLLM adds an adapter inside its engine
+   loop), so it is priced as the engine's last load time x the requests running there, and budgeted: one load at
+   a time per engine, at most `max_loading_fraction` of the engines loading at once.
+4. When no candidate can take it (`spill`), a ready engine beyond them, the next ones in its rendezvous order
+   first; a load there only once the wait it would end (waited x queued) costs more than its stall.
+5. Otherwise the request waits in the gateway (`Hold`), where gateway.dispatch serves the waiting adapters in turn.
 
 `choose_engine` (v1, `routing.placement: v1`) places an adapter, in order of preference:
 1. an engine that already holds it and is not overloaded;
@@ -29,6 +33,7 @@ each other, and an engine joining or leaving only moves the adapters whose first
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -104,6 +109,7 @@ class EngineView:
     promised: str | None = None  # the waiting adapter this engine's next free GPU slot is handed to
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked for every engine at every decision; a hash, so pure
 def rendezvous_score(engine: str, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{engine}\x00{key}".encode()).digest()[:8], "big")
 
@@ -271,7 +277,12 @@ def place(
     ordered = candidates(key, live, len(live), key in ledger.pinned)
     first = max(replicas, 1) if key not in ledger.pinned else len(ordered)
     chosen = [view for view in ordered[:first] if view.queue < policy.max_queue]
-    placed = choose(chosen, spilling=False)
+    # An engine beyond the candidates that holds the adapter already serves it without a load (what an engine
+    # that joined, or a shrunk replica set, left there): it stays in the choice until it is evicted
+    held = [
+        v for v in ordered[first:] if v.queue < policy.max_queue and (ledger.has(v.engine, key) or v.loading == key)
+    ]
+    placed = choose(chosen + held, spilling=False)
     if placed is None and policy.spill:
         # Every candidate is full: another engine with room, the adapter's next ones in rendezvous order first
         placed = choose([view for view in ordered[first:] if view.queue < policy.max_queue], spilling=True)

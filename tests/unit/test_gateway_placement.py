@@ -41,7 +41,16 @@ def views(**per_engine: dict[str, object]) -> list[EngineView]:
     [
         ("cold adapter: loaded on its home", views(), {}, 1, Placement(HOME, load=True)),
         ("resident on its home", views(), {HOME: ["a"]}, 1, Placement(HOME)),
-        ("resident elsewhere only: not a candidate", views(), {SECOND: ["a"]}, 1, Placement(HOME, load=True)),
+        # a copy beyond the candidates (left by an engine that joined, or a replica set that shrank) serves without
+        # a load until it is evicted, unless the home is two load buckets lighter
+        ("resident beyond the candidates: served there", views(), {SECOND: ["a"]}, 1, Placement(SECOND)),
+        (
+            "resident beyond the candidates, home far lighter: loaded on its home",
+            views(**{SECOND: {"queue": 12}}),
+            {SECOND: ["a"]},
+            1,
+            Placement(HOME, load=True),
+        ),
         (
             "home's GPU slots hold two other adapters: wait",
             views(**{HOME: {"active": {"x", "y"}}}),
