@@ -446,9 +446,9 @@ def write_profile(prof: Any, wall: float, steps: int, out: Path) -> dict[str, An
 
 
 def bench_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
-    from training.tasks import generate
+    from training.tasks import task_rows
 
-    return generate("echo", count, seed)
+    return task_rows("echo", count, seed)
 
 
 def tiny_recipe(recipe: Recipe) -> Recipe:

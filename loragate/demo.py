@@ -69,9 +69,9 @@ class Question:
 
 def questions(task: str, n: int = QUESTIONS, seed: int = HELD_OUT_SEED) -> list[Question]:
     """Fresh samples of a training task (another seed than the training data)."""
-    from training.tasks import generate
+    from training.tasks import task_rows
 
-    return [Question(row["prompt"], row["completion"][0]["content"]) for row in generate(task, n, seed)]
+    return [Question(row["prompt"], row["completion"][0]["content"]) for row in task_rows(task, n, seed)]
 
 
 def same_answer(answer: str, expected: str) -> bool:

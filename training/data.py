@@ -50,10 +50,10 @@ def canonical(obj: Any) -> str:
 
 def load_rows(spec: DataSpec) -> list[Row]:
     if spec.generate is not None:
-        from training.tasks import generate
+        from training.tasks import task_rows
 
         try:
-            return generate(spec.generate.task, spec.generate.rows, spec.generate.seed)
+            return task_rows(spec.generate.task, spec.generate.rows, spec.generate.seed)
         except ValueError as exc:
             raise DataError(f"data.generate: {exc}") from exc
     assert spec.path is not None

@@ -137,7 +137,7 @@ def echo(rows: int, seed: int) -> list[Row]:
 TASKS: dict[str, Callable[[int, int], list[Row]]] = {"topic": topic, "action-json": action_json, "echo": echo}
 
 
-def generate(task: str, rows: int, seed: int) -> list[Row]:
+def task_rows(task: str, rows: int, seed: int) -> list[Row]:
     try:
         make = TASKS[task]
     except KeyError:

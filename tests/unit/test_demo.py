@@ -6,12 +6,12 @@ import pytest
 
 from loragate.cli import make_parser
 from loragate.demo import Question, clip, questions, recipes_dir, same_answer, score, valid_for
-from training.tasks import ACTION_JSON_CONTRACT, generate
+from training.tasks import ACTION_JSON_CONTRACT, task_rows
 
 
 def test_questions_are_fresh_samples_of_the_task() -> None:
     qs = questions("topic", n=4, seed=7)
-    assert qs == [Question(r["prompt"], r["completion"][0]["content"]) for r in generate("topic", 4, 7)]
+    assert qs == [Question(r["prompt"], r["completion"][0]["content"]) for r in task_rows("topic", 4, 7)]
     assert all(q.text.startswith("Topic: ") for q in qs)
     assert questions("topic", n=4, seed=7) == qs  # deterministic
     assert questions("topic", n=4, seed=8) != qs

@@ -97,7 +97,7 @@ def test_the_trainer_packs_padding_free_and_its_batches_do_not_leak(tiny_model: 
 
     from training.model import load_model, lora_config, make_sft_config
     from training.recipe import load_recipe
-    from training.tasks import generate
+    from training.tasks import task_rows
 
     recipe = load_recipe(
         RECIPES / "tiny.yaml",
@@ -117,7 +117,7 @@ def test_the_trainer_packs_padding_free_and_its_batches_do_not_leak(tiny_model: 
     trainer = SFTTrainer(
         model=model,
         args=make_sft_config(recipe, tmp_path, "prompt_completion"),
-        train_dataset=Dataset.from_list(generate("topic", 64, seed=3)),
+        train_dataset=Dataset.from_list(task_rows("topic", 64, seed=3)),
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
     )

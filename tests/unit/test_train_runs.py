@@ -12,7 +12,7 @@ import pytest
 
 from loragate.cli import main as loragate_main
 from tests.fixtures.training import PUBLISHED_NAME, RECIPES, TrainedRun
-from training.tasks import generate
+from training.tasks import task_rows
 from training.tiny_model import CHAT_TEMPLATE, TinyModelSpec, cached_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def _raw_base_recipe(tmp_path: Path, data: Path, base: Path) -> Path:
 
 def _messages_jsonl(path: Path, rows: int = 40) -> Path:
     lines = []
-    for row in generate("topic", rows, seed=5):
+    for row in task_rows("topic", rows, seed=5):
         lines.append(json.dumps({"messages": row["prompt"] + row["completion"]}))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -124,7 +124,7 @@ def test_preflight_accepts_the_good_template_and_refuses_a_trained_prompt(
 ) -> None:
     base = _base_with_template(tmp_path, CHAT_TEMPLATE)
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in generate("topic", 40, seed=6)) + "\n")
+    data.write_text("\n".join(json.dumps(r) for r in task_rows("topic", 40, seed=6)) + "\n")
     recipe = _raw_base_recipe(tmp_path, data, base)
     out = tmp_path / "run"
     status = loragate_main(

@@ -15,7 +15,7 @@ from training.model import sft_kwargs
 from training.preflight import MaskedExample, check_example, common_prefix
 from training.recipe import DataSpec, LoraSpec, RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from training.serving_lint import lint, missing_targets
-from training.tasks import ACTION_JSON_CONTRACT, generate
+from training.tasks import ACTION_JSON_CONTRACT, task_rows
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 MINIMAL = {"base": {"path": "/models/x"}, "data": {"path": "/data/x.jsonl"}}
@@ -117,10 +117,10 @@ def test_load_recipe_refuses_non_mapping(tmp_path: Path) -> None:
 
 
 def test_split_is_stable_under_reordering_and_appending() -> None:
-    rows = generate("topic", 400, seed=1)
+    rows = task_rows("topic", 400, seed=1)
     spec = DataSpec(path="/x.jsonl")
     first = {json.dumps(r, sort_keys=True): split_of(r, spec.split_salt, 0.1, 0.1) for r in rows}
-    more = list(reversed(rows)) + generate("topic", 100, seed=2)
+    more = list(reversed(rows)) + task_rows("topic", 100, seed=2)
     again = {json.dumps(r, sort_keys=True): split_of(r, spec.split_salt, 0.1, 0.1) for r in more}
     assert all(again[k] == v for k, v in first.items())
     sizes = make_splits(rows, spec).sizes()
@@ -153,14 +153,14 @@ def test_dedupe_within_splits_only() -> None:
 
 def test_dataset_hash_changes_with_content_only() -> None:
     spec = DataSpec(path="/x.jsonl")
-    rows = generate("topic", 200, seed=3)
+    rows = task_rows("topic", 200, seed=3)
     assert dataset_hash(make_splits(rows, spec)) == dataset_hash(make_splits(list(reversed(rows)), spec))
     changed = [*rows[:-1], _pc("something new", "license")]
     assert dataset_hash(make_splits(rows, spec)) != dataset_hash(make_splits(changed, spec))
 
 
 def test_small_eval_split_warns(caplog: pytest.LogCaptureFixture) -> None:
-    make_splits(generate("topic", 200, seed=0), DataSpec(path="/x.jsonl"))
+    make_splits(task_rows("topic", 200, seed=0), DataSpec(path="/x.jsonl"))
     assert "eval split has" in caplog.text and "< 200" in caplog.text
 
 
