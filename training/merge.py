@@ -65,7 +65,7 @@ class MergeRefused(MergeError):
 
 
 @dataclass(frozen=True)
-class QuantSpec:
+class QloraQuant:
     """The 4-bit load a QLoRA adapter was trained on (defaults: training/recipe.py's QuantSpec)."""
 
     quant_type: str = "nf4"
@@ -116,7 +116,7 @@ class MergeResult:
 # ---- pure decisions -------------------------------------------------------------------------------------------
 
 
-def qlora_quant(training: Mapping[str, Any] | None) -> QuantSpec | None:
+def qlora_quant(training: Mapping[str, Any] | None) -> QloraQuant | None:
     """The 4-bit load to rebuild when the training metadata says QLoRA (`hyperparameters.qlora`), else None.
 
     The load is read from `hyperparameters.quantization` (the recipe's section: quant_type, double_quant,
@@ -127,15 +127,15 @@ def qlora_quant(training: Mapping[str, Any] | None) -> QuantSpec | None:
         return None
     section = hyper.get("quantization")
     quant = section if isinstance(section, Mapping) else {}
-    default = QuantSpec()
-    return QuantSpec(
+    default = QloraQuant()
+    return QloraQuant(
         quant_type=str(quant.get("quant_type", hyper.get("bnb_4bit_quant_type", default.quant_type))),
         double_quant=bool(quant.get("double_quant", hyper.get("bnb_4bit_use_double_quant", default.double_quant))),
         compute_dtype=str(quant.get("compute_dtype", hyper.get("bnb_4bit_compute_dtype", default.compute_dtype))),
     )
 
 
-def choose_merge_base(quant: QuantSpec | None, qlora_base: QloraBase) -> MergeBase:
+def choose_merge_base(quant: QloraQuant | None, qlora_base: QloraBase) -> MergeBase:
     """QLoRA adapters merge into the dequantised 4-bit base by default (what they were trained against)."""
     if quant is None:
         return "original"
@@ -226,7 +226,7 @@ def _trajectory_logits(model: Any, trajectories: Sequence[_Trajectory]) -> torch
 # ---- model loading ------------------------------------------------------------------------------------------
 
 
-def _bnb_config(quant: QuantSpec, compute_dtype: str) -> Any:
+def _bnb_config(quant: QloraQuant, compute_dtype: str) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -238,7 +238,7 @@ def _bnb_config(quant: QuantSpec, compute_dtype: str) -> Any:
     )
 
 
-def _load_base(base_dir: Path, quant: QuantSpec | None, *, dequantize: bool = False) -> Any:
+def _load_base(base_dir: Path, quant: QloraQuant | None, *, dequantize: bool = False) -> Any:
     """The base in float32 compute: as stored (upcast), or its 4-bit load (optionally dequantised)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -384,7 +384,7 @@ def build_manifest(
     *,
     adapter_config: Mapping[str, Any],
     merge_base: MergeBase,
-    quant: QuantSpec | None,
+    quant: QloraQuant | None,
     options: MergeOptions,
     report: EquivalenceReport,
     provenance: Mapping[str, Any],

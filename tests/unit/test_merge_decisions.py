@@ -14,7 +14,7 @@ import torch
 from training.merge import (
     EquivalenceReport,
     MergeError,
-    QuantSpec,
+    QloraQuant,
     choose_merge_base,
     compare_logits,
     judge,
@@ -32,10 +32,10 @@ from training.merge_cli import _fraction, gateway_config, helm_values
         ({"hyperparameters": None}, None),
         ({"hyperparameters": {"qlora": False}}, None),
         ({"hyperparameters": {"qlora": "true"}}, None),  # only a real boolean counts
-        ({"hyperparameters": {"qlora": True}}, QuantSpec("nf4", True, "bfloat16")),
+        ({"hyperparameters": {"qlora": True}}, QloraQuant("nf4", True, "bfloat16")),
         (
             {"hyperparameters": {"qlora": True, "quantization": {"enabled": True, "double_quant": False}}},
-            QuantSpec("nf4", False, "bfloat16"),
+            QloraQuant("nf4", False, "bfloat16"),
         ),
         (
             {
@@ -46,11 +46,11 @@ from training.merge_cli import _fraction, gateway_config, helm_values
                     "bnb_4bit_compute_dtype": "float16",
                 }
             },
-            QuantSpec("fp4", True, "float16"),
+            QloraQuant("fp4", True, "float16"),
         ),
     ],
 )
-def test_qlora_quant_reads_training_metadata(training: dict[str, Any] | None, expected: QuantSpec | None) -> None:
+def test_qlora_quant_reads_training_metadata(training: dict[str, Any] | None, expected: QloraQuant | None) -> None:
     assert qlora_quant(training) == expected
 
 
@@ -59,11 +59,11 @@ def test_qlora_quant_reads_training_metadata(training: dict[str, Any] | None, ex
     [
         (None, "dequantized", "original"),
         (None, "original", "original"),
-        (QuantSpec(), "dequantized", "dequantized"),
-        (QuantSpec(), "original", "original"),
+        (QloraQuant(), "dequantized", "dequantized"),
+        (QloraQuant(), "original", "original"),
     ],
 )
-def test_choose_merge_base(quant: QuantSpec | None, option: Any, expected: str) -> None:
+def test_choose_merge_base(quant: QloraQuant | None, option: Any, expected: str) -> None:
     assert choose_merge_base(quant, option) == expected
 
 
