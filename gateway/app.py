@@ -120,6 +120,7 @@ async def build_gateway(
         )
         gateway = Gateway(settings, base_name, reg, upstream, supervisor, adapters, proxy, metrics, usage, security)
         metrics.add_state_collector(lambda: engine_snapshots(adapters.ledger, supervisor.engines, adapters.manifests))
+        metrics.watch_dispatcher(adapters.dispatcher)
         if settings.metrics_port is not None:  # up before the engines and stopped after them: scrapes see both
             render = functools.partial(render_metrics, gateway)
             await stack.enter_async_context(metrics_server(settings.host, settings.metrics_port, render))

@@ -191,6 +191,16 @@ class Dispatcher:
     def active(self, engine: str) -> set[str]:
         return {key for key, count in self.busy[engine].items() if count > 0}
 
+    def slots_wanted(self) -> int:
+        """GPU slots the working sets need: each adapter once per engine it has calls on, and once more for each
+        waiting adapter that has calls nowhere (the autoscaling signal: divided by one engine's max_loras, the
+        engines they need)."""
+        running = {key for busy in self.busy.values() for key in busy}
+        return sum(len(busy) for busy in self.busy.values()) + sum(1 for key in self.waiting if key not in running)
+
+    def waiting_requests(self) -> int:
+        return sum(len(queue) for queue in self.waiting.values())
+
     def replicas(self, key: str) -> int:
         return self._demand[key].replicas
 

@@ -30,6 +30,7 @@ from gateway.metric_labels import (
 
 if TYPE_CHECKING:
     from gateway.call import Call
+    from gateway.dispatch import Dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,20 @@ class GatewayMetrics:
             "loragate_adapter_load_failures", "Failed adapter loads.", ["engine", "adapter", "reason"], registry=r
         )
         self.engine_up_gauge = Gauge("loragate_engine_up", "1 when the engine answers /health.", ["engine"], registry=r)
+        self.slots_wanted = Gauge(
+            "loragate_adapter_slots_wanted",
+            "GPU adapter slots (vLLM max_loras) the adapters with requests in flight or waiting here need: one per "
+            "engine an adapter runs on, one per waiting adapter that runs nowhere.",
+            registry=r,
+        )
+        self.waiting_requests = Gauge(
+            "loragate_waiting_requests", "Requests waiting in the gateway for a GPU slot or a load.", registry=r
+        )
+        self.slot_handovers = Gauge(
+            "loragate_adapter_slot_handovers",
+            "GPU slots handed from a running adapter to one that waited past routing.slot_wait_s (since start).",
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "loragate_engine_restarts", "Engine restarts by the supervisor.", ["engine", "reason"], registry=r
         )
@@ -197,6 +212,12 @@ class GatewayMetrics:
 
     def add_state_collector(self, source: StateSource) -> None:
         self._state.sources.append(source)
+
+    def watch_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Slot pressure, read from the placement queue at scrape time."""
+        self.slots_wanted.set_function(dispatcher.slots_wanted)
+        self.waiting_requests.set_function(dispatcher.waiting_requests)
+        self.slot_handovers.set_function(lambda: dispatcher.handovers)
 
     # -- auth and limits (called by gateway/auth.py) ---------------------------------------------------------------
 

@@ -66,6 +66,7 @@ async def build_worker(settings: Settings, index: int, control: Path, base: str,
             materialize=False,
             resolve_ttl_s=settings.adapters.resolve_ttl_s,
         )
+        metrics.watch_dispatcher(adapters.dispatcher)
         link = PrimaryLink(control, index, engines, adapters)
         link.metrics_text = lambda: metrics.render()[0].decode()
         await link.connect()

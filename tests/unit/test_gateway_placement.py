@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway.dispatch import Ask, Decision, Dispatcher
 from gateway.ledger import ResidencyLedger
+from gateway.metrics import GatewayMetrics
 from gateway.routing import EngineView, Hold, Placement, Policy, Refusal, place, rendezvous_order, replicas_wanted
 
 POLICY = Policy(max_queue=10, load_bucket=2, replica_min_load=4, slot_wait_s=1.0, max_loading_fraction=0.5)
@@ -380,3 +382,33 @@ def test_v1_placement_is_still_available() -> None:
     h.ask("y", "y1")
     h.ask("z", "z1")  # v1 ignores GPU slots: placed at once
     assert h.order() == ["x1", "y1", "z1"]
+
+
+def test_slot_pressure_counts_working_sets_and_waiting_adapters() -> None:
+    """The autoscaling signal: one slot per adapter per engine it runs on, plus one per waiting adapter that runs
+    nowhere (so 3 on a one-slot engine asked for three adapters at once: three engines' worth)."""
+    h = Harness(engines=1, gpu_slots=1)
+    assert (h.dispatcher.slots_wanted(), h.dispatcher.waiting_requests()) == (0, 0)
+    h.ask("a", "a0")
+    h.ask("b", "b0")
+    h.ask("c", "c0")
+    h.ask("c", "c1")
+    assert (h.dispatcher.slots_wanted(), h.dispatcher.waiting_requests()) == (3, 3)
+    h.ask("a", "a1")  # joins a's working set at once: no more slots wanted
+    assert h.order() == ["a0", "a1"] and h.dispatcher.slots_wanted() == 3
+    h.done("e0", "a")
+    h.done("e0", "a")  # the slot goes to b
+    assert h.order()[-1] == "b0" and (h.dispatcher.slots_wanted(), h.dispatcher.waiting_requests()) == (2, 2)
+
+
+def test_slot_pressure_is_exported_at_scrape_time() -> None:
+    metrics = GatewayMetrics(registry=CollectorRegistry())
+    h = Harness(engines=1, gpu_slots=1)
+    metrics.watch_dispatcher(h.dispatcher)
+    h.ask("a", "a0")
+    h.ask("b", "b0")
+    text = metrics.render()[0].decode()
+    assert "loragate_adapter_slots_wanted 2.0" in text and "loragate_waiting_requests 1.0" in text
+    h.done("e0", "a")
+    text = metrics.render()[0].decode()
+    assert "loragate_adapter_slots_wanted 1.0" in text and "loragate_waiting_requests 0.0" in text

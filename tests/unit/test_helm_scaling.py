@@ -38,6 +38,17 @@ def test_keda_scales_engines_on_the_gateway_queue(chart: Any) -> None:
     assert "replicas" not in objs[("Deployment", f"{FULL}-engine")]["spec"]
 
 
+def test_keda_can_scale_engines_on_slot_pressure(chart: Any) -> None:
+    """The query values.yaml suggests for slot pressure renders as written (the namespace filled in)."""
+    query = 'max(loragate_adapter_slots_wanted{namespace="{{ .Release.Namespace }}"})'
+    autoscaling = {"keda": {"enabled": True}, "query": query, "targetPerReplica": 8}
+    values = {"engine": {"autoscaling": autoscaling}, "metrics": {"serviceMonitor": {"enabled": True}}}
+    [trigger] = render(chart, values)[("ScaledObject", f"{FULL}-engine")]["spec"]["triggers"]
+    expected = f'max(loragate_adapter_slots_wanted{{namespace="{NAMESPACE}"}})'
+    assert (trigger["metadata"]["query"], trigger["metadata"]["threshold"]) == (expected, "8")
+    assert "loragate_adapter_slots_wanted" in (REPO / "helm" / "loragate" / "values.yaml").read_text()
+
+
 def test_hpa_scales_engines_on_an_external_metric(chart: Any) -> None:
     values = {"engine": {"autoscaling": {"hpa": {"enabled": True}, "targetPerReplica": 3}}}
     objs = render(chart, values | {"metrics": {"serviceMonitor": {"enabled": True}}})
