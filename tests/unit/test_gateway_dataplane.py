@@ -7,7 +7,6 @@ do; the same paths with the real engine are in tests/integration/test_gateway.py
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 from gateway.routing import rendezvous_score
 from tests.fakes import FakeEngine, drop, drop_after, fake_gateway, hang, stream
+from tests.harness import wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -81,10 +81,8 @@ def test_the_gateways_own_connection_limit_is_a_busy_503_and_a_silent_engine_a_5
             target=lambda: replies.append(httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10))
         )
         first.start()
-        deadline = time.monotonic() + 5
-        while not engine.seen:  # the first request holds the only connection
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # The first request holds the only connection once the engine has it.
+        wait_until(lambda: engine.seen, 5, "the first request at the engine", interval_s=0.01)
         busy = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10)
         first_answered = bool(replies)  # the first waits 1.5 s for the silent engine
         first.join(10)
@@ -120,12 +118,7 @@ def test_a_client_hang_up_closes_the_upstream_connection(tmp_path: Path) -> None
         engine.script.append(stream(events=200, gap_s=0.02))
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=10) as reply:
             next(reply.iter_raw())  # then hang up, 4 s before the engine would finish
-        deadline = time.monotonic() + 5
-        while not engine.broken:
-            assert time.monotonic() < deadline, "the engine's connection was never closed"
-            time.sleep(0.02)
-        deadline = time.monotonic() + 5
-        while 'error_code="client_disconnected"' not in exposition(app):
-            assert time.monotonic() < deadline, "the hang-up was not counted as a 499"
-            time.sleep(0.02)
+        wait_until(lambda: engine.broken, 5, "the engine's connection closed", interval_s=0.02)
+        counted = 'error_code="client_disconnected"'
+        wait_until(lambda: counted in exposition(app), 5, "the hang-up counted as a 499", interval_s=0.02)
         assert app.state.gateway.inflight() == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from gateway.engine_process import free_port
 from gateway.server import GatewayServer, gateway_server
 from gateway.settings import load_settings
 from tests.fakes import FakeEngine, content_event, stream
+from tests.harness import wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -40,15 +40,11 @@ def draining_gateway(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "gateway never became ready"
-        time.sleep(0.05)
+
+    def ready() -> bool:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+
+    wait_until(ready, 30, "the gateway ready", interval_s=0.05, ignoring=(httpx.HTTPError,))
     try:
         yield url, app, server
     finally:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,16 +78,12 @@ def workers(
         env = {**os.environ, "LORAGATE_HEALTH_INTERVAL_S": "0.5", "LORAGATE_DRAIN_GRACE_S": "5"}
         process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+
+        def ready() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+
+        wait_until(ready, 120, lambda: log.read_text()[-3000:], interval_s=0.2, ignoring=(httpx.HTTPError,))
         # /readyz answers once one worker listens; the other may bind its socket a moment later
         seen: set[str] = set()
 
