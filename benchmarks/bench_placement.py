@@ -12,8 +12,9 @@ vLLM's `lora_filesystem_resolver` loads from. Targets, each sent the same seeded
 - `gateway-v1`, `gateway-v2`: `loragate serve --engine-url ...` over the same engines with `routing.placement`
   v1 or v2; `gateway-v2-again` is v2 once more, the noise row.
 Before every run the engines are emptied of adapters (vLLM's unload API) and a gateway target starts as a fresh
-process, so no run inherits another's residency. Loads per run are counted from the engines' logs ("Loaded new
-LoRA adapter", which vLLM prints for a runtime-API load and for a resolver load alike). Not a test.
+process, so no run inherits another's residency. Loads per run are counted from the engines' logs (see LOADED).
+`--calibrate` first measures the simulator's costs on the same engines (benchmarks/sim_placement.py Costs). Not a
+test.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from loragate.bench.runner import run_bench  # noqa: E402
 from loragate.bench.workload import Lengths, WorkloadSpec  # noqa: E402
 
 BASE = "tiny"
-LOADED = "Loaded new LoRA adapter"
+# vLLM's log lines for a runtime-API load and for a resolver load; a reload into its own CPU cache (max_cpu_loras,
+# LRU) of an adapter the API server already knows is not logged, so round-robin's count is a lower bound
+LOADED = ("Loaded new LoRA adapter", "Resolved and loaded LoRA adapter")
 GATEWAYS = {"gateway-v1": "v1", "gateway-v2": "v2", "gateway-v2-again": "v2"}
 
 
@@ -60,7 +63,7 @@ def build_adapters(work: Path, count: int) -> tuple[Path, Path, list[str]]:
     for i, name in enumerate(names):
         built = build_random_adapter(model, work / "built" / name, seed=i + 1)
         registry.push(built, name, BASE)
-        shutil.copytree(built, resolver / name)
+        shutil.copytree(built, resolver / name, dirs_exist_ok=True)
         config = json.loads((resolver / name / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = str(model)  # the resolver takes it only when it names --model exactly
         (resolver / name / "adapter_config.json").write_text(json.dumps(config))
@@ -104,7 +107,8 @@ def empty(engine_urls: Sequence[str]) -> None:
 
 
 def loads_logged(logs: Sequence[Path]) -> int:
-    return sum(log.read_text(errors="replace").count(LOADED) for log in logs)
+    texts = [log.read_text(errors="replace") for log in logs]
+    return sum(text.count(line) for text in texts for line in LOADED)
 
 
 @contextlib.contextmanager
@@ -172,8 +176,8 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
         print(f"calibrate: batch {batch}: {rows[batch]}", file=sys.stderr)
     per_seq = (rows[16]["tpot_s"] - rows[1]["tpot_s"]) / 15
     step = rows[1]["tpot_s"] - per_seq
-    long = measure(urls, [], engines, 512, 4, 1.0, engines * 4)
-    prefill = max(long["ttft_s"] - rows[1]["ttft_s"], 0.0) / (512 - 32)
+    long = measure(urls, [], engines, 384, 4, 1.0, engines * 4)
+    prefill = max(long["ttft_s"] - rows[1]["ttft_s"], 0.0) / (384 - 32)
     # two adapters per engine, resident and in the batch together (max_loras 2), against the base at the same batch
     for url in urls:
         for name in names[:2]:
