@@ -464,6 +464,7 @@ def summarize(
         "base_ttft_p99_s": base_p99,
         "worst_adapter_ttft_p99_s": worst,
         "worst_vs_base": worst / base_p99 if base_p99 else math.nan,
+        "adapter_ttft_p99_s": dict(sorted(adapter_p99.items())),  # adapters with at least 5 measured requests
         "loads": sum(e.loads for e in engines.values()),
         "evictions": sum(e.evictions for e in engines.values()),
         "stalled_s": sum(e.stalled_s for e in engines.values()),
