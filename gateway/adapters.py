@@ -38,25 +38,26 @@ class Target:
 
     model: str
     manifest: AdapterManifest | None
-    upstream_name: str  # the name vLLM knows: the served base name or the engine name
+    upstream_name: str  # the `model` vLLM is sent: the base's served name or the version's lora_name
 
     @property
     def label(self) -> str:
         return self.manifest.ref if self.manifest else self.upstream_name
 
     @property
-    def key(self) -> str | None:
+    def lora_name(self) -> str | None:
+        """The name vLLM knows the version by (`name@digest12`, the manifest's engine_name); None for the base."""
         return self.manifest.engine_name if self.manifest else None
 
 
 class Lease:
     """A placed request: it holds the engine's in-flight slot and keeps its adapter from being evicted."""
 
-    __slots__ = ("_on_release", "engine", "key", "released")
+    __slots__ = ("_on_release", "engine", "lora_name", "released")
 
-    def __init__(self, engine: Engine, key: str | None, on_release: Callable[[], None]) -> None:
+    def __init__(self, engine: Engine, lora_name: str | None, on_release: Callable[[], None]) -> None:
         self.engine = engine
-        self.key = key
+        self.lora_name = lora_name
         self.released = False
         self._on_release = on_release
 
@@ -188,10 +189,10 @@ class AdapterManager:
         ranks = [engine.max_lora_rank for engine in self.engines.values()]
         return min(ranks) if ranks else 0
 
-    def status(self, key: str) -> str:
-        if self.ledger.holders(key):
+    def status(self, lora_name: str) -> str:
+        if self.ledger.holders(lora_name):
             return "loaded"
-        return "loading" if self._loading[key] else "registered"
+        return "loading" if self._loading[lora_name] else "registered"
 
     # -- placement ---------------------------------------------------------------------------------------------------
     async def acquire(
@@ -200,17 +201,17 @@ class AdapterManager:
         """Place the request (gateway.dispatch), loading its adapter first when needed; a request that must wait
         for a slot or a load waits up to the load timeout."""
         deadline = time.monotonic() + self.load_timeout_s
-        key = manifest.engine_name if manifest is not None else None
+        lora_name = manifest.engine_name if manifest is not None else None
         while True:
-            decision = await self._dispatch(key, request_id, frozenset(exclude or ()), deadline)
+            decision = await self._dispatch(lora_name, request_id, frozenset(exclude or ()), deadline)
             if decision is Refusal.NO_ENGINE:
                 raise no_engine_error(list(self.engines.values()))
             if decision is Refusal.BUSY:
                 raise Unavailable("all engines are busy; retry shortly", code="engines_busy")
             assert isinstance(decision, Placement)
             engine = self.engines[decision.engine]
-            lease = self._lease(engine, key)
-            if key is None or self.ledger.has(engine.id, key):
+            lease = self._lease(engine, lora_name)
+            if lora_name is None or self.ledger.has(engine.id, lora_name):
                 return lease
             assert manifest is not None
             try:
@@ -220,7 +221,7 @@ class AdapterManager:
                 raise
             finally:
                 if decision.load:
-                    self.dispatcher.load_done(engine.id, key, None)
+                    self.dispatcher.load_done(engine.id, lora_name, None)
             if placed is None:
                 lease.release()
                 if time.monotonic() >= deadline:
@@ -230,13 +231,15 @@ class AdapterManager:
                 await asyncio.sleep(0.05)
                 continue
             if placed is not engine:
-                self.dispatcher.moved(key, engine.id, placed.id)
+                self.dispatcher.moved(lora_name, engine.id, placed.id)
                 engine.inflight -= 1
                 placed.inflight += 1
-                return self._lease(placed, key)
+                return self._lease(placed, lora_name)
             return lease
 
-    async def _dispatch(self, key: str | None, request_id: str, exclude: frozenset[str], deadline: float) -> Decision:
+    async def _dispatch(
+        self, lora_name: str | None, request_id: str, exclude: frozenset[str], deadline: float
+    ) -> Decision:
         """The dispatcher's decision for one request, waiting in its queue when it holds the request."""
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Decision] = loop.create_future()
@@ -246,7 +249,7 @@ class AdapterManager:
             if not ready.done():
                 ready.set_result(decision)
 
-        ask = Ask(key, request_id, on_ready, exclude)
+        ask = Ask(lora_name, request_id, on_ready, exclude)
         decision = self.dispatcher.offer(ask)
         if decision is not None:
             self._reserve(decision)
@@ -268,7 +271,7 @@ class AdapterManager:
                 placement = ready.result()
                 assert isinstance(placement, Placement)
                 self.engines[placement.engine].inflight -= 1
-                self.dispatcher.release(placement.engine, key)
+                self.dispatcher.release(placement.engine, lora_name)
             raise
 
     def _reserve(self, decision: Decision) -> None:
@@ -293,16 +296,16 @@ class AdapterManager:
         """Load `manifest` where placement chose (`engine`); the engine that holds it then, or None (no slot now)."""
         return engine if await self.ensure_loaded(engine, manifest) else None
 
-    def _lease(self, engine: Engine, key: str | None) -> Lease:
+    def _lease(self, engine: Engine, lora_name: str | None) -> Lease:
         """The lease of a placed call (the engine's in-flight count was raised when it was placed)."""
-        if key is not None:
-            self.ledger.touch(engine.id, key)
+        if lora_name is not None:
+            self.ledger.touch(engine.id, lora_name)
 
         def release() -> None:
             engine.inflight -= 1
-            self.dispatcher.release(engine.id, key)
+            self.dispatcher.release(engine.id, lora_name)
 
-        return Lease(engine, key, release)
+        return Lease(engine, lora_name, release)
 
     def busy_here(self, engine_id: str) -> set[str]:
         """The adapters this process has calls in flight for on `engine_id`."""
@@ -315,32 +318,32 @@ class AdapterManager:
 
     # -- load / unload -----------------------------------------------------------------------------------------------
     async def _local_path(self, manifest: AdapterManifest) -> Path:
-        key = manifest.engine_name
-        async with self._path_locks[key]:
-            if key not in self._paths and not self.materialize:
-                self._paths[key] = self.registry.materialized_path(manifest)
-            elif key not in self._paths:
+        lora_name = manifest.engine_name
+        async with self._path_locks[lora_name]:
+            if lora_name not in self._paths and not self.materialize:
+                self._paths[lora_name] = self.registry.materialized_path(manifest)
+            elif lora_name not in self._paths:
                 try:
-                    self._paths[key] = await asyncio.to_thread(self.registry.materialize, manifest)
+                    self._paths[lora_name] = await asyncio.to_thread(self.registry.materialize, manifest)
                 except RegistryError as exc:
                     raise from_registry_error(exc, manifest.ref) from exc
-            return self._paths[key]
+            return self._paths[lora_name]
 
     async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest) -> bool:
         """Load `manifest` into `engine` (evicting LRU adapters); False when no slot can be freed right now."""
-        key = manifest.engine_name
-        self.manifests[key] = manifest
-        async with self._version_locks[(engine.id, key)]:
-            if self.ledger.has(engine.id, key):
+        lora_name = manifest.engine_name
+        self.manifests[lora_name] = manifest
+        async with self._version_locks[(engine.id, lora_name)]:
+            if self.ledger.has(engine.id, lora_name):
                 return True
             path = await self._local_path(manifest)
             async with self._engine_locks[engine.id]:
-                evict = self.ledger.plan_admit(engine.id, key, self.dispatcher.active(engine.id))
+                evict = self.ledger.plan_admit(engine.id, lora_name, self.dispatcher.active(engine.id))
                 if evict is None or (evict and not await self._idle_elsewhere(engine, evict)):
                     return False
                 for victim in evict:
                     await self._unload(engine, victim, evicted=True)
-                await self._load(engine, key, path)
+                await self._load(engine, lora_name, path)
         return True
 
     async def _idle_elsewhere(self, engine: Engine, victims: tuple[str, ...]) -> bool:
@@ -357,61 +360,62 @@ class AdapterManager:
             return False
         return True
 
-    async def _load(self, engine: Engine, key: str, path: Path) -> None:
-        manifest = self.manifests.get(key)
-        self._loading[key] += 1
+    async def _load(self, engine: Engine, lora_name: str, path: Path) -> None:
+        manifest = self.manifests.get(lora_name)
+        self._loading[lora_name] += 1
         started = time.monotonic()
         try:
             response = await self.upstream.post_json(
                 f"{engine.url}/v1/load_lora_adapter",
-                {"lora_name": key, "lora_path": str(path)},
+                {"lora_name": lora_name, "lora_path": str(path)},
                 timeout_s=self.load_timeout_s,
             )
         except ERRORS as exc:
-            self._load_failed(engine, key, type(exc).__name__)
+            self._load_failed(engine, lora_name, type(exc).__name__)
             raise Unavailable(f"engine {engine.id} did not answer the adapter load: {exc!r}") from exc
         finally:
-            self._loading[key] -= 1
+            self._loading[lora_name] -= 1
         already = response.status == 400 and "already been loaded" in response.text
         if response.status != 200 and not already:
-            self._load_failed(engine, key, str(response.status))
-            raise AdapterLoadFailed(
-                f"engine {engine.id} refused adapter {manifest.ref if manifest else key}: {_upstream_message(response)}"
-            )
-        self.ledger.record_loaded(engine.id, key)
+            self._load_failed(engine, lora_name, str(response.status))
+            what = manifest.ref if manifest else lora_name
+            raise AdapterLoadFailed(f"engine {engine.id} refused adapter {what}: {_upstream_message(response)}")
+        self.ledger.record_loaded(engine.id, lora_name)
         seconds = time.monotonic() - started
-        self.dispatcher.load_done(engine.id, key, seconds)
-        log.info("%s: loaded %s as %s in %.3fs", engine.id, manifest.ref if manifest else key, key, seconds)
+        self.dispatcher.load_done(engine.id, lora_name, seconds)
+        log.info("%s: loaded %s as %s in %.3fs", engine.id, manifest.ref if manifest else lora_name, lora_name, seconds)
         if manifest is not None:
             self.metrics.adapter_loaded(engine.id, manifest.name, str(manifest.version), seconds)
 
-    def _load_failed(self, engine: Engine, key: str, reason: str) -> None:
-        manifest = self.manifests.get(key)
+    def _load_failed(self, engine: Engine, lora_name: str, reason: str) -> None:
+        manifest = self.manifests.get(lora_name)
         if manifest is not None:
             self.metrics.adapter_load_failed(engine.id, manifest.name, reason)
 
-    async def _unload(self, engine: Engine, key: str, *, evicted: bool) -> None:
+    async def _unload(self, engine: Engine, lora_name: str, *, evicted: bool) -> None:
         started = time.monotonic()
         # Out of the ledger first, so that no new request is routed to it while vLLM drops it.
-        self.ledger.record_unloaded(engine.id, key)
+        self.ledger.record_unloaded(engine.id, lora_name)
         try:
-            response = await self.upstream.post_json(f"{engine.url}/v1/unload_lora_adapter", {"lora_name": key})
+            response = await self.upstream.post_json(f"{engine.url}/v1/unload_lora_adapter", {"lora_name": lora_name})
             if response.status not in (200, 404):
-                raise AdapterLoadFailed(f"engine {engine.id} refused to unload {key}: {_upstream_message(response)}")
-            if key in await self._engine_adapters(engine):
-                raise AdapterLoadFailed(f"engine {engine.id} still lists {key} after unloading it")
+                raise AdapterLoadFailed(
+                    f"engine {engine.id} refused to unload {lora_name}: {_upstream_message(response)}"
+                )
+            if lora_name in await self._engine_adapters(engine):
+                raise AdapterLoadFailed(f"engine {engine.id} still lists {lora_name} after unloading it")
         except (AdapterLoadFailed, *ERRORS):  # type: ignore[misc]
-            self.ledger.record_loaded(engine.id, key)
+            self.ledger.record_loaded(engine.id, lora_name)
             raise
         seconds = time.monotonic() - started
-        log.info("%s: %s %s", engine.id, "evicted" if evicted else "unloaded", key)
-        manifest = self.manifests.get(key)
+        log.info("%s: %s %s", engine.id, "evicted" if evicted else "unloaded", lora_name)
+        manifest = self.manifests.get(lora_name)
         if manifest is not None:
             self.metrics.adapter_unloaded(engine.id, manifest.name, str(manifest.version), seconds, evicted)
 
-    async def unload(self, engine: Engine, key: str) -> None:
-        async with self._version_locks[(engine.id, key)], self._engine_locks[engine.id]:
-            await self._unload(engine, key, evicted=False)
+    async def unload(self, engine: Engine, lora_name: str) -> None:
+        async with self._version_locks[(engine.id, lora_name)], self._engine_locks[engine.id]:
+            await self._unload(engine, lora_name, evicted=False)
 
     async def _engine_adapters(self, engine: Engine) -> set[str]:
         """The adapters the engine itself lists (vLLM's `/v1/models`: the cards with a parent)."""
@@ -425,27 +429,27 @@ class AdapterManager:
         """Pin a version: never evicted, loaded on every healthy engine now and after every restart."""
         target = await self.resolve(ref)
         assert target.manifest is not None
-        key = target.manifest.engine_name
-        self.ledger.pin(key)
-        self.pinned_refs[ref] = key
+        lora_name = target.manifest.engine_name
+        self.ledger.pin(lora_name)
+        self.pinned_refs[ref] = lora_name
         self.pin_problems.pop(ref, None)
         for engine in list(self.engines.values()):
             if engine.healthy and not await self.ensure_loaded(engine, target.manifest):
                 raise Unavailable(f"engine {engine.id} has no slot for pinned adapter {ref}", code="no_adapter_slot")
         return target.manifest
 
-    def unpin(self, key: str) -> None:
-        self.ledger.unpin(key)
-        for ref in [ref for ref, pinned in self.pinned_refs.items() if pinned == key]:
+    def unpin(self, lora_name: str) -> None:
+        self.ledger.unpin(lora_name)
+        for ref in [ref for ref, pinned in self.pinned_refs.items() if pinned == lora_name]:
             del self.pinned_refs[ref]
 
     def pinned_resident(self, engine: Engine) -> bool:
-        return not self.pin_problems and all(self.ledger.has(engine.id, key) for key in self.ledger.pinned)
+        return not self.pin_problems and all(self.ledger.has(engine.id, lora_name) for lora_name in self.ledger.pinned)
 
     async def _resolve_pins(self) -> None:
         """Pins given in the settings become engine names once an engine says what it can serve (its rank)."""
-        for ref, key in list(self.pinned_refs.items()):
-            if key is not None:
+        for ref, lora_name in list(self.pinned_refs.items()):
+            if lora_name is not None:
                 continue
             try:
                 target = await self.resolve(ref)
@@ -453,9 +457,9 @@ class AdapterManager:
                 self.pin_problems[ref] = str(getattr(exc, "message", exc))
                 log.error("pinned adapter %s cannot be pinned: %s", ref, self.pin_problems[ref])
                 continue
-            assert target.key is not None
-            self.ledger.pin(target.key)
-            self.pinned_refs[ref] = target.key
+            assert target.lora_name is not None
+            self.ledger.pin(target.lora_name)
+            self.pinned_refs[ref] = target.lora_name
             self.pin_problems.pop(ref, None)
 
     async def on_engine_ready(self, engine: Engine) -> None:
@@ -469,17 +473,17 @@ class AdapterManager:
             log.warning("%s: could not list its adapters (%s); assuming it holds none", engine.id, exc)
             listed = set()
         async with self._engine_locks[engine.id]:
-            held = [key for key in self.ledger.resident(engine.id) if key not in self.ledger.pinned]
-            for key in self.ledger.resident(engine.id):
-                if key not in listed:
-                    self.ledger.record_unloaded(engine.id, key)
-            for key in sorted(listed):
-                if ENGINE_NAME.match(key) and not self.ledger.has(engine.id, key):
-                    self.ledger.record_loaded(engine.id, key)
+            held = [lora_name for lora_name in self.ledger.resident(engine.id) if lora_name not in self.ledger.pinned]
+            for lora_name in self.ledger.resident(engine.id):
+                if lora_name not in listed:
+                    self.ledger.record_unloaded(engine.id, lora_name)
+            for lora_name in sorted(listed):
+                if ENGINE_NAME.match(lora_name) and not self.ledger.has(engine.id, lora_name):
+                    self.ledger.record_loaded(engine.id, lora_name)
         await self._resolve_pins()
-        for key in [*sorted(self.ledger.pinned), *held]:
-            manifest = self.manifests.get(key)
-            if manifest is None or self.ledger.has(engine.id, key):
+        for lora_name in [*sorted(self.ledger.pinned), *held]:
+            manifest = self.manifests.get(lora_name)
+            if manifest is None or self.ledger.has(engine.id, lora_name):
                 continue
             try:
                 await self.ensure_loaded(engine, manifest)
@@ -499,16 +503,16 @@ class AdapterManager:
         async with self._engine_locks[engine.id]:
             listed = await self._engine_adapters(engine)
             known = set(self.ledger.resident(engine.id))
-            for key in sorted(listed - known):
-                if ENGINE_NAME.match(key):
-                    self.ledger.record_loaded(engine.id, key)
-            for key in known - listed:
-                if not self._loading[key]:
-                    log.warning("%s: %s vanished from the engine; dropping it from the ledger", engine.id, key)
-                    self.ledger.record_unloaded(engine.id, key)
-        for key in sorted(self.ledger.pinned - listed):
-            manifest = self.manifests.get(key)
-            if manifest is not None and not self._loading[key]:
+            for lora_name in sorted(listed - known):
+                if ENGINE_NAME.match(lora_name):
+                    self.ledger.record_loaded(engine.id, lora_name)
+            for lora_name in known - listed:
+                if not self._loading[lora_name]:
+                    log.warning("%s: %s vanished from the engine; dropping it from the ledger", engine.id, lora_name)
+                    self.ledger.record_unloaded(engine.id, lora_name)
+        for lora_name in sorted(self.ledger.pinned - listed):
+            manifest = self.manifests.get(lora_name)
+            if manifest is not None and not self._loading[lora_name]:
                 await self.ensure_loaded(engine, manifest)
 
 

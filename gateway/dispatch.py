@@ -66,17 +66,17 @@ class EngineState(Protocol):
 class Ask:
     """One request that wants an engine; `on_ready` gets its decision if it had to wait."""
 
-    __slots__ = ("arrived", "exclude", "held", "key", "on_ready", "request_id")
+    __slots__ = ("arrived", "exclude", "held", "lora_name", "on_ready", "request_id")
 
     def __init__(
         self,
-        key: str | None,
+        lora_name: str | None,
         request_id: str,
         on_ready: Callable[[Decision], None],
         exclude: frozenset[str] = frozenset(),
         arrived: float = 0.0,
     ) -> None:
-        self.key = key
+        self.lora_name = lora_name
         self.request_id = request_id
         self.on_ready = on_ready
         self.exclude = exclude
@@ -126,8 +126,8 @@ class Dispatcher:
         before this returns. With v2, a request for an adapter joins the queue when others wait (its turn comes)."""
         now = self.clock()
         ask.arrived = ask.arrived or now
-        self._count(ask.key, +1, now)
-        if ask.key is None or not self.waiting or self.policy.placement != "v2":
+        self._count(ask.lora_name, +1, now)
+        if ask.lora_name is None or not self.waiting or self.policy.placement != "v2":
             decision = self._decide(ask, now)
             if not isinstance(decision, Hold):
                 return self._settle(ask, decision, now)
@@ -139,37 +139,37 @@ class Dispatcher:
         return None
 
     def _enqueue(self, ask: Ask) -> None:
-        assert ask.key is not None  # the base model never waits
-        self.waiting.setdefault(ask.key, deque()).append(ask)
+        assert ask.lora_name is not None  # the base model never waits
+        self.waiting.setdefault(ask.lora_name, deque()).append(ask)
 
     def cancel(self, ask: Ask) -> None:
         """A waiting request gave up (its deadline passed, or its client went away)."""
-        key = ask.key
-        queue = self.waiting.get(key) if key is not None else None
-        if key is not None and queue is not None and ask in queue:
+        lora_name = ask.lora_name
+        queue = self.waiting.get(lora_name) if lora_name is not None else None
+        if lora_name is not None and queue is not None and ask in queue:
             queue.remove(ask)
             if not queue:
-                del self.waiting[key]
+                del self.waiting[lora_name]
                 for engine, promised in list(self.promised.items()):
-                    if promised == key:
+                    if promised == lora_name:
                         del self.promised[engine]
-            self._count(key, -1, self.clock())
+            self._count(lora_name, -1, self.clock())
 
-    def release(self, engine: str, key: str | None) -> None:
+    def release(self, engine: str, lora_name: str | None) -> None:
         """A placed call ended."""
-        self._count(key, -1, self.clock())
-        if key is not None:
+        self._count(lora_name, -1, self.clock())
+        if lora_name is not None:
             busy = self.busy[engine]
-            busy[key] -= 1
-            if busy[key] <= 0:
-                del busy[key]
-                self.closing[engine].discard(key)
+            busy[lora_name] -= 1
+            if busy[lora_name] <= 0:
+                del busy[lora_name]
+                self.closing[engine].discard(lora_name)
         if self.waiting:
             self.pump()
 
-    def load_done(self, engine: str, key: str, seconds: float | None) -> None:
+    def load_done(self, engine: str, lora_name: str, seconds: float | None) -> None:
         """The load placement asked for on `engine` ended (seconds None: it failed, or there was no room after all)."""
-        if self.loading.get(engine) == key:
+        if self.loading.get(engine) == lora_name:
             del self.loading[engine]
         if seconds is not None:
             last = self.load_s.get(engine)
@@ -177,32 +177,34 @@ class Dispatcher:
         if self.waiting:
             self.pump()
 
-    def moved(self, key: str, source: str, target: str) -> None:
+    def moved(self, lora_name: str, source: str, target: str) -> None:
         """A call placed on `source` went to `target` instead (a worker's load, made by the primary elsewhere)."""
         if source == target:
             return
         busy = self.busy[source]
-        busy[key] -= 1
-        if busy[key] <= 0:
-            del busy[key]
-        self.busy[target][key] += 1
+        busy[lora_name] -= 1
+        if busy[lora_name] <= 0:
+            del busy[lora_name]
+        self.busy[target][lora_name] += 1
 
     # -- views -------------------------------------------------------------------------------------------------------
     def active(self, engine: str) -> set[str]:
-        return {key for key, count in self.busy[engine].items() if count > 0}
+        return {lora_name for lora_name, count in self.busy[engine].items() if count > 0}
 
     def slots_wanted(self) -> int:
         """GPU slots the working sets need: each adapter once per engine it has calls on, and once more for each
         waiting adapter that has calls nowhere (the autoscaling signal: divided by one engine's max_loras, the
         engines they need)."""
-        running = {key for busy in self.busy.values() for key in busy}
-        return sum(len(busy) for busy in self.busy.values()) + sum(1 for key in self.waiting if key not in running)
+        running = {lora_name for busy in self.busy.values() for lora_name in busy}
+        return sum(len(busy) for busy in self.busy.values()) + sum(
+            1 for lora_name in self.waiting if lora_name not in running
+        )
 
     def waiting_requests(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
 
-    def replicas(self, key: str) -> int:
-        return self._demand[key].replicas
+    def replicas(self, lora_name: str) -> int:
+        return self._demand[lora_name].replicas
 
     def views(self, exclude: frozenset[str] = frozenset()) -> list[EngineView]:
         return [
@@ -229,12 +231,12 @@ class Dispatcher:
             placed = False
             joinable = self._joinable()
             views: list[EngineView] | None = None  # the engines as placement sees them, until a placement changes them
-            for key in list(self.waiting):
-                queue = self.waiting.get(key)
+            for lora_name in list(self.waiting):
+                queue = self.waiting.get(lora_name)
                 if not queue:
                     continue
                 ask = queue[0]
-                if joinable is not None and key not in joinable[0] and not ask.exclude:
+                if joinable is not None and lora_name not in joinable[0] and not ask.exclude:
                     ask.held = joinable[1]  # no engine could take it now: no need to ask placement
                     continue
                 if views is None or ask.exclude:
@@ -247,9 +249,9 @@ class Dispatcher:
                     continue
                 queue.popleft()
                 if not queue:
-                    del self.waiting[key]
+                    del self.waiting[lora_name]
                 else:
-                    self.waiting.move_to_end(key)
+                    self.waiting.move_to_end(lora_name)
                 placed = True
                 views = None
                 ask.on_ready(self._settle(ask, decision, now))
@@ -273,7 +275,7 @@ class Dispatcher:
         hold = Hold.SLOT
         for engine in live:
             busy, closing = self.busy[engine.id], self.closing[engine.id]
-            joinable.update(key for key in busy if key not in closing)
+            joinable.update(lora_name for lora_name in busy if lora_name not in closing)
             if len(busy) >= engine.max_loras:
                 continue
             hold = Hold.LOADING
@@ -292,26 +294,26 @@ class Dispatcher:
         """Give a GPU slot to the adapter that has waited longest for one past `slot_wait_s`."""
         if self.policy.placement != "v2":
             return
-        heads = [q[0] for q in self.waiting.values() if q and q[0].held is Hold.SLOT and q[0].key is not None]
+        heads = [q[0] for q in self.waiting.values() if q and q[0].held is Hold.SLOT and q[0].lora_name is not None]
         overdue = [ask for ask in heads if now - ask.arrived >= self.policy.slot_wait_s]
         if not overdue:
             return
         ask = min(overdue, key=lambda a: a.arrived)
-        assert ask.key is not None
+        assert ask.lora_name is not None
         views = self.views(ask.exclude)
         options: list[tuple[int, str, str]] = []
-        for view in candidates(ask.key, views, self.replicas(ask.key), ask.key in self.ledger.pinned):
+        for view in candidates(ask.lora_name, views, self.replicas(ask.lora_name), ask.lora_name in self.ledger.pinned):
             if self.closing[view.engine] or view.engine in self.promised or len(view.active) < view.gpu_slots:
                 continue  # a slot is already on its way there
             busy = self.busy[view.engine]
-            victims = [k for k in busy if k != ask.key]
+            victims = [k for k in busy if k != ask.lora_name]
             if victims:
                 victim = min(victims, key=lambda k: (busy[k], k))
                 options.append((busy[victim], view.engine, victim))
         if options:
             _, engine, victim = min(options)
             self.closing[engine].add(victim)
-            self.promised[engine] = ask.key
+            self.promised[engine] = ask.lora_name
             self.handovers += 1
 
     # -- internals ---------------------------------------------------------------------------------------------------
@@ -321,43 +323,45 @@ class Dispatcher:
         if self.policy.placement != "v2":
             loads = [EngineLoad(v.engine, v.healthy, v.queue) for v in views]
             busy = self.busy
-            decision = choose_engine(ask.key, loads, self.ledger, self.policy, busy=busy, spread_key=ask.request_id)
+            decision = choose_engine(
+                ask.lora_name, loads, self.ledger, self.policy, busy=busy, spread_key=ask.request_id
+            )
             return Hold.RESIDENT if decision is Refusal.NO_SLOT else decision
-        replicas = self._replicas(ask.key, now) if ask.key is not None else 1
+        replicas = self._replicas(ask.lora_name, now) if ask.lora_name is not None else 1
         return place(
-            ask.key,
+            ask.lora_name,
             views,
             self.ledger,
             self.policy,
             replicas=replicas,
             spread_key=ask.request_id,
             waited_s=now - ask.arrived,
-            queued=len(self.waiting.get(ask.key, ())) if ask.key is not None else 0,
+            queued=len(self.waiting.get(ask.lora_name, ())) if ask.lora_name is not None else 0,
         )
 
     def _settle(self, ask: Ask, decision: Decision, now: float) -> Decision:
         if isinstance(decision, Refusal):
-            self._count(ask.key, -1, now)
+            self._count(ask.lora_name, -1, now)
             return decision
-        if ask.key is not None:
-            self.busy[decision.engine][ask.key] += 1
-            for engine in [e for e, promised in self.promised.items() if promised == ask.key]:
+        if ask.lora_name is not None:
+            self.busy[decision.engine][ask.lora_name] += 1
+            for engine in [e for e, promised in self.promised.items() if promised == ask.lora_name]:
                 del self.promised[engine]  # placed (there or elsewhere): the promise is kept or void
             if decision.load:
-                self.loading[decision.engine] = ask.key
+                self.loading[decision.engine] = ask.lora_name
         return decision
 
-    def _count(self, key: str | None, delta: int, now: float) -> None:
-        demand = self._demand[key]
+    def _count(self, lora_name: str | None, delta: int, now: float) -> None:
+        demand = self._demand[lora_name]
         demand.advance(now)
         demand.count += delta
         self._total.advance(now)
         self._total.count += delta
-        if key is not None and demand.count <= 0 and demand.smooth < 0.05 and demand.replicas == 1:
-            del self._demand[key]  # forget idle adapters (thousands may pass through)
+        if lora_name is not None and demand.count <= 0 and demand.smooth < 0.05 and demand.replicas == 1:
+            del self._demand[lora_name]  # forget idle adapters (thousands may pass through)
 
-    def _replicas(self, key: str, now: float) -> int:
-        demand = self._demand[key]
+    def _replicas(self, lora_name: str, now: float) -> int:
+        demand = self._demand[lora_name]
         demand.advance(now)
         self._total.advance(now)
         live = sum(1 for engine in self.engines() if engine.healthy)

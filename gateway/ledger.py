@@ -8,7 +8,8 @@ from typing import Any
 
 
 class ResidencyLedger:
-    """Which adapter (by engine name) is resident in which engine, in least-recently-used order.
+    """Which adapter version (by its lora_name, `name@digest12`) is resident in which engine, in least-recently-used
+    order.
 
     `on_change` is called after every change but recency (a placement decision elsewhere may depend on it: the
     gateway's workers get a copy through it)."""
@@ -54,45 +55,45 @@ class ResidencyLedger:
     def resident(self, engine: str) -> list[str]:
         return list(self._lru.get(engine, ()))
 
-    def has(self, engine: str, key: str) -> bool:
-        return key in self._lru.get(engine, ())
+    def has(self, engine: str, lora_name: str) -> bool:
+        return lora_name in self._lru.get(engine, ())
 
-    def holders(self, key: str) -> list[str]:
-        return [engine for engine, lru in self._lru.items() if key in lru]
+    def holders(self, lora_name: str) -> list[str]:
+        return [engine for engine, lru in self._lru.items() if lora_name in lru]
 
-    def touch(self, engine: str, key: str) -> None:
-        if self.has(engine, key):
-            self._lru[engine].move_to_end(key)
+    def touch(self, engine: str, lora_name: str) -> None:
+        if self.has(engine, lora_name):
+            self._lru[engine].move_to_end(lora_name)
 
-    def record_loaded(self, engine: str, key: str) -> None:
+    def record_loaded(self, engine: str, lora_name: str) -> None:
         lru = self._lru[engine]
-        lru[key] = None
-        lru.move_to_end(key)
+        lru[lora_name] = None
+        lru.move_to_end(lora_name)
         self._on_change()
 
-    def record_unloaded(self, engine: str, key: str) -> None:
-        self._lru.get(engine, OrderedDict()).pop(key, None)
+    def record_unloaded(self, engine: str, lora_name: str) -> None:
+        self._lru.get(engine, OrderedDict()).pop(lora_name, None)
         self._on_change()
 
-    def pin(self, key: str) -> None:
-        self._pinned.add(key)
+    def pin(self, lora_name: str) -> None:
+        self._pinned.add(lora_name)
         self._on_change()
 
-    def unpin(self, key: str) -> None:
-        self._pinned.discard(key)
+    def unpin(self, lora_name: str) -> None:
+        self._pinned.discard(lora_name)
         self._on_change()
 
     @property
     def pinned(self) -> frozenset[str]:
         return frozenset(self._pinned)
 
-    def plan_admit(self, engine: str, key: str, busy: Collection[str] = ()) -> tuple[str, ...] | None:
-        """Evictions that make room for `key` on `engine` (() when it fits or is there); None when impossible.
+    def plan_admit(self, engine: str, lora_name: str, busy: Collection[str] = ()) -> tuple[str, ...] | None:
+        """Evictions that make room for `lora_name` on `engine` (() when it fits or is there); None when impossible.
 
         Pinned adapters and `busy` ones (requests in flight) are never evicted.
         """
         lru = self._lru[engine]
-        if key in lru:
+        if lora_name in lru:
             return ()
         overflow = len(lru) + 1 - self._slots[engine]
         if overflow <= 0:

@@ -110,16 +110,16 @@ class EngineView:
 
 
 @functools.lru_cache(maxsize=1 << 16)  # asked for every engine at every decision; a hash, so pure
-def rendezvous_score(engine: str, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{engine}\x00{key}".encode()).digest()[:8], "big")
+def rendezvous_score(engine: str, lora_name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{engine}\x00{lora_name}".encode()).digest()[:8], "big")
 
 
-def rendezvous_order(engines: Iterable[str], key: str) -> list[str]:
-    return sorted(engines, key=lambda engine: rendezvous_score(engine, key), reverse=True)
+def rendezvous_order(engines: Iterable[str], lora_name: str) -> list[str]:
+    return sorted(engines, key=lambda engine: rendezvous_score(engine, lora_name), reverse=True)
 
 
 def choose_engine(
-    key: str | None,
+    lora_name: str | None,
     loads: Sequence[EngineLoad],
     ledger: ResidencyLedger,
     policy: Policy,
@@ -127,7 +127,7 @@ def choose_engine(
     busy: Mapping[str, Collection[str]] | None = None,
     spread_key: str = "",
 ) -> Placement | Refusal:
-    """Where to send a request for adapter `key` (None: the base model).
+    """Where to send a request for adapter `lora_name` (None: the base model).
 
     `spread_key` breaks ties among equally loaded engines for base-model requests (a request id spreads them).
     """
@@ -142,35 +142,35 @@ def choose_engine(
     def rank(load: EngineLoad, hash_key: str) -> tuple[int, int]:
         return load.queue // policy.load_bucket, -rendezvous_score(load.engine, hash_key)
 
-    if key is None:
+    if lora_name is None:
         return Placement(min(open_, key=lambda load: (load.queue, -rendezvous_score(load.engine, spread_key))).engine)
 
     def overloaded(load: EngineLoad) -> bool:
         return load.queue >= policy.overload_threshold
 
-    holders = [load for load in open_ if ledger.has(load.engine, key)]
+    holders = [load for load in open_ if ledger.has(load.engine, lora_name)]
     calm_holders = [load for load in holders if not overloaded(load)]
     if calm_holders:
-        return Placement(min(calm_holders, key=lambda load: rank(load, key)).engine)
+        return Placement(min(calm_holders, key=lambda load: rank(load, lora_name)).engine)
 
     rooms: list[tuple[EngineLoad, tuple[str, ...]]] = []
     for load in open_:
         if load in holders:
             continue
-        plan = ledger.plan_admit(load.engine, key, busy.get(load.engine, ()))
+        plan = ledger.plan_admit(load.engine, lora_name, busy.get(load.engine, ()))
         if plan is not None:
             rooms.append((load, plan))
 
     def room_rank(item: tuple[EngineLoad, tuple[str, ...]]) -> tuple[int, int, int]:
         load, evict = item
-        return (len(evict) > 0, *rank(load, key))
+        return (len(evict) > 0, *rank(load, lora_name))
 
     calm_rooms = [item for item in rooms if not overloaded(item[0])]
     if calm_rooms:
         load, evict = min(calm_rooms, key=room_rank)
         return Placement(load.engine, load=True, evict=evict)
     if holders:
-        return Placement(min(holders, key=lambda load: rank(load, key)).engine)
+        return Placement(min(holders, key=lambda load: rank(load, lora_name)).engine)
     if rooms:
         load, evict = min(rooms, key=room_rank)
         return Placement(load.engine, load=True, evict=evict)
@@ -195,16 +195,16 @@ def replicas_wanted(demand: float, total: float, engines: int, current: int, pol
     return current
 
 
-def candidates(key: str, engines: Sequence[EngineView], replicas: int, pinned: bool) -> list[EngineView]:
+def candidates(lora_name: str, engines: Sequence[EngineView], replicas: int, pinned: bool) -> list[EngineView]:
     """v2: the engines an adapter may be served on: the first `replicas` of its rendezvous order over the healthy
     engines (all of them for a pinned adapter, which every engine holds)."""
     live = [view for view in engines if view.healthy]
-    ordered = sorted(live, key=lambda view: rendezvous_score(view.engine, key), reverse=True)
+    ordered = sorted(live, key=lambda view: rendezvous_score(view.engine, lora_name), reverse=True)
     return ordered if pinned else ordered[: max(replicas, 1)]
 
 
 def place(
-    key: str | None,
+    lora_name: str | None,
     engines: Sequence[EngineView],
     ledger: ResidencyLedger,
     policy: Policy,
@@ -214,7 +214,7 @@ def place(
     waited_s: float = 0.0,
     queued: int = 1,
 ) -> Placement | Hold | Refusal:
-    """v2: where a request for adapter `key` (None: the base model) goes now, or why it waits (`waited_s`: how
+    """v2: where a request for adapter `lora_name` (None: the base model) goes now, or why it waits (`waited_s`: how
     long the oldest request for it has waited, `queued`: how many wait)."""
     live = [view for view in engines if view.healthy]
     if not live:
@@ -222,28 +222,28 @@ def place(
     open_ = [view for view in live if view.queue < policy.max_queue]
     if not open_:
         return Refusal.BUSY
-    if key is None:
+    if lora_name is None:
         return Placement(min(open_, key=lambda v: (v.queue, -rendezvous_score(v.engine, spread_key))).engine)
 
     def bucket(view: EngineView) -> tuple[int, int]:
-        return view.queue // policy.load_bucket, -rendezvous_score(view.engine, key)
+        return view.queue // policy.load_bucket, -rendezvous_score(view.engine, lora_name)
 
     def slot_free(view: EngineView) -> bool:
         if not policy.working_set_cap:
-            return key not in view.closing
-        if key in view.active:
-            return key not in view.closing
-        return len(view.active) < view.gpu_slots and view.promised in (None, key)
+            return lora_name not in view.closing
+        if lora_name in view.active:
+            return lora_name not in view.closing
+        return len(view.active) < view.gpu_slots and view.promised in (None, lora_name)
 
     budget = max(1, math.floor(len(live) * policy.max_loading_fraction))
     loading_now = sum(1 for view in live if view.loading is not None)
     holds: set[Hold] = set()
 
     def choose(chosen: list[EngineView], spilling: bool) -> Placement | None:
-        ready = [v for v in chosen if (ledger.has(v.engine, key) or v.loading == key) and slot_free(v)]
+        ready = [v for v in chosen if (ledger.has(v.engine, lora_name) or v.loading == lora_name) and slot_free(v)]
         loadable: list[tuple[EngineView, tuple[str, ...]]] = []
         for view in chosen:
-            if view in ready or ledger.has(view.engine, key) or view.loading == key:
+            if view in ready or ledger.has(view.engine, lora_name) or view.loading == lora_name:
                 continue
             if spilling and waited_s * max(queued, 1) < max(view.load_s, policy.min_load_s) * (view.running + 1):
                 continue  # a load beyond the candidates only once the wait it ends costs more than the stall
@@ -253,12 +253,12 @@ def place(
             if view.loading is not None or loading_now >= budget:
                 holds.add(Hold.LOADING)
                 continue
-            evict = ledger.plan_admit(view.engine, key, view.active)
+            evict = ledger.plan_admit(view.engine, lora_name, view.active)
             if evict is not None:
                 loadable.append((view, evict))
             else:
                 holds.add(Hold.RESIDENT)
-        if any(not slot_free(v) for v in chosen if ledger.has(v.engine, key) or v.loading == key):
+        if any(not slot_free(v) for v in chosen if ledger.has(v.engine, lora_name) or v.loading == lora_name):
             holds.add(Hold.SLOT)
 
         def load_rank(item: tuple[EngineView, tuple[str, ...]]) -> tuple[int, int, int, int]:
@@ -274,13 +274,15 @@ def place(
             return Placement(best_load[0].engine, load=True, evict=best_load[1])
         return Placement(best_ready.engine) if best_ready is not None else None
 
-    ordered = candidates(key, live, len(live), key in ledger.pinned)
-    first = max(replicas, 1) if key not in ledger.pinned else len(ordered)
+    ordered = candidates(lora_name, live, len(live), lora_name in ledger.pinned)
+    first = max(replicas, 1) if lora_name not in ledger.pinned else len(ordered)
     chosen = [view for view in ordered[:first] if view.queue < policy.max_queue]
     # An engine beyond the candidates that holds the adapter already serves it without a load (what an engine
     # that joined, or a shrunk replica set, left there): it stays in the choice until it is evicted
     held = [
-        v for v in ordered[first:] if v.queue < policy.max_queue and (ledger.has(v.engine, key) or v.loading == key)
+        v
+        for v in ordered[first:]
+        if v.queue < policy.max_queue and (ledger.has(v.engine, lora_name) or v.loading == lora_name)
     ]
     placed = choose(chosen + held, spilling=False)
     if placed is None and policy.spill:

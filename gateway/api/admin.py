@@ -38,9 +38,11 @@ def engine_view(gateway: Gateway, engine_id: str) -> dict[str, Any]:
     engine = gateway.supervisor.engines[engine_id]
     ledger = gateway.adapters.ledger
     resident = []
-    for key in ledger.resident(engine_id) if engine_id in ledger.engines() else []:
-        manifest = gateway.adapters.manifests.get(key)
-        resident.append({"engine_name": key, "ref": manifest.ref if manifest else None, "pinned": key in ledger.pinned})
+    for lora_name in ledger.resident(engine_id) if engine_id in ledger.engines() else []:
+        manifest = gateway.adapters.manifests.get(lora_name)
+        resident.append(
+            {"engine_name": lora_name, "ref": manifest.ref if manifest else None, "pinned": lora_name in ledger.pinned}
+        )
     return {
         "id": engine.id,
         "url": engine.url,
@@ -87,24 +89,24 @@ async def load_adapter(action: AdapterAction, request: Request, gateway: Gateway
         lease = await gateway.adapters.acquire(target.manifest, request.state.request_id)
         lease.release()
         engine_id = lease.engine.id
-    return {"model": action.model, "ref": target.manifest.ref, "engine_name": target.key, "engine": engine_id}
+    return {"model": action.model, "ref": target.manifest.ref, "engine_name": target.lora_name, "engine": engine_id}
 
 
 @router.post("/adapters/unload")
 async def unload_adapter(action: AdapterAction, request: Request, gateway: GatewayDep) -> dict[str, Any]:
     target = await gateway.adapters.resolve(action.model)
     request.state.adapter = target.label
-    key = target.key
-    if key is None:
+    lora_name = target.lora_name
+    if lora_name is None:
         raise InvalidRequest("the base model cannot be unloaded", param="model")
-    if key in gateway.adapters.ledger.pinned:
+    if lora_name in gateway.adapters.ledger.pinned:
         raise InvalidRequest(f"{target.label} is pinned; unpin it first", param="model")
-    holders = [action.engine] if action.engine else gateway.adapters.ledger.holders(key)
-    holders = [engine_id for engine_id in holders if gateway.adapters.ledger.has(engine_id, key)]
+    holders = [action.engine] if action.engine else gateway.adapters.ledger.holders(lora_name)
+    holders = [engine_id for engine_id in holders if gateway.adapters.ledger.has(engine_id, lora_name)]
     if not holders:
         raise ModelNotFound(action.model)
     for engine_id in holders:
-        await gateway.adapters.unload(_engine(gateway, engine_id), key)
+        await gateway.adapters.unload(_engine(gateway, engine_id), lora_name)
     return {"model": action.model, "ref": target.label, "unloaded_from": holders}
 
 
@@ -119,9 +121,9 @@ async def pin_adapter(action: AdapterAction, request: Request, gateway: GatewayD
 async def unpin_adapter(action: AdapterAction, request: Request, gateway: GatewayDep) -> dict[str, Any]:
     target = await gateway.adapters.resolve(action.model)
     request.state.adapter = target.label
-    if target.key is None or target.key not in gateway.adapters.ledger.pinned:
+    if target.lora_name is None or target.lora_name not in gateway.adapters.ledger.pinned:
         raise InvalidRequest(f"{target.label} is not pinned", param="model")
-    gateway.adapters.unpin(target.key)
+    gateway.adapters.unpin(target.lora_name)
     return {"model": action.model, "ref": target.label, "pinned": False}
 
 

@@ -236,10 +236,10 @@ async def unload_lora_adapter(request: Request, gateway: GatewayDep) -> Response
     except ModelNotFound as exc:
         raise missing from exc
     request.state.adapter = target.label
-    key = target.key
-    holders = gateway.adapters.ledger.holders(key) if key else []
+    lora_name = target.lora_name
+    holders = gateway.adapters.ledger.holders(lora_name) if lora_name else []
     if not holders:
         raise missing
     for engine_id in holders:
-        await gateway.adapters.unload(gateway.supervisor.engines[engine_id], key or "")
+        await gateway.adapters.unload(gateway.supervisor.engines[engine_id], lora_name or "")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
