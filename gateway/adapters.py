@@ -338,7 +338,8 @@ class AdapterManager:
                 return True
             path = await self._local_path(manifest)
             async with self._engine_locks[engine.id]:
-                evict = self.ledger.plan_admit(engine.id, lora_name, self.dispatcher.active(engine.id))
+                busy, wanted = self.dispatcher.active(engine.id), self.dispatcher.wanted()
+                evict = self.ledger.plan_admit(engine.id, lora_name, busy, wanted)
                 if evict is None or (evict and not await self._idle_elsewhere(engine, evict)):
                     return False
                 for victim in evict:

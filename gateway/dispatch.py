@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -200,6 +200,10 @@ class Dispatcher:
             1 for lora_name in self.waiting if lora_name not in running
         )
 
+    def wanted(self) -> Collection[str]:
+        """Adapters with requests waiting here: a load evicts them last."""
+        return self.waiting.keys()
+
     def waiting_requests(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
 
@@ -336,6 +340,7 @@ class Dispatcher:
             replicas=replicas,
             spread_key=ask.request_id,
             waited_s=now - ask.arrived,
+            keep=self.waiting.keys(),
             queued=len(self.waiting.get(ask.lora_name, ())) if ask.lora_name is not None else 0,
         )
 

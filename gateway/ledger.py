@@ -87,10 +87,13 @@ class ResidencyLedger:
     def pinned(self) -> frozenset[str]:
         return frozenset(self._pinned)
 
-    def plan_admit(self, engine: str, lora_name: str, busy: Collection[str] = ()) -> tuple[str, ...] | None:
+    def plan_admit(
+        self, engine: str, lora_name: str, busy: Collection[str] = (), keep: Collection[str] = ()
+    ) -> tuple[str, ...] | None:
         """Evictions that make room for `lora_name` on `engine` (() when it fits or is there); None when impossible.
 
-        Pinned adapters and `busy` ones (requests in flight) are never evicted.
+        Pinned adapters and `busy` ones (requests in flight) are never evicted; `keep` ones (requests waiting for
+        them) only when nothing else can go. Least recently used first within each.
         """
         lru = self._lru[engine]
         if lora_name in lru:
@@ -98,5 +101,6 @@ class ResidencyLedger:
         overflow = len(lru) + 1 - self._slots[engine]
         if overflow <= 0:
             return ()
-        victims = [k for k in lru if k not in self._pinned and k not in busy][:overflow]
+        free = [k for k in lru if k not in self._pinned and k not in busy]
+        victims = ([k for k in free if k not in keep] + [k for k in free if k in keep])[:overflow]
         return tuple(victims) if len(victims) == overflow else None

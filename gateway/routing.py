@@ -213,9 +213,11 @@ def place(
     spread_key: str = "",
     waited_s: float = 0.0,
     queued: int = 1,
+    keep: Collection[str] = (),
 ) -> Placement | Hold | Refusal:
     """v2: where a request for adapter `lora_name` (None: the base model) goes now, or why it waits (`waited_s`: how
-    long the oldest request for it has waited, `queued`: how many wait)."""
+    long the oldest request for it has waited, `queued`: how many wait; `keep`: adapters a load evicts last, those
+    with requests waiting for them)."""
     live = [view for view in engines if view.healthy]
     if not live:
         return Refusal.NO_ENGINE
@@ -253,7 +255,7 @@ def place(
             if view.loading is not None or loading_now >= budget:
                 holds.add(Hold.LOADING)
                 continue
-            evict = ledger.plan_admit(view.engine, lora_name, view.active)
+            evict = ledger.plan_admit(view.engine, lora_name, view.active, keep)
             if evict is not None:
                 loadable.append((view, evict))
             else:

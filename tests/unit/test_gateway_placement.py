@@ -412,3 +412,26 @@ def test_slot_pressure_is_exported_at_scrape_time() -> None:
     h.done("e0", "a")
     text = metrics.render()[0].decode()
     assert "loragate_adapter_slots_wanted 1.0" in text and "loragate_waiting_requests 0.0" in text
+
+
+@pytest.mark.parametrize(
+    ("busy", "keep", "expected"),
+    [
+        ((), (), ("x",)),  # least recently used first
+        ((), ("x",), ("y",)),  # requests wait for x: y goes instead
+        ((), ("x", "y"), ("x",)),  # everything is wanted: least recently used again
+        (("y",), ("x",), ("x",)),  # y is busy, so the kept one goes after all
+        (("x", "y"), (), None),  # busy adapters never go
+    ],
+)
+def test_a_load_evicts_adapters_with_waiting_requests_last(
+    busy: tuple[str, ...], keep: tuple[str, ...], expected: tuple[str, ...] | None
+) -> None:
+    residency = ledger(cpu_slots=2, e0=["x", "y"])
+    assert residency.plan_admit("e0", "a", busy, keep) == expected
+
+
+def test_place_passes_the_waiting_adapters_to_the_eviction_plan() -> None:
+    residency = ledger(cpu_slots=2, **{HOME: ["x", "y"]})
+    assert place("a", views(), residency, POLICY) == Placement(HOME, load=True, evict=("x",))
+    assert place("a", views(), residency, POLICY, keep={"x"}) == Placement(HOME, load=True, evict=("y",))
