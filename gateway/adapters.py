@@ -241,12 +241,14 @@ class AdapterManager:
         self, lora_name: str | None, request_id: str, exclude: frozenset[str], deadline: float
     ) -> Decision:
         """The dispatcher's decision for one request, waiting in its queue when it holds the request."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[Decision] = loop.create_future()
+        ready: asyncio.Future[Decision] | None = None  # made only when the request has to wait
+        early: list[Decision] = []  # a decision handed over before offer returned
 
         def on_ready(decision: Decision) -> None:
             self._reserve(decision)
-            if not ready.done():
+            if ready is None:
+                early.append(decision)
+            elif not ready.done():
                 ready.set_result(decision)
 
         ask = Ask(lora_name, request_id, on_ready, exclude)
@@ -254,6 +256,9 @@ class AdapterManager:
         if decision is not None:
             self._reserve(decision)
             return decision
+        if early:
+            return early[0]
+        ready = asyncio.get_running_loop().create_future()
         self._tick()
         try:
             return await asyncio.wait_for(asyncio.shield(ready), max(deadline - time.monotonic(), 0.0))

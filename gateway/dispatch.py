@@ -322,6 +322,10 @@ class Dispatcher:
 
     # -- internals ---------------------------------------------------------------------------------------------------
     def _decide(self, ask: Ask, now: float, views: list[EngineView] | None = None) -> Placement | Refusal | Hold:
+        if ask.lora_name is None:  # the base model: only the engines' queues matter (v1 and v2 alike)
+            exclude = ask.exclude
+            loads = [EngineLoad(e.id, e.healthy and e.id not in exclude, e.inflight, e.waiting) for e in self.engines()]
+            return choose_engine(None, loads, self.ledger, self.policy, spread_key=ask.request_id)
         if views is None:
             views = self.views(ask.exclude)
         if self.policy.placement != "v2":
@@ -331,17 +335,16 @@ class Dispatcher:
                 ask.lora_name, loads, self.ledger, self.policy, busy=busy, spread_key=ask.request_id
             )
             return Hold.RESIDENT if decision is Refusal.NO_SLOT else decision
-        replicas = self._replicas(ask.lora_name, now) if ask.lora_name is not None else 1
         return place(
             ask.lora_name,
             views,
             self.ledger,
             self.policy,
-            replicas=replicas,
+            replicas=self._replicas(ask.lora_name, now),
             spread_key=ask.request_id,
             waited_s=now - ask.arrived,
             keep=self.waiting.keys(),
-            queued=len(self.waiting.get(ask.lora_name, ())) if ask.lora_name is not None else 0,
+            queued=len(self.waiting.get(ask.lora_name, ())),
         )
 
     def _settle(self, ask: Ask, decision: Decision, now: float) -> Decision:

@@ -109,9 +109,13 @@ class EngineView:
     promised: str | None = None  # the waiting adapter this engine's next free GPU slot is handed to
 
 
-@functools.lru_cache(maxsize=1 << 16)  # asked for every engine at every decision; a hash, so pure
-def rendezvous_score(engine: str, lora_name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{engine}\x00{lora_name}".encode()).digest()[:8], "big")
+def _score(engine: str, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{engine}\x00{key}".encode()).digest()[:8], "big")
+
+
+# asked for every engine at every decision for an adapter; a hash, so pure (request ids, which spread base-model
+# requests, go through _score uncached: each is asked once)
+rendezvous_score = functools.lru_cache(maxsize=1 << 16)(_score)
 
 
 def rendezvous_order(engines: Iterable[str], lora_name: str) -> list[str]:
@@ -143,7 +147,7 @@ def choose_engine(
         return load.queue // policy.load_bucket, -rendezvous_score(load.engine, hash_key)
 
     if lora_name is None:
-        return Placement(min(open_, key=lambda load: (load.queue, -rendezvous_score(load.engine, spread_key))).engine)
+        return Placement(min(open_, key=lambda load: (load.queue, -_score(load.engine, spread_key))).engine)
 
     def overloaded(load: EngineLoad) -> bool:
         return load.queue >= policy.overload_threshold
@@ -225,7 +229,7 @@ def place(
     if not open_:
         return Refusal.BUSY
     if lora_name is None:
-        return Placement(min(open_, key=lambda v: (v.queue, -rendezvous_score(v.engine, spread_key))).engine)
+        return Placement(min(open_, key=lambda v: (v.queue, -_score(v.engine, spread_key))).engine)
 
     def bucket(view: EngineView) -> tuple[int, int]:
         return view.queue // policy.load_bucket, -rendezvous_score(view.engine, lora_name)
