@@ -272,11 +272,12 @@ def send(signum):
 send(signal.SIGSTOP)
 print("stopped 0", flush=True)
 for command in sys.stdin:
-    if command.strip() != "pulse":
+    word, _, seconds = command.strip().partition(" ")
+    if word != "pulse":
         break
     start = time.monotonic()
     send(signal.SIGCONT)
-    time.sleep(0.001)
+    time.sleep(float(seconds or 0.001))
     send(signal.SIGSTOP)
     print(f"stopped {time.monotonic() - start}", flush=True)
 send(signal.SIGCONT)
@@ -284,7 +285,7 @@ send(signal.SIGCONT)
 
 
 class StoppedEngines:
-    """Keeps every engine's core and workers (not the API servers) SIGSTOPped; each `pulse()` lets them run for 1 ms.
+    """Keeps every engine's core and workers (not the API servers) SIGSTOPped; each `pulse()` lets them run briefly.
     A tiny model races through hundreds of tokens a second: only this puts a hang-up before the answer's end."""
 
     def __init__(self, pids: list[int]) -> None:
@@ -301,10 +302,10 @@ class StoppedEngines:
         assert line.startswith("stopped "), f"the pulser process failed: {line!r}"
         return float(line.split()[1])
 
-    def pulse(self) -> None:
-        """Returns once the engines ran for about 1 ms and are stopped again."""
+    def pulse(self, seconds: float = 0.001) -> None:
+        """Returns once the engines ran for about `seconds` and are stopped again."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("pulse\n")
+        self.proc.stdin.write(f"pulse {seconds}\n")
         self.proc.stdin.flush()
         self.pulses.append(self._stopped())
 
@@ -363,14 +364,22 @@ def test_client_disconnect_aborts_the_upstream_request(gateway: GatewayUnderTest
         client = threading.Thread(target=read_first_chunk_and_hang_up)
         client.start()
 
-        def first_chunk_through() -> bool:  # the engines run only in 1 ms pulses until it is
+        def first_chunk_through() -> bool:
+            # The engines run in short pulses until it is: 1 ms at first, doubled every 25 pulses up to 32 ms, so a
+            # machine busy enough that 1 ms windows hand the engine no CPU (seen in CI: no first chunk in 120 s)
+            # still gets there; one 32 ms window is far from the ~1 s the whole answer takes.
             if not client.is_alive():
                 return True
-            engines.pulse()
+            engines.pulse(min(0.032, 0.001 * 2 ** (len(engines.pulses) // 25)))
             client.join(0.1)
             return False
 
-        wait_until(first_chunk_through, 120, "the first chunk through the pulses", interval_s=0)
+        wait_until(
+            first_chunk_through,
+            120,
+            lambda: f"the first chunk through the pulses ({len(engines.pulses)} pulses, {sum(engines.pulses):.2f} s)",
+            interval_s=0,
+        )
         assert first_chunk.get("status") == 200, first_chunk
         engine_url = engine_by_id(gateway, first_chunk["engine"])["url"]
         # The engines stay stopped: the gateway notices the hang-up itself and closes its upstream connection.
