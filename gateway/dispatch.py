@@ -7,7 +7,8 @@ keeps:
 - the calls in flight per engine and adapter (an engine's working set; never evicted while busy);
 - each adapter's demand (requests in flight or waiting here) and its replica count (gateway.routing.replicas_wanted);
 - the requests that wait, one FIFO per adapter, served in turn (one per adapter per pass), so a hot adapter's queue
-  cannot starve a cold adapter's single request;
+  cannot starve a cold adapter's single request; each pass first sorts the engines into open, blocked and full
+  (`_Openings`), so placement is asked only for the adapters one of them could take;
 - slot hand-overs: a request that waited `slot_wait_s` for a GPU slot on its candidates marks the least busy
   adapter of one of them *closing* there; that adapter takes no new calls there, and when its last call ends the
   slot goes to the waiting one;
@@ -34,6 +35,8 @@ from gateway.routing import (
     candidates,
     choose_engine,
     place,
+    rendezvous_rank,
+    rendezvous_score,
     replicas_wanted,
 )
 
@@ -98,6 +101,141 @@ class _Demand:
             self.at = now
 
 
+class _Openings:
+    """The engines as one pass of `Dispatcher.pump` finds them, to tell at once which waiting adapters placement
+    could not place (`hold`), so that it is asked only for the others: with thousands of adapters waiting over a
+    hundred engines, asking it for each one at every event is what a dispatcher would spend its time on.
+
+    Engines are `open` (a free GPU slot, a load may start there), `blocked` (a free slot, but it is loading or the
+    load budget is spent) or `full` (every slot taken, or the free one promised to a waiting adapter), each with the
+    stall a load there would cost (what a spill beyond an adapter's candidates is weighed against). `joinable`:
+    adapters placement could place without a load (running and not closing somewhere, resident or loading on an
+    engine with a free slot, promised one)."""
+
+    __slots__ = (
+        "blocked",
+        "budget",
+        "cheapest",
+        "dispatcher",
+        "engines",
+        "full",
+        "joinable",
+        "live",
+        "loads",
+        "open",
+        "taking",
+    )
+
+    def __init__(self, dispatcher: Dispatcher, live: list[EngineState]) -> None:
+        self.dispatcher = dispatcher
+        self.engines = {engine.id: engine for engine in live}
+        self.live = tuple(self.engines)
+        self.budget = max(1, math.floor(len(live) * dispatcher.policy.max_loading_fraction))
+        self.loads = sum(1 for engine in live if engine.id in dispatcher.loading)
+        self.joinable: set[str] = set()
+        self.taking: set[str] = set()  # engines placement considers (their queue below max_queue)
+        self.open: dict[str, float] = {}
+        self.blocked: dict[str, float] = {}
+        self.full: dict[str, float] = {}
+        self.cheapest: dict[int, float] = {}
+        for engine in live:
+            self._classify(engine)
+
+    def _classify(self, engine: EngineState) -> None:
+        dispatcher = self.dispatcher
+        busy, closing = dispatcher.busy[engine.id], dispatcher.closing[engine.id]
+        self.joinable.update(lora_name for lora_name in busy if lora_name not in closing)
+        if engine.inflight + engine.waiting >= dispatcher.policy.max_queue:
+            return  # placement leaves it out
+        self.taking.add(engine.id)
+        stall = max(dispatcher.load_s.get(engine.id, 0.0), dispatcher.policy.min_load_s) * (engine.running + 1)
+        promised = dispatcher.promised.get(engine.id)
+        if len(busy) >= engine.max_loras or promised is not None:
+            self.full[engine.id] = stall
+            if promised is not None and len(busy) < engine.max_loras:
+                self.joinable.add(promised)
+            return
+        self.joinable.update(dispatcher.ledger.resident(engine.id))
+        loading = dispatcher.loading.get(engine.id)
+        if loading is not None:
+            self.joinable.add(loading)
+        if self.loads < self.budget and loading is None:
+            self.open[engine.id] = stall
+        else:
+            self.blocked[engine.id] = stall
+
+    def took(self, engine_id: str, load: bool) -> None:
+        """A placement of this pass went to `engine_id` (starting a load there): what it took is taken from here too,
+        so the adapters after it in the pass are not asked about an engine that is no longer open."""
+        if load:
+            self.loads += 1
+            if self.loads >= self.budget:
+                self.blocked.update(self.open)
+                self.open.clear()
+        for group in (self.open, self.blocked, self.full):
+            group.pop(engine_id, None)
+        self.cheapest.clear()
+        self.taking.discard(engine_id)
+        engine = self.engines.get(engine_id)
+        if engine is not None:
+            self._classify(engine)
+
+    def hold(self, ask: Ask, queued: int, now: float) -> Hold | None:
+        """Why placement would hold `ask` (the head of its adapter's queue of `queued`), or None: it may place it,
+        ask it. The same answer as gateway.routing.place's, from its rules: a candidate engine that is open, or,
+        past the wait a load's stall is worth (`waited x queued`), an open engine beyond them, may take it."""
+        lora_name = ask.lora_name
+        dispatcher = self.dispatcher
+        if lora_name is None or lora_name in self.joinable or dispatcher.ledger.is_pinned(lora_name):
+            return None
+        if not self.taking:
+            return None  # every queue is full: placement refuses it
+        worth = (now - ask.arrived) * max(queued, 1)  # the wait a load beyond the candidates would end
+        spill = dispatcher.policy.spill
+        demand = dispatcher._demand.get(lora_name)
+        floor = dispatcher.policy.replica_min_load
+        if demand is not None and demand.replicas == 1 and demand.count <= floor and demand.smooth <= floor:
+            # One engine, its home, however the load is shared (a share is never below replica_min_load): the
+            # common case of a cold adapter, answered from the groups' lowest stalls instead of a scan
+            home = dispatcher._home(lora_name, self.live)
+            if home in self.open or (spill and self._cheapest(self.open) <= worth):
+                return None
+            if home in self.blocked or (spill and self._cheapest(self.blocked) <= worth):
+                return Hold.LOADING
+            if home in self.full or (spill and self._cheapest(self.full) <= worth):
+                return Hold.SLOT
+            return self._resident_hold(lora_name)
+        replicas = dispatcher._replicas(lora_name, now, len(self.live))
+        ranks = rendezvous_rank(self.live, lora_name)[:replicas]
+        chosen = {self.live[i] for i in ranks}
+        if not chosen.isdisjoint(self.open):
+            return None
+
+        def beyond(engines: dict[str, float]) -> bool:
+            return spill and any(stall <= worth and e not in chosen for e, stall in engines.items())
+
+        if beyond(self.open):
+            return None
+        if not chosen.isdisjoint(self.blocked) or beyond(self.blocked):
+            return Hold.LOADING
+        if not chosen.isdisjoint(self.full) or beyond(self.full):
+            return Hold.SLOT
+        return self._resident_hold(lora_name)
+
+    def _resident_hold(self, lora_name: str) -> Hold:
+        if any(e in self.full for e in self.dispatcher.ledger.holders(lora_name)):
+            return Hold.SLOT  # resident where every slot is taken
+        return Hold.RESIDENT
+
+    def _cheapest(self, group: dict[str, float]) -> float:
+        """The lowest stall in `group` (inf when empty), remembered until a placement changes the groups."""
+        key = id(group)
+        cheapest = self.cheapest.get(key)
+        if cheapest is None:
+            cheapest = self.cheapest[key] = min(group.values(), default=math.inf)
+        return cheapest
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -119,6 +257,9 @@ class Dispatcher:
         self._demand: defaultdict[str | None, _Demand] = defaultdict(_Demand)
         self._total = _Demand()
         self.handovers = 0  # slot hand-overs started (a metric)
+        self._freed = False  # a placement ended a promise: that engine's free slots are open to any adapter
+        self._homes: dict[str, str] = {}  # adapter -> the first engine of its rendezvous order over _homes_for
+        self._homes_for: tuple[str, ...] = ()
 
     # -- the requests ------------------------------------------------------------------------------------------------
     def offer(self, ask: Ask) -> Decision | None:
@@ -229,20 +370,23 @@ class Dispatcher:
 
     # -- the waiting requests ----------------------------------------------------------------------------------------
     def pump(self) -> None:
-        """Place waiting requests, one per adapter per pass in turn, until a pass places none."""
+        """Place waiting requests, one per adapter per pass in turn, until a pass places none (that last pass also
+        brings every head's `held` up to date, which slot hand-overs read)."""
         while self.waiting:
             now = self.clock()
             placed = False
-            joinable = self._joinable()
+            self._freed, openings = False, self._openings()
             views: list[EngineView] | None = None  # the engines as placement sees them, until a placement changes them
             for lora_name in list(self.waiting):
                 queue = self.waiting.get(lora_name)
                 if not queue:
                     continue
                 ask = queue[0]
-                if joinable is not None and lora_name not in joinable[0] and not ask.exclude:
-                    ask.held = joinable[1]  # no engine could take it now: no need to ask placement
-                    continue
+                if openings is not None and not ask.exclude:
+                    hold = openings.hold(ask, len(queue), now)
+                    if hold is not None:
+                        ask.held = hold  # no engine could take it now: no need to ask placement
+                        continue
                 if views is None or ask.exclude:
                     views = self.views(ask.exclude)
                 decision = self._decide(ask, now, views)
@@ -259,40 +403,21 @@ class Dispatcher:
                 placed = True
                 views = None
                 ask.on_ready(self._settle(ask, decision, now))
+                if self._freed:
+                    self._freed, openings = False, self._openings()
+                elif openings is not None and isinstance(decision, Placement):
+                    openings.took(decision.engine, decision.load)
             if not placed:
                 self._hand_over(now)
                 return
 
-    def _joinable(self) -> tuple[set[str], Hold] | None:
-        """The only waiting adapters placement could place now (None: any of them, so ask it for every one): those
-        running somewhere and not closing there, and, on an engine with a free GPU slot but no load possible (it is
-        loading, or the load budget is spent), those it holds; a slot promised to an adapter is for that one only.
-        The Hold is what the others wait for: a GPU slot when every engine's are taken, else a load."""
+    def _openings(self) -> _Openings | None:
+        """What the engines offer the waiting adapters now, for a pass of `pump` (None: no prefilter; ask placement
+        for every one)."""
         if self.policy.placement != "v2" or not self.policy.working_set_cap:
             return None
         live = [engine for engine in self.engines() if engine.healthy]
-        if not live:
-            return None
-        budget = max(1, math.floor(len(live) * self.policy.max_loading_fraction))
-        can_load = sum(1 for engine in live if engine.id in self.loading) < budget
-        joinable: set[str] = set()
-        hold = Hold.SLOT
-        for engine in live:
-            busy, closing = self.busy[engine.id], self.closing[engine.id]
-            joinable.update(lora_name for lora_name in busy if lora_name not in closing)
-            if len(busy) >= engine.max_loras:
-                continue
-            hold = Hold.LOADING
-            promised = self.promised.get(engine.id)
-            if promised is not None:
-                joinable.add(promised)
-            elif can_load and engine.id not in self.loading:
-                return None  # a load could start here: any adapter may be placed
-            else:
-                joinable.update(self.ledger.resident(engine.id))
-                if engine.id in self.loading:
-                    joinable.add(self.loading[engine.id])
-        return joinable, hold
+        return _Openings(self, live) if live else None
 
     def _hand_over(self, now: float) -> None:
         """Give a GPU slot to the adapter that has waited longest for one past `slot_wait_s`."""
@@ -355,6 +480,7 @@ class Dispatcher:
             self.busy[decision.engine][ask.lora_name] += 1
             for engine in [e for e, promised in self.promised.items() if promised == ask.lora_name]:
                 del self.promised[engine]  # placed (there or elsewhere): the promise is kept or void
+                self._freed = True  # the engine's other free slots are anyone's again: a pass's openings grew
             if decision.load:
                 self.loading[decision.engine] = ask.lora_name
         return decision
@@ -368,11 +494,21 @@ class Dispatcher:
         if lora_name is not None and demand.count <= 0 and demand.smooth < 0.05 and demand.replicas == 1:
             del self._demand[lora_name]  # forget idle adapters (thousands may pass through)
 
-    def _replicas(self, lora_name: str, now: float) -> int:
+    def _home(self, lora_name: str, live: tuple[str, ...]) -> str:
+        """The first engine of the adapter's rendezvous order over `live`, remembered while the engines stay."""
+        if (live is not self._homes_for and live != self._homes_for) or len(self._homes) > 1 << 16:
+            self._homes, self._homes_for = {}, live
+        home = self._homes.get(lora_name)
+        if home is None:
+            home = self._homes[lora_name] = max(live, key=lambda engine: rendezvous_score(engine, lora_name))
+        return home
+
+    def _replicas(self, lora_name: str, now: float, live: int | None = None) -> int:
         demand = self._demand[lora_name]
         demand.advance(now)
         self._total.advance(now)
-        live = sum(1 for engine in self.engines() if engine.healthy)
+        if live is None:
+            live = sum(1 for engine in self.engines() if engine.healthy)
         level = max(demand.count, demand.smooth)
         total = max(self._total.count, self._total.smooth)
         want = replicas_wanted(level, total, live, demand.replicas, self.policy)

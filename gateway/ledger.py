@@ -83,6 +83,9 @@ class ResidencyLedger:
         self._pinned.discard(lora_name)
         self._on_change()
 
+    def is_pinned(self, lora_name: str) -> bool:
+        return lora_name in self._pinned
+
     @property
     def pinned(self) -> frozenset[str]:
         return frozenset(self._pinned)

@@ -122,6 +122,13 @@ def rendezvous_order(engines: Iterable[str], lora_name: str) -> list[str]:
     return sorted(engines, key=lambda engine: rendezvous_score(engine, lora_name), reverse=True)
 
 
+@functools.lru_cache(maxsize=1 << 13)
+def rendezvous_rank(engines: tuple[str, ...], lora_name: str) -> tuple[int, ...]:
+    """The positions of `engines` in the adapter's rendezvous order, best first (cached: placement asks it for every
+    waiting adapter at every pass, and the engines change rarely)."""
+    return tuple(sorted(range(len(engines)), key=lambda i: rendezvous_score(engines[i], lora_name), reverse=True))
+
+
 def choose_engine(
     lora_name: str | None,
     loads: Sequence[EngineLoad],
@@ -203,7 +210,7 @@ def candidates(lora_name: str, engines: Sequence[EngineView], replicas: int, pin
     """v2: the engines an adapter may be served on: the first `replicas` of its rendezvous order over the healthy
     engines (all of them for a pinned adapter, which every engine holds)."""
     live = [view for view in engines if view.healthy]
-    ordered = sorted(live, key=lambda view: rendezvous_score(view.engine, lora_name), reverse=True)
+    ordered = [live[i] for i in rendezvous_rank(tuple(view.engine for view in live), lora_name)]
     return ordered if pinned else ordered[: max(replicas, 1)]
 
 
@@ -280,8 +287,9 @@ def place(
             return Placement(best_load[0].engine, load=True, evict=best_load[1])
         return Placement(best_ready.engine) if best_ready is not None else None
 
-    ordered = candidates(lora_name, live, len(live), lora_name in ledger.pinned)
-    first = max(replicas, 1) if lora_name not in ledger.pinned else len(ordered)
+    pinned = ledger.is_pinned(lora_name)
+    ordered = candidates(lora_name, live, len(live), pinned)
+    first = max(replicas, 1) if not pinned else len(ordered)
     chosen = [view for view in ordered[:first] if view.queue < policy.max_queue]
     # An engine beyond the candidates that holds the adapter already serves it without a load (what an engine
     # that joined, or a shrunk replica set, left there): it stays in the choice until it is evicted

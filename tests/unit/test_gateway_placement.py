@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -435,3 +437,98 @@ def test_place_passes_the_waiting_adapters_to_the_eviction_plan() -> None:
     residency = ledger(cpu_slots=2, **{HOME: ["x", "y"]})
     assert place("a", views(), residency, POLICY) == Placement(HOME, load=True, evict=("x",))
     assert place("a", views(), residency, POLICY, keep={"x"}) == Placement(HOME, load=True, evict=("y",))
+
+
+# -- the pass prefilter (gateway.dispatch._Openings) ---------------------------------------------------------------
+
+
+def drive(
+    dispatcher: Dispatcher, engines: dict[str, FakeEngine], ledger_: ResidencyLedger, clock: Clock, seed: int
+) -> None:
+    """Random traffic through `dispatcher` as the adapter manager makes it: requests for Zipf-like adapters and the
+    base model, calls that end, loads that take a while (so engines are seen loading) and end, time passing."""
+    rng = random.Random(seed)
+    inflight: list[tuple[str, str | None]] = []
+    loads: list[tuple[str, str]] = []
+
+    def take(lora_name: str | None, decision: Decision) -> None:
+        if not isinstance(decision, Placement):
+            return
+        engines[decision.engine].inflight += 1
+        engines[decision.engine].running = engines[decision.engine].inflight
+        inflight.append((decision.engine, lora_name))
+        for victim in decision.evict:
+            ledger_.record_unloaded(decision.engine, victim)
+        if decision.load and lora_name is not None:
+            loads.append((decision.engine, lora_name))
+
+    for i in range(400):
+        roll = rng.random()
+        if roll < 0.45:
+            lora_name = None if rng.random() < 0.05 else f"a{min(int(rng.paretovariate(0.8)), 40)}"
+            ask = Ask(lora_name, f"r{i}", lambda d, k=lora_name: take(k, d))  # type: ignore[misc]
+            decision = dispatcher.offer(ask)
+            if decision is not None:
+                take(lora_name, decision)
+        elif roll < 0.75 and inflight:
+            engine, lora_name = inflight.pop(rng.randrange(len(inflight)))
+            engines[engine].inflight -= 1
+            engines[engine].running = engines[engine].inflight
+            dispatcher.release(engine, lora_name)
+        elif roll < 0.9 and loads:
+            engine, lora_name = loads.pop(rng.randrange(len(loads)))
+            ledger_.record_loaded(engine, lora_name)
+            dispatcher.load_done(engine, lora_name, rng.uniform(0.05, 2.0))
+        else:
+            clock.now += rng.uniform(0.0, 1.5)
+            dispatcher.pump()
+
+
+def test_the_pass_prefilter_holds_exactly_what_placement_would_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every adapter the prefilter skips is one `place` holds, for the same reason; random traffic over random
+    engine shapes and policies. Asked against the engines as they are when it answers (a pass's openings only grow
+    stale towards asking placement more, which is checked too)."""
+    from gateway.dispatch import _Openings
+
+    seen: Counter[Hold] = Counter()
+    asked = 0
+    hold_of = _Openings.hold
+
+    def checked(self: _Openings, ask: Ask, queued: int, now: float) -> Hold | None:
+        nonlocal asked
+        held = hold_of(self, ask, queued, now)
+        asked += 1
+        fresh = self.dispatcher._openings()
+        now_held = hold_of(fresh, ask, queued, now) if fresh is not None else None
+        if held is not None and fresh is not None and fresh.taking:  # (none taking: the queues filled up in the pass)
+            assert now_held is not None, "a stale pass skipped an adapter placement could place now"
+        if now_held is not None:
+            assert self.dispatcher._decide(ask, now) == now_held, (ask.lora_name, now_held)
+            seen[now_held] += 1
+        return held
+
+    monkeypatch.setattr(_Openings, "hold", checked)
+    rng = random.Random(7)
+    for seed in range(20):
+        n, gpu_slots = rng.choice([2, 3, 4, 8]), rng.choice([1, 2, 4])
+        policy = Policy(
+            max_queue=rng.choice([3, 6, 256]),
+            load_bucket=rng.choice([1, 4]),
+            replica_min_load=rng.choice([2.0, 4.0]),
+            slot_wait_s=rng.choice([0.2, 1.0]),
+            max_loading_fraction=rng.choice([0.25, 0.5, 1.0]),
+            spill=rng.random() < 0.8,
+            min_load_s=rng.choice([0.1, 1.0]),
+        )
+        engines = {f"e{i}": FakeEngine(f"e{i}", max_loras=gpu_slots) for i in range(n)}
+        residency = ResidencyLedger()
+        for engine in engines:
+            residency.add_engine(engine, gpu_slots + rng.choice([0, 1, 4]))
+        if rng.random() < 0.2:
+            residency.pin("a1")
+            for engine in engines:
+                residency.record_loaded(engine, "a1")
+        clock = Clock()
+        dispatcher = Dispatcher(residency, policy, lambda e=engines: list(e.values()), clock)  # type: ignore[misc]
+        drive(dispatcher, engines, residency, clock, seed)
+    assert asked > 1000 and all(seen[hold] > 20 for hold in Hold), (asked, seen)
