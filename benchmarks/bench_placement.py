@@ -10,7 +10,8 @@ vLLM's `lora_filesystem_resolver` loads from. Targets, each sent the same seeded
 - `round-robin`: the engine URLs in turn, each engine loading what it is asked for by itself through the resolver
   (what a round-robin Service over vLLM pods with on-demand loading does);
 - `gateway-v1`, `gateway-v2`: `loragate serve --engine-url ...` over the same engines with `routing.placement`
-  v1 or v2; `gateway-v2-again` is v2 once more, the noise row.
+  v1 or v2; `gateway-v2-again` is v2 once more, the noise row; `gateway-v2-demand` is v2 with `routing.evict:
+  demand`.
 Before every run the engines are emptied of adapters (vLLM's unload API) and a gateway target starts as a fresh
 process, so no run inherits another's residency. Loads per run are counted from the engines' logs (see LOADED).
 `--calibrate` first measures the simulator's costs on the same engines (benchmarks/sim_placement.py Costs). Not a
@@ -47,7 +48,13 @@ BASE = "tiny"
 # vLLM's log lines for a runtime-API load and for a resolver load; a reload into its own CPU cache (max_cpu_loras,
 # LRU) of an adapter the API server already knows is not logged, so round-robin's count is a lower bound
 LOADED = ("Loaded new LoRA adapter", "Resolved and loaded LoRA adapter")
-GATEWAYS = {"gateway-v1": "v1", "gateway-v2": "v2", "gateway-v2-again": "v2"}
+# target -> the gateway's settings (environment) beside its defaults
+GATEWAYS = {
+    "gateway-v1": {"LORAGATE_ROUTING__PLACEMENT": "v1"},
+    "gateway-v2": {"LORAGATE_ROUTING__PLACEMENT": "v2"},
+    "gateway-v2-again": {"LORAGATE_ROUTING__PLACEMENT": "v2"},
+    "gateway-v2-demand": {"LORAGATE_ROUTING__PLACEMENT": "v2", "LORAGATE_ROUTING__EVICT": "demand"},
+}
 
 
 def build_adapters(work: Path, count: int) -> tuple[Path, Path, list[str]]:
@@ -112,16 +119,14 @@ def loads_logged(logs: Sequence[Path]) -> int:
 
 
 @contextlib.contextmanager
-def gateway(
-    port: int, placement: str, engine_urls: Sequence[str], work: Path, args: argparse.Namespace
-) -> Iterator[None]:
+def gateway(port: int, target: str, engine_urls: Sequence[str], work: Path, args: argparse.Namespace) -> Iterator[None]:
     argv = [sys.executable, "-m", "gateway", "--base-name", BASE, "--registry", str(work / "registry")]
     argv += ["--port", str(port), "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras)]
     argv += ["--max-lora-rank", "8"]
     for url in engine_urls:
         argv += ["--engine-url", url]
-    env = {**os.environ, "LORAGATE_ROUTING__PLACEMENT": placement, "LORAGATE_HEALTH_INTERVAL_S": "1"}
-    log = work / f"gateway-{placement}-{port}.log"
+    env = {**os.environ, **GATEWAYS[target], "LORAGATE_HEALTH_INTERVAL_S": "1"}
+    log = work / f"{target}-{port}.log"
     process = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
@@ -253,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             before = loads_logged(logs)
             with contextlib.ExitStack() as stack:
                 if target.name in GATEWAYS:
-                    stack.enter_context(gateway(ports[target.name], GATEWAYS[target.name], engine_urls, work, args))
+                    stack.enter_context(gateway(ports[target.name], target.name, engine_urls, work, args))
                 yield
             loads[target.name].append(loads_logged(logs) - before)
             print(f"round {round_}: {target.name} done, {loads[target.name][-1]} loads", file=sys.stderr)

@@ -340,7 +340,13 @@ class Gateway(Placer):
         waiting.append(request)
         if len(waiting) > 1:
             return  # its load is on the way
-        evict = self.ledger.plan_admit(engine.id, key, self.dispatcher.active(engine.id)) or ()
+        dispatcher = self.dispatcher  # what gateway.adapters asks at the load
+        evict = (
+            self.ledger.plan_admit(
+                engine.id, key, dispatcher.active(engine.id), dispatcher.wanted(), dispatcher.eviction_weight()
+            )
+            or ()
+        )
         for victim in evict:
             self.ledger.record_unloaded(engine.id, victim)
         started = self.sim.now
@@ -406,7 +412,9 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
     elif placement == "affinity":
         placer = Affinity(sim, engines)
     else:
-        gateway = Gateway(sim, engines, replace(policy or Policy(), placement=placement), scenario)
+        # v2-demand: v2 evicting the least wanted adapter lately instead of the least recently used (routing.evict)
+        variant = {"placement": "v2", "evict": "demand"} if placement == "v2-demand" else {"placement": placement}
+        gateway = Gateway(sim, engines, replace(policy or Policy(), **variant), scenario)
 
         def on_failed(request: Request) -> None:
             failed.append(request)
@@ -478,7 +486,7 @@ def summarize(
     }
 
 
-PLACEMENTS = ("round-robin", "least-loaded", "affinity", "v1", "v2")
+PLACEMENTS = ("round-robin", "least-loaded", "affinity", "v1", "v2", "v2-demand")
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -335,7 +335,7 @@ class AdapterManager:
             return self._paths[lora_name]
 
     async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest) -> bool:
-        """Load `manifest` into `engine` (evicting LRU adapters); False when no slot can be freed right now."""
+        """Load `manifest` into `engine` (evicting the least wanted adapters); False when no slot can be freed now."""
         lora_name = manifest.engine_name
         self.manifests[lora_name] = manifest
         async with self._version_locks[(engine.id, lora_name)]:
@@ -344,7 +344,7 @@ class AdapterManager:
             path = await self._local_path(manifest)
             async with self._engine_locks[engine.id]:
                 busy, wanted = self.dispatcher.active(engine.id), self.dispatcher.wanted()
-                evict = self.ledger.plan_admit(engine.id, lora_name, busy, wanted)
+                evict = self.ledger.plan_admit(engine.id, lora_name, busy, wanted, self.dispatcher.eviction_weight())
                 if evict is None or (evict and not await self._idle_elsewhere(engine, evict)):
                     return False
                 for victim in evict:

@@ -345,6 +345,19 @@ class Dispatcher:
         """Adapters with requests waiting here: a load evicts them last."""
         return self.waiting.keys()
 
+    def eviction_weight(self) -> Callable[[str], float] | None:
+        """What a load ranks the adapters it may evict by (`ResidencyLedger.plan_admit`'s `demand`), per the policy."""
+        return self.demand if self.policy.evict == "demand" else None
+
+    def demand(self, lora_name: str) -> float:
+        """An adapter's recent requests (in flight or waiting here, smoothed over DEMAND_TAU_S; at least those now):
+        what a load weighs its evictions by."""
+        demand = self._demand.get(lora_name)
+        if demand is None:
+            return 0.0
+        demand.advance(self.clock())
+        return max(demand.count, demand.smooth)
+
     def waiting_requests(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
 
@@ -470,6 +483,7 @@ class Dispatcher:
             waited_s=now - ask.arrived,
             keep=self.waiting.keys(),
             queued=len(self.waiting.get(ask.lora_name, ())),
+            demand=self.eviction_weight(),
         )
 
     def _settle(self, ask: Ask, decision: Decision, now: float) -> Decision:

@@ -91,12 +91,18 @@ class ResidencyLedger:
         return frozenset(self._pinned)
 
     def plan_admit(
-        self, engine: str, lora_name: str, busy: Collection[str] = (), keep: Collection[str] = ()
+        self,
+        engine: str,
+        lora_name: str,
+        busy: Collection[str] = (),
+        keep: Collection[str] = (),
+        demand: Callable[[str], float] | None = None,
     ) -> tuple[str, ...] | None:
         """Evictions that make room for `lora_name` on `engine` (() when it fits or is there); None when impossible.
 
         Pinned adapters and `busy` ones (requests in flight) are never evicted; `keep` ones (requests waiting for
-        them) only when nothing else can go. Least recently used first within each.
+        them) only when nothing else can go. Within each, the least in `demand` first (an adapter's recent requests:
+        a hot adapter idle for a moment stays), then the least recently used.
         """
         lru = self._lru[engine]
         if lora_name in lru:
@@ -104,6 +110,8 @@ class ResidencyLedger:
         overflow = len(lru) + 1 - self._slots[engine]
         if overflow <= 0:
             return ()
-        free = [k for k in lru if k not in self._pinned and k not in busy]
+        free = [k for k in lru if k not in self._pinned and k not in busy]  # least recently used first
+        if demand is not None:
+            free.sort(key=demand)  # stable: recency breaks ties
         victims = ([k for k in free if k not in keep] + [k for k in free if k in keep])[:overflow]
         return tuple(victims) if len(victims) == overflow else None

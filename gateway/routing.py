@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -58,6 +58,7 @@ class Policy:
     working_set_cap: bool = True  # v2: at most max_loras adapters with calls in flight per engine
     spill: bool = True  # v2: when every candidate is full, an engine beyond them with room
     min_load_s: float = 0.1  # v2: the load time assumed of an engine that has not loaded anything yet
+    evict: str = "lru"  # which resident adapter a load evicts: "lru", or "demand" (least wanted lately, then LRU)
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,11 @@ def place(
     waited_s: float = 0.0,
     queued: int = 1,
     keep: Collection[str] = (),
+    demand: Callable[[str], float] | None = None,
 ) -> Placement | Hold | Refusal:
     """v2: where a request for adapter `lora_name` (None: the base model) goes now, or why it waits (`waited_s`: how
     long the oldest request for it has waited, `queued`: how many wait; `keep`: adapters a load evicts last, those
-    with requests waiting for them)."""
+    with requests waiting for them; `demand`: each adapter's recent requests, the least wanted evicted first)."""
     live = [view for view in engines if view.healthy]
     if not live:
         return Refusal.NO_ENGINE
@@ -266,7 +268,7 @@ def place(
             if view.loading is not None or loading_now >= budget:
                 holds.add(Hold.LOADING)
                 continue
-            evict = ledger.plan_admit(view.engine, lora_name, view.active, keep)
+            evict = ledger.plan_admit(view.engine, lora_name, view.active, keep, demand)
             if evict is not None:
                 loadable.append((view, evict))
             else:

@@ -81,6 +81,9 @@ class RoutingSettings(BaseModel):
     replica_hold_s: float = Field(default=10.0, ge=0, description="v2: at most one engine fewer this often")
     slot_wait_s: float = Field(default=0.5, ge=0, description="v2: a GPU-slot wait this long gets one handed over")
     max_loading_fraction: float = Field(default=0.5, gt=0, le=1, description="v2: engines loading at once")
+    evict: Literal["lru", "demand"] = Field(
+        default="lru", description="which resident adapter a load evicts: the least recently used, or least wanted"
+    )
     overload_threshold: int = Field(default=8, ge=1, description="v1: queue depth above which a holder is passed over")
 
     def policy(self) -> Policy:
@@ -94,6 +97,7 @@ class RoutingSettings(BaseModel):
             replica_hold_s=self.replica_hold_s,
             slot_wait_s=self.slot_wait_s,
             max_loading_fraction=self.max_loading_fraction,
+            evict=self.evict,
         )
 
 

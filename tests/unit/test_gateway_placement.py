@@ -433,6 +433,41 @@ def test_a_load_evicts_adapters_with_waiting_requests_last(
     assert residency.plan_admit("e0", "a", busy, keep) == expected
 
 
+@pytest.mark.parametrize(
+    ("demand", "keep", "expected"),
+    [
+        ({"x": 3.0, "y": 0.2}, (), ("y",)),  # x is older but wanted more lately: y goes
+        ({"x": 0.0, "y": 0.0}, (), ("x",)),  # a tie: least recently used
+        ({"x": 3.0, "y": 0.2}, ("y",), ("x",)),  # waiting requests still come first
+    ],
+)
+def test_a_load_evicts_the_least_wanted_adapter(
+    demand: dict[str, float], keep: tuple[str, ...], expected: tuple[str, ...]
+) -> None:
+    residency = ledger(cpu_slots=2, e0=["x", "y"])
+    assert residency.plan_admit("e0", "a", (), keep, demand.__getitem__) == expected
+
+
+def test_a_hot_adapter_idle_for_a_moment_is_not_the_one_evicted() -> None:
+    """One engine, two CPU slots: hot ran six calls for 3 s, cold one call after it; a third adapter's load evicts
+    cold with routing.evict: demand, though hot was used less recently (with the default, lru: hot)."""
+    for evict, victim in (("demand", "cold"), ("lru", "hot")):
+        h = Harness(engines=1, gpu_slots=2, cpu_slots=2, policy=Policy(evict=evict))
+        for i in range(6):
+            h.ask("hot", f"h{i}")
+        h.clock.now += 3.0
+        for _ in range(6):
+            h.done("e0", "hot")
+        h.clock.now += 1.0
+        h.ask("cold", "c0")
+        h.clock.now += 0.5
+        h.done("e0", "cold")
+        h.clock.now += 1.0
+        decision = h.ask("third", "t0")
+        assert isinstance(decision, Placement) and decision.evict == (victim,), (evict, decision)
+        assert h.dispatcher.demand("hot") > h.dispatcher.demand("cold") > 0
+
+
 def test_place_passes_the_waiting_adapters_to_the_eviction_plan() -> None:
     residency = ledger(cpu_slots=2, **{HOME: ["x", "y"]})
     assert place("a", views(), residency, POLICY) == Placement(HOME, load=True, evict=("x",))
