@@ -1,21 +1,29 @@
-"""Aliases (`name:prod`): one record per alias holding its version and its whole history, moved by compare-and-swap
-so that concurrent moves lose no update; and the pure decisions about that history (where a rollback goes, which
-versions later rollbacks will reach).
+"""Aliases (`name:prod`): one record per alias holding its version, its rollout if one is in progress, and its whole
+history, moved by compare-and-swap so that concurrent moves lose no update; and the pure decisions about that
+history (where a rollback goes, which versions later rollbacks will reach) and about a rollout's split.
 
-Rollbacks pop promotes like a stack: promote 1, 2, 3 then rollback, rollback moves the alias to 2, then 1.
+A rollout: `promote support@4 --alias prod --weight 10` keeps `prod` on its version and sends 10% of its requests
+to `support@4` (the record's `split`); `--weight 100` (or no weight) makes 4 the version; `--weight 0` stops the
+rollout. Which requests go where is decided by `Resolution.pick` from a hash of the alias and a split key, so every
+gateway replica splits the same callers the same way without talking to the others.
+
+Rollbacks pop moves like a stack, each restoring the state before it: promote 1, 2, 3 then rollback, rollback moves
+the alias to 2, then 1; a rollback after `--weight 10` stops that rollout, after `--weight 100` restores the split.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
-from adapters_registry.errors import ConflictError, NotFoundError
+from adapters_registry.errors import ConflictError, NotFoundError, ValidationError
 from adapters_registry.layout import alias_key, alias_name, aliases_prefix
-from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, Tombstone, utc_now
+from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, AliasSplit, Tombstone, utc_now
 from adapters_registry.naming import check_alias, check_name
 from adapters_registry.store import ObjectStore
 from adapters_registry.versions import read_version
@@ -25,8 +33,31 @@ log = logging.getLogger(__name__)
 MAX_CAS_ATTEMPTS = 50
 
 Resolve = Callable[[str], AdapterManifest]  # Registry.resolve
-# Given the alias record (None: no such alias yet), the move to make and the version it goes to.
-Pick = Callable[[AliasRecord | None], tuple[Literal["promote", "rollback"], AdapterManifest]]
+# Given the alias record (None: no such alias yet): the move to make, the version the alias points at after it and
+# the rollout it has then (None: none).
+Pick = Callable[[AliasRecord | None], tuple[Literal["promote", "rollback"], AdapterManifest, AliasSplit | None]]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a reference serves: one version, or, while its alias rolls out another, both, split by `weight`."""
+
+    ref: str
+    current: AdapterManifest
+    candidate: AdapterManifest | None = None
+    weight: int = 0  # percent of the requests the candidate gets
+
+    def pick(self, split_key: str) -> AdapterManifest:
+        """The version that serves a request with this split key (the same key always gets the same one)."""
+        if self.candidate is None or self.weight <= 0:
+            return self.current
+        return self.candidate if split_bucket(self.ref, split_key) < self.weight else self.current
+
+
+def split_bucket(ref: str, split_key: str) -> int:
+    """0-99, uniform over keys and independent between aliases: a candidate of weight w gets the keys below w."""
+    digest = hashlib.sha256(f"{ref}\x00{split_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
 
 
 # ---- reads -----------------------------------------------------------------------------------------------------------
@@ -39,11 +70,15 @@ def read_alias(store: ObjectStore, name: str, alias: str) -> tuple[AliasRecord, 
 
 
 def aliases(store: ObjectStore, name: str) -> dict[str, int]:
-    out: dict[str, int] = {}
+    return {alias: record.version for alias, record in alias_records(store, name).items()}
+
+
+def alias_records(store: ObjectStore, name: str) -> dict[str, AliasRecord]:
+    out: dict[str, AliasRecord] = {}
     for key in store.list_keys(aliases_prefix(check_name(name))):
         alias = alias_name(name, key)
         if (record := read_alias(store, name, alias)) is not None:
-            out[alias] = record[0].version
+            out[alias] = record[0]
     return out
 
 
@@ -55,17 +90,19 @@ def alias_history(store: ObjectStore, name: str, alias: str) -> list[AliasMove]:
 def rollbacks_reaching(store: ObjectStore, manifest: AdapterManifest) -> dict[str, int]:
     """alias -> how many successive `rollback`s of it would reach `manifest` (aliases that never would: absent)."""
     out: dict[str, int] = {}
-    for alias in aliases(store, manifest.name):
-        chain = rollback_chain(alias_history(store, manifest.name, alias))
-        if manifest.version in chain:
-            out[alias] = chain.index(manifest.version) + 1
+    for alias, record in alias_records(store, manifest.name).items():
+        for n, (version, split) in enumerate(rollback_states(record.history), start=1):
+            if manifest.version in (version, split.version if split else None):
+                out[alias] = n
+                break
     return out
 
 
 def check_removable(store: ObjectStore, manifest: AdapterManifest, *, force: bool) -> str:
     """Refuse removing a version an alias points at, or (unless `force`) one a later rollback would reach; the
     rollbacks a forced removal breaks, described ("" when none)."""
-    pinned = sorted(a for a, v in aliases(store, manifest.name).items() if v == manifest.version)
+    records = alias_records(store, manifest.name)
+    pinned = sorted(a for a, record in records.items() if manifest.version in record.versions())
     if pinned:
         raise ConflictError(
             f"{manifest.ref} is the target of alias {', '.join(pinned)}; promote another version there first"
@@ -83,53 +120,97 @@ def check_removable(store: ObjectStore, manifest: AdapterManifest, *, force: boo
 
 
 # ---- moves -----------------------------------------------------------------------------------------------------------
-def promote(store: ObjectStore, ref: str, alias: str, who: str | None, resolve: Resolve) -> AdapterManifest:
+def promote(
+    store: ObjectStore, ref: str, alias: str, who: str | None, resolve: Resolve, weight: int | None = None
+) -> tuple[AdapterManifest, AliasRecord]:
+    """Point `alias` at the version `ref` names (`weight` None or 100), or give it `weight` percent of the alias's
+    requests beside the alias's version (1-99), or stop its rollout (0). The target and the alias's new record."""
     check_alias(alias)
+    if weight is not None and not 0 <= weight <= 100:
+        raise ValidationError(f"a weight is a percentage of the alias's requests, 0-100, not {weight}")
     target = resolve(ref)
-    return move_alias(store, target.name, alias, who, lambda _record: ("promote", target))
+    name = target.name
+
+    def pick(record: AliasRecord | None) -> tuple[Literal["promote"], AdapterManifest, AliasSplit | None]:
+        if weight is None or weight == 100:
+            return "promote", target, None
+        if record is None:
+            raise ConflictError(f"{name}:{alias} does not exist yet: promote a version to it without --weight first")
+        if target.version == record.version:
+            raise ConflictError(f"{target.ref} is already {name}:{alias}; a weight is for another version")
+        split = record.split
+        if split is not None and split.version != target.version:
+            raise ConflictError(
+                f"{name}:{alias} is rolling out {name}@{split.version} ({split.weight}%); complete it (--weight 100) "
+                "or roll it back first"
+            )
+        if weight == 0 and split is None:
+            raise ConflictError(f"{name}:{alias} has no rollout of {target.ref} to stop")
+        current = resolve(f"{name}@{record.version}")
+        return "promote", current, AliasSplit(version=target.version, weight=weight) if weight else None
+
+    return target, move_alias(store, name, alias, who, pick)
 
 
-def rollback(store: ObjectStore, name: str, alias: str, who: str | None, resolve: Resolve) -> AdapterManifest:
+def rollback(
+    store: ObjectStore, name: str, alias: str, who: str | None, resolve: Resolve
+) -> tuple[AdapterManifest, AliasRecord]:
+    """Restore the alias's state before its last move not yet undone: its version, and its rollout if it had one."""
     check_name(name)
     check_alias(alias)
 
-    def pick(record: AliasRecord | None) -> tuple[Literal["rollback"], AdapterManifest]:
+    def pick(record: AliasRecord | None) -> tuple[Literal["rollback"], AdapterManifest, AliasSplit | None]:
         if record is None:
             raise NotFoundError(f"{name!r} has no alias {alias!r}")
-        previous = rollback_target(record.history)
-        if previous is None:
+        undone = move_to_undo(record.history)
+        if undone is None or undone.from_version is None:
             raise ConflictError(f"{name}:{alias} has no earlier version to roll back to")
-        gone = read_version(store, name, previous)
-        if isinstance(gone, Tombstone):
-            raise ConflictError(
-                f"{name}:{alias} would roll back to {name}@{previous}, which was removed at {gone.removed_at}; "
-                f"promote a version instead"
-            )
-        return "rollback", resolve(f"{name}@{previous}")
+        split = undone.from_split
+        for version in [undone.from_version] + ([split.version] if split else []):
+            gone = read_version(store, name, version)
+            if isinstance(gone, Tombstone):
+                raise ConflictError(
+                    f"{name}:{alias} would roll back to {name}@{version}, which was removed at {gone.removed_at}; "
+                    f"promote a version instead"
+                )
+        return "rollback", resolve(f"{name}@{undone.from_version}"), split
 
-    return move_alias(store, name, alias, who, pick)
+    record = move_alias(store, name, alias, who, pick)
+    return resolve(f"{name}@{record.version}"), record
 
 
-def move_alias(store: ObjectStore, name: str, alias: str, who: str | None, pick: Pick) -> AdapterManifest:
+def move_alias(store: ObjectStore, name: str, alias: str, who: str | None, pick: Pick) -> AliasRecord:
     """Compare-and-swap loop: read the record, `pick` the move, write it unless someone moved the alias meanwhile."""
     key = alias_key(name, alias)
     for _ in range(MAX_CAS_ATTEMPTS):
         current = read_alias(store, name, alias)
         record, token = current if current else (None, None)
-        action, target = pick(record)
+        action, target, split = pick(record)
         move = AliasMove(
             action=action,
             who=_who(who),
             when=utc_now(),
             from_version=record.version if record else None,
             to_version=target.version,
+            from_split=record.split if record else None,
+            to_split=split,
         )
         history = [*(record.history if record else []), move]
-        new = AliasRecord(name=name, alias=alias, version=target.version, history=history)
+        new = AliasRecord(name=name, alias=alias, version=target.version, split=split, history=history)
         if store.put_if_match(key, new.to_json(), token):
-            log.info("%s:%s %s -> %s by %s", name, alias, move.from_version, target.version, move.who)
-            return target
+            log.info("%s:%s %s -> %s by %s", name, alias, describe_state(record), describe_state(new), move.who)
+            return new
     raise ConflictError(f"{name}:{alias} is being moved by others; try again")
+
+
+def describe_state(record: AliasRecord | None) -> str:
+    """`support@3`, or `support@3 (90%), support@4 (10%)` while a rollout is in progress; `nothing` for no record."""
+    if record is None:
+        return "nothing"
+    if record.split is None:
+        return f"{record.name}@{record.version}"
+    weight = record.split.weight
+    return f"{record.name}@{record.version} ({100 - weight}%), {record.name}@{record.split.version} ({weight}%)"
 
 
 def _who(who: str | None) -> str:
@@ -142,8 +223,8 @@ def _who(who: str | None) -> str:
 
 
 # ---- decisions on the history (pure) ---------------------------------------------------------------------------------
-def rollback_target(history: list[AliasMove]) -> int | None:
-    """The version before the newest promote not yet undone by a rollback (rollbacks pop promotes like a stack)."""
+def move_to_undo(history: list[AliasMove]) -> AliasMove | None:
+    """The newest promote not yet undone by a rollback (rollbacks pop promotes like a stack)."""
     undone = 0
     for move in reversed(history):
         if move.action == "rollback":
@@ -151,20 +232,33 @@ def rollback_target(history: list[AliasMove]) -> int | None:
         elif undone:
             undone -= 1
         else:
-            return move.from_version
+            return move
     return None
+
+
+def rollback_target(history: list[AliasMove]) -> int | None:
+    """The version the next rollback moves the alias to."""
+    move = move_to_undo(history)
+    return move.from_version if move else None
+
+
+def rollback_states(history: list[AliasMove]) -> list[tuple[int, AliasSplit | None]]:
+    """The states (version, rollout) successive rollbacks would restore, in order (the first rollback's first)."""
+    moves = list(history)
+    states: list[tuple[int, AliasSplit | None]] = []
+    current = moves[-1].to_version if moves else None
+    while (undone := move_to_undo(moves)) is not None and undone.from_version is not None:
+        states.append((undone.from_version, undone.from_split))
+        moves.append(
+            AliasMove(action="rollback", who="", when="", from_version=current, to_version=undone.from_version)
+        )
+        current = undone.from_version
+    return states
 
 
 def rollback_chain(history: list[AliasMove]) -> list[int]:
     """The versions successive rollbacks would move the alias to, in order (the first rollback's target first)."""
-    moves = list(history)
-    chain: list[int] = []
-    current = moves[-1].to_version if moves else None
-    while (target := rollback_target(moves)) is not None:
-        chain.append(target)
-        moves.append(AliasMove(action="rollback", who="", when="", from_version=current, to_version=target))
-        current = target
-    return chain
+    return [version for version, _ in rollback_states(history)]
 
 
 def describe_rollbacks(name: str, reaching: dict[str, int]) -> str:

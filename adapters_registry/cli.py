@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from adapters_registry.errors import RegistryError, ValidationError
 
 if TYPE_CHECKING:
-    from adapters_registry.manifest import AdapterManifest
+    from adapters_registry.manifest import AdapterManifest, AliasSplit
     from adapters_registry.registry import Registry
 
 
@@ -148,28 +148,49 @@ def _show(reg: Registry, args: argparse.Namespace) -> int:
 
 
 def _aliases(reg: Registry, args: argparse.Namespace) -> int:
-    current = reg.aliases(args.name)
-    history = {a: [m.model_dump(mode="json") for m in reg.alias_history(args.name, a)] for a in current}
+    from adapters_registry.aliases import describe_state
+
+    records = reg.alias_records(args.name)
     if args.json:
-        _emit({a: {"version": v, "history": history[a]} for a, v in current.items()})
+        _emit(
+            {
+                alias: {
+                    "version": record.version,
+                    "split": record.split.model_dump(mode="json") if record.split else None,
+                    "history": [move.model_dump(mode="json") for move in record.history],
+                }
+                for alias, record in records.items()
+            }
+        )
         return 0
-    for alias, version in current.items():
-        print(f"{args.name}:{alias} -> {args.name}@{version}")
-        for move in history[alias]:
-            print(f"  {move['when']} {move['action']} {move['from_version']} -> {move['to_version']} by {move['who']}")
+    for alias, record in records.items():
+        print(f"{args.name}:{alias} -> {describe_state(record)}")
+        for move in record.history:
+            print(f"  {move.when} {move.action} {_state(move.from_version, move.from_split)} -> "
+                  f"{_state(move.to_version, move.to_split)} by {move.who}")  # fmt: skip
     return 0
 
 
+def _state(version: int | None, split: AliasSplit | None) -> str:
+    return f"{version} + {split.version} at {split.weight}%" if split else str(version)
+
+
 def _promote(reg: Registry, args: argparse.Namespace) -> int:
-    manifest = reg.promote(args.ref, args.alias, who=args.who)
-    print(f"{manifest.name}:{args.alias} -> {manifest.ref}")
+    manifest = reg.promote(args.ref, args.alias, who=args.who, weight=args.weight)
+    _print_alias(reg, manifest.name, args.alias)
     return 0
 
 
 def _rollback(reg: Registry, args: argparse.Namespace) -> int:
     manifest = reg.rollback(args.name, args.alias, who=args.who)
-    print(f"{manifest.name}:{args.alias} -> {manifest.ref}")
+    _print_alias(reg, manifest.name, args.alias)
     return 0
+
+
+def _print_alias(reg: Registry, name: str, alias: str) -> None:
+    from adapters_registry.aliases import describe_state
+
+    print(f"{name}:{alias} -> {describe_state(reg.alias_records(name).get(alias))}")
 
 
 def _rm(reg: Registry, args: argparse.Namespace) -> int:
@@ -328,10 +349,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("ref", metavar="REF")
     p = add("aliases", _aliases, "show an adapter's aliases and their history", reads)
     p.add_argument("name")
-    for name, action, help_ in (("promote", _promote, "point an alias at a version"),):
+    for name, action, help_ in (("promote", _promote, "point an alias at a version, or roll one out to part of it"),):
         p = add(name, action, help_)
         p.add_argument("ref", metavar="REF")
         p.add_argument("--alias", required=True)
+        p.add_argument(
+            "--weight",
+            type=int,
+            metavar="PERCENT",
+            help="send this percent (1-99) of the alias's requests to REF, the rest to its version; 100 completes "
+            "the rollout, 0 stops it",
+        )
         p.add_argument("--who")
     p = add("rollback", _rollback, "move an alias back to its previous version")
     p.add_argument("name")

@@ -105,20 +105,37 @@ class BaseManifest(_Record):
     merged_from: dict[str, Any] | None = None
 
 
+class AliasSplit(_Record):
+    """A rollout in progress on an alias: `weight` percent of its requests go to `version`, the candidate."""
+
+    version: int
+    weight: int = Field(ge=1, le=99)
+
+
 class AliasMove(_Record):
     action: Literal["promote", "rollback"]
     who: str
     when: str
     from_version: int | None
     to_version: int
+    from_split: AliasSplit | None = None  # the rollout the alias had before the move (a rollback restores it)
+    to_split: AliasSplit | None = None
 
 
 class AliasRecord(_Record):
+    """Where an alias points: `version`, and while a rollout is in progress, `split` (older readers ignore it and
+    send everything to `version`, the safe side)."""
+
     schema_version: int = SCHEMA_VERSION
     name: str
     alias: str
     version: int
+    split: AliasSplit | None = None
     history: list[AliasMove] = Field(default_factory=list)
+
+    def versions(self) -> list[int]:
+        """The versions the alias serves now (its version, then the candidate)."""
+        return [self.version] + ([self.split.version] if self.split else [])
 
 
 class Tombstone(_Record):

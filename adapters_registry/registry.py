@@ -27,10 +27,11 @@ from typing import Any
 
 from adapters_registry import aliases as alias_records
 from adapters_registry import bases
+from adapters_registry.aliases import Resolution
 from adapters_registry.cache import BlobCache
 from adapters_registry.errors import ConflictError, NotFoundError, StorageError
 from adapters_registry.layout import ADAPTERS, cached_version_dir, digest_fanout, version_key, versioned_name
-from adapters_registry.manifest import AdapterManifest, AliasMove, BaseManifest, Tombstone
+from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, BaseManifest, Tombstone
 from adapters_registry.naming import Ref, check_name, parse_ref
 from adapters_registry.push import OnStage, no_stage_hook, push_version
 from adapters_registry.store import ObjectStore, Progress
@@ -172,17 +173,20 @@ class Registry:
             record["details"].update(version=manifest.version, digest=manifest.digest, serving=manifest.serving)
             return manifest
 
-    def promote(self, ref: str, alias: str, who: str | None = None) -> AdapterManifest:
-        with self.audited("promote", f"{ref} -> :{alias}", who, alias=alias) as record:
-            manifest = alias_records.promote(self.store, ref, alias, who, self.resolve)
+    def promote(self, ref: str, alias: str, who: str | None = None, *, weight: int | None = None) -> AdapterManifest:
+        """Point `name:alias` at the version `ref` names; with `weight` 1-99, send that percent of the alias's
+        requests to it instead (a rollout: aliases.py), 0 stops the rollout, 100 completes it."""
+        details: dict[str, Any] = {"alias": alias} if weight is None else {"alias": alias, "weight": weight}
+        with self.audited("promote", f"{ref} -> :{alias}", who, **details) as record:
+            manifest, state = alias_records.promote(self.store, ref, alias, who, self.resolve, weight)
             record["target"] = f"{manifest.name}:{alias}"
-            record["details"]["version"] = manifest.version
+            record["details"].update(version=manifest.version, serves=alias_records.describe_state(state))
             return manifest
 
     def rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
         with self.audited("rollback", f"{name}:{alias}", who, alias=alias) as record:
-            manifest = alias_records.rollback(self.store, name, alias, who, self.resolve)
-            record["details"]["version"] = manifest.version
+            manifest, state = alias_records.rollback(self.store, name, alias, who, self.resolve)
+            record["details"].update(version=manifest.version, serves=alias_records.describe_state(state))
             return manifest
 
     def remove(self, ref: str, who: str | None = None, *, force: bool = False) -> AdapterManifest:
@@ -329,6 +333,29 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         return alias_records.aliases(self.store, name)
+
+    def alias_records(self, name: str) -> dict[str, AliasRecord]:
+        """Each alias's record: its version, its rollout (`split`) if one is in progress, its history."""
+        return alias_records.alias_records(self.store, name)
+
+    def resolve_split(self, ref: str) -> Resolution:
+        """What `ref` serves: its version, and for an alias with a rollout in progress, the candidate and its weight
+        (`Resolution.pick` chooses per request). While the store is unreachable, `resolve`'s last answer for the
+        reference stands in, without a split."""
+        parsed = parse_ref(ref)
+        if parsed.kind != "alias":
+            return Resolution(ref, self.resolve(ref))
+        try:
+            found = alias_records.read_alias(self.store, parsed.name, str(parsed.alias))
+        except StorageError:
+            return Resolution(ref, self.resolve(ref))
+        if found is None:
+            raise NotFoundError(f"{ref}: {parsed.name!r} has no alias {parsed.alias!r}")
+        record = found[0]
+        current = self.resolve(f"{parsed.name}@{record.version}")
+        if record.split is None:
+            return Resolution(ref, current)
+        return Resolution(ref, current, self.resolve(f"{parsed.name}@{record.split.version}"), record.split.weight)
 
     def alias_history(self, name: str, alias: str) -> list[AliasMove]:
         return alias_records.alias_history(self.store, name, alias)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapters_registry import AdapterManifest, Registry
+from adapters_registry.aliases import Resolution
 from adapters_registry.errors import RegistryError
 from gateway.dispatch import Ask, Decision, Dispatcher
 from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, Unavailable, from_registry_error
@@ -166,12 +167,14 @@ class AdapterManager:
         self.busy_elsewhere: Callable[[str, tuple[str, ...]], Awaitable[set[str]]] | None = None
 
     # -- resolution ------------------------------------------------------------------------------------------------
-    async def resolve(self, model: object) -> Target:
+    async def resolve(self, model: object, split_key: str = "") -> Target:
+        """What a request's `model` serves; `split_key` picks the version while an alias rolls one out (the same
+        key, the same version)."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("`model` must be a non-empty string", param="model")
         if model == self.base_name:
             return Target(model, None, self.base_name)
-        manifest = await self.manifest_for(model)
+        manifest = (await self.resolution_for(model)).pick(split_key)
         reason = refusal_reason(manifest, self.bound_base, self.max_lora_rank())
         if reason:
             raise AdapterRefused(reason, param="model", adapter=manifest.name, version=manifest.version)
@@ -179,7 +182,11 @@ class AdapterManager:
         return Target(model, manifest, manifest.engine_name)
 
     async def manifest_for(self, model: str) -> AdapterManifest:
-        """The registry version a reference names, whether or not it can be served here."""
+        """The registry version a reference names (an alias's own version, not a rollout's candidate), whether or
+        not it can be served here."""
+        return (await self.resolution_for(model)).current
+
+    async def resolution_for(self, model: str) -> Resolution:
         try:
             return await self.resolver.resolve(model)
         except RegistryError as exc:

@@ -1,4 +1,5 @@
-"""`model` -> registry version, answered from memory on the request path.
+"""`model` -> registry version (a `Resolution`: one version, or two while an alias rolls one out), answered from
+memory on the request path.
 
 A name seen before is answered at once; once its answer is older than `ttl_s` it is refreshed in the background
 while the old answer still serves, so a request never waits on the registry for a name it has seen. A name not
@@ -18,7 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters_registry import AdapterManifest, Registry
+from adapters_registry import Registry
+from adapters_registry.aliases import Resolution
 from adapters_registry.errors import NotFoundError, RegistryError
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Entry:
-    answer: AdapterManifest | NotFoundError
+    answer: Resolution | NotFoundError
     at: float
 
 
@@ -39,15 +41,15 @@ class Resolver:
         self.missing_ttl_s = missing_ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[AdapterManifest | NotFoundError]] = {}
+        self._pending: dict[str, asyncio.Future[Resolution | NotFoundError]] = {}
         self.on_forget: Callable[[str | None], None] = lambda name: None  # gateway workers forget it too
 
-    async def resolve(self, model: str) -> AdapterManifest:
-        """The version `model` names; NotFoundError, or another RegistryError when the registry cannot say."""
+    async def resolve(self, model: str) -> Resolution:
+        """What `model` serves; NotFoundError, or another RegistryError when the registry cannot say."""
         entry = self._entries.get(model)
         if entry is not None:
             age = time.monotonic() - entry.at
-            if isinstance(entry.answer, AdapterManifest):
+            if isinstance(entry.answer, Resolution):
                 if age > self.ttl_s and model not in self._pending:
                     self._start(model)  # refresh behind the answer we already have
                 return entry.answer
@@ -59,25 +61,25 @@ class Resolver:
             raise answer
         return answer
 
-    def _start(self, model: str) -> asyncio.Future[AdapterManifest | NotFoundError]:
+    def _start(self, model: str) -> asyncio.Future[Resolution | NotFoundError]:
         future = asyncio.ensure_future(self._lookup(model))
         self._pending[model] = future
         future.add_done_callback(lambda done: self._settled(model, done))
         return future
 
-    def _settled(self, model: str, done: asyncio.Future[AdapterManifest | NotFoundError]) -> None:
+    def _settled(self, model: str, done: asyncio.Future[Resolution | NotFoundError]) -> None:
         self._pending.pop(model, None)
         if not done.cancelled():
             done.exception()  # retrieved: a refresh nobody waited for must not warn "never retrieved"
 
-    async def _lookup(self, model: str) -> AdapterManifest | NotFoundError:
+    async def _lookup(self, model: str) -> Resolution | NotFoundError:
         try:
-            answer: AdapterManifest | NotFoundError = await asyncio.to_thread(self.registry.resolve, model)
+            answer: Resolution | NotFoundError = await asyncio.to_thread(self.registry.resolve_split, model)
         except NotFoundError as exc:
             answer = exc
         except RegistryError as exc:
             known = self._entries.get(model)
-            if known is not None and isinstance(known.answer, AdapterManifest):
+            if known is not None and isinstance(known.answer, Resolution):
                 age = time.monotonic() - known.at
                 log.warning("registry lookup of %s failed (%s); serving the answer from %.0fs ago", model, exc, age)
                 return known.answer

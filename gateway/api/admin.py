@@ -7,9 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from adapters_registry import open_registry
+from adapters_registry.aliases import describe_state
 from adapters_registry.errors import RegistryError
 from gateway.deps import Gateway, GatewayDep
 from gateway.errors import InvalidRequest, ModelNotFound, Unavailable, from_registry_error
@@ -27,6 +28,7 @@ class AdapterAction(BaseModel):
 class AliasPromote(BaseModel):
     ref: str
     alias: str
+    weight: int | None = Field(default=None, ge=0, le=100)  # a rollout: this percent of the alias's requests
 
 
 class AliasRollback(BaseModel):
@@ -127,19 +129,29 @@ async def unpin_adapter(action: AdapterAction, request: Request, gateway: Gatewa
     return {"model": action.model, "ref": target.label, "pinned": False}
 
 
-async def _move_alias(gateway: Gateway, move: Any, *args: str) -> dict[str, Any]:
+async def _move_alias(gateway: Gateway, move: Any, *args: str, **kwargs: Any) -> dict[str, Any]:
+    registry = gateway.registry
     try:
-        manifest = await asyncio.to_thread(move, *args)  # audited by the registry hook, as the calling key
+        manifest = await asyncio.to_thread(move, *args, **kwargs)  # audited by the registry hook, as the calling key
+        record = (await asyncio.to_thread(registry.alias_records, manifest.name)).get(args[-1])
     except RegistryError as exc:
         raise from_registry_error(exc, args[0], param="alias") from exc
     gateway.adapters.resolver.forget(manifest.name)  # this replica serves the move at once
-    return {"name": manifest.name, "alias": args[-1], "ref": manifest.ref, "digest": manifest.digest}
+    return {
+        "name": manifest.name,
+        "alias": args[-1],
+        "ref": manifest.ref,
+        "digest": manifest.digest,
+        "serves": describe_state(record),
+        "split": record.split.model_dump() if record is not None and record.split else None,
+    }
 
 
 @router.post("/aliases/promote")
 async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, Any]:
-    """Point `name:alias` at the version `ref` names (what `loragate registry promote` does)."""
-    return await _move_alias(gateway, gateway.registry.promote, body.ref, body.alias)
+    """Point `name:alias` at the version `ref` names, or with `weight` roll it out to that percent of the alias's
+    requests (what `loragate registry promote [--weight N]` does)."""
+    return await _move_alias(gateway, gateway.registry.promote, body.ref, body.alias, weight=body.weight)
 
 
 @router.post("/aliases/rollback")

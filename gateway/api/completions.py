@@ -52,7 +52,7 @@ class CompletionRoute:
             call.model = model if isinstance(model, str) else None
             if call.model is not None:
                 security.check_model(principal, call.model)
-            target = await gateway.adapters.resolve(model)
+            target = await gateway.adapters.resolve(model, split_key(scope, principal, call.request_id))
             call.resolved(target.manifest, target.upstream_name)
             state["adapter"] = target.label
             call.quota = security.admit(principal, target.model, call.body)
@@ -66,6 +66,20 @@ class CompletionRoute:
             await send_error(send, exc)
             return
         await gateway.proxy.forward(call, self.path, receive, send)
+
+
+SPLIT_HEADER = b"x-loragate-split-key"
+
+
+def split_key(scope: Scope, principal: Principal, request_id: str) -> str:
+    """What picks the version while an alias rolls one out: the `x-loragate-split-key` header, else the API key,
+    else the request (so one caller, or one conversation that sends its own key, sticks to one version)."""
+    for name, value in scope["headers"]:
+        if name == SPLIT_HEADER:
+            return "header:" + bytes(value).decode("latin-1")
+    if principal.key_id is not None:
+        return "key:" + principal.key_id
+    return "request:" + request_id
 
 
 def openapi_paths() -> dict[str, Any]:

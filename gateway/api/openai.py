@@ -81,9 +81,14 @@ async def _all_cards(gateway: Gateway) -> list[dict[str, Any]]:
     manifests = await asyncio.to_thread(gateway.registry.list_adapters)
     manifests = [m for m in manifests if _refusal(gateway, m) is None]
     names = sorted({m.name for m in manifests})
-    aliases = dict(
-        zip(names, await asyncio.gather(*(asyncio.to_thread(gateway.registry.aliases, n) for n in names)), strict=True)
+    records = dict(
+        zip(
+            names,
+            await asyncio.gather(*(asyncio.to_thread(gateway.registry.alias_records, n) for n in names)),
+            strict=True,
+        )
     )
+    aliases = {name: {alias: record.version for alias, record in records[name].items()} for name in names}
     cards: list[dict[str, Any]] = [_base_card(gateway)]
     latest: dict[str, AdapterManifest] = {}
     for manifest in sorted(manifests, key=lambda m: (m.name, m.version)):
@@ -93,11 +98,19 @@ async def _all_cards(gateway: Gateway) -> list[dict[str, Any]]:
         )
     for name, manifest in latest.items():
         cards.append(_adapter_card(gateway, name, manifest, resolves_to=manifest.ref))
-        for alias, version in sorted(aliases[name].items()):
-            target = next((m for m in manifests if m.name == name and m.version == version), None)
+        for alias, record in sorted(records[name].items()):
+            target = next((m for m in manifests if m.name == name and m.version == record.version), None)
             if target is not None:
-                cards.append(_adapter_card(gateway, f"{name}:{alias}", target, resolves_to=target.ref))
+                card = _adapter_card(gateway, f"{name}:{alias}", target, resolves_to=target.ref)
+                if record.split is not None:
+                    card["split"] = _split(f"{name}@{record.split.version}", record.split.weight)
+                cards.append(card)
     return cards
+
+
+def _split(candidate: str, weight: int) -> dict[str, Any]:
+    """An alias card's rollout in progress: `weight` percent of its requests go to `candidate`."""
+    return {"candidate": candidate, "weight": weight}
 
 
 def _refusal(gateway: Gateway, manifest: AdapterManifest) -> str | None:
@@ -112,11 +125,14 @@ async def retrieve_model(model_id: str, gateway: GatewayDep, principal: Principa
     gateway.security.check_model(principal, model_id)  # a model this key may not use is as missing as any other
     if model_id == gateway.base_name:
         return _base_card(gateway)
-    manifest = await gateway.adapters.manifest_for(model_id)
+    resolution = await gateway.adapters.resolution_for(model_id)
+    manifest = resolution.current
     if manifest.base != gateway.adapters.bound_base:
         raise ModelNotFound(model_id)
     if model_id != manifest.ref:  # `name`, `name:alias`, `name@sha256:...`: it resolves to a version
         card = _adapter_card(gateway, model_id, manifest, resolves_to=manifest.ref)
+        if resolution.candidate is not None:
+            card["split"] = _split(resolution.candidate.ref, resolution.weight)
     else:
         aliases = await asyncio.to_thread(gateway.registry.aliases, manifest.name)
         card = _adapter_card(gateway, model_id, manifest, aliases=_alias_names(manifest, aliases))

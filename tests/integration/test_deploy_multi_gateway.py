@@ -230,6 +230,33 @@ def test_both_gateways_send_each_adapter_to_its_rendezvous_engine(cluster: Clust
     assert set(placed.values()) == set(cluster.urls[:2]), "8 adapters should spread over both engines"
 
 
+def test_both_gateways_split_a_rollout_the_same_way(cluster: Cluster, tmp_path: Path) -> None:
+    """A rollout lives in the alias record: two replicas that never talk send each split key to the same version."""
+    registry = open_registry(cluster.registry_dir)
+    source = registry.materialize(registry.resolve("team-0@1"))  # a name of its own: team-* keep their versions
+    first = registry.push(source, "rollout", "tiny")
+    second = registry.push(derive_adapter(source, tmp_path / "rollout-2", seed=900), "rollout", "tiny")
+    registry.promote(first.ref, "prod")
+    registry.promote(second.ref, "prod", weight=30)
+
+    def version(gateway: GatewayProcess, key: str) -> str:
+        answer = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": "rollout:prod", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1},
+            headers={"x-loragate-split-key": key},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        return str(answer.headers["x-loragate-adapter"])
+
+    keys = [f"caller-{i}" for i in range(40)]
+    seen = {key: [version(gateway, key) for gateway in cluster.gateways] for key in keys}
+    assert all(a == b for a, b in seen.values()), seen
+    picked = [a for a, _ in seen.values()]
+    assert set(picked) == {first.ref, second.ref}, picked  # 40 keys at 30%: both versions answer
+    assert picked == [registry.resolve_split("rollout:prod").pick(f"header:{key}").ref for key in keys]
+
+
 def test_a_new_engine_is_discovered_and_resident_adapters_stay(cluster: Cluster) -> None:
     cluster.publish(cluster.urls[:2])
     cluster.wait_until("engines 0 and 1", cluster.sees(cluster.urls[:2]))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -511,3 +512,41 @@ def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: Gateway
         wait_until(lambda: httpx.get(readyz, timeout=10).status_code == 200, 60, "/readyz 200 again", interval_s=0.5)
     finally:
         assert httpx.post(f"{gateway.url}/admin/adapters/unpin", json={"model": "a0@2"}, timeout=10).status_code == 200
+
+
+def test_a_rollout_splits_an_alias_by_split_key_and_answers_name_the_version(
+    gateway: GatewayUnderTest, pushed: Any
+) -> None:
+    """`promote a0@2 --alias rollout --weight 10` through the admin API: of 400 callers (each its own split key),
+    10% +/- 5 points get a0@2, each always the same version, and the answer says which one answered. (Last in the
+    module: the alias it leaves behind would show in the others' /v1/models.)"""
+    versions, _ = pushed
+    gateway.registry.promote("a0@1", "rollout")
+    moved = httpx.post(
+        f"{gateway.url}/admin/aliases/promote", json={"ref": "a0@2", "alias": "rollout", "weight": 10}, timeout=30
+    )
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["serves"], moved.json()["split"]) == ("a0@1 (90%), a0@2 (10%)", {"version": 2, "weight": 10})
+
+    def ask(key: str) -> tuple[str, str]:
+        answer = httpx.post(
+            f"{gateway.base_url}/chat/completions",
+            json={"model": "a0:rollout", "messages": HELLO, "max_tokens": 1},
+            headers={"x-loragate-split-key": key},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-loragate-adapter"], answer.json()["model"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, [f"user-{i}" for i in range(400)]))
+    candidate = [ref for ref, _ in answers].count("a0@2") / len(answers)
+    assert 0.05 <= candidate <= 0.15, candidate
+    assert {ref: model for ref, model in answers} == {v.ref: v.engine_name for v in versions.values()}
+    for i in (0, 1, 2, 3):
+        assert {ask(f"user-{i}") for _ in range(3)} == {answers[i]}  # a caller sticks to its version
+    card = client(gateway).models.retrieve("a0:rollout").model_dump()
+    assert (card["resolves_to"], card["split"]) == ("a0@1", {"candidate": "a0@2", "weight": 10})
+    undone = httpx.post(f"{gateway.url}/admin/aliases/rollback", json={"name": "a0", "alias": "rollout"}, timeout=30)
+    assert (undone.status_code, undone.json()["serves"]) == (200, "a0@1")
+    assert {ask(f"user-{i}")[0] for i in range(40)} == {"a0@1"}
