@@ -13,7 +13,7 @@ from adapters_registry import open_registry
 from adapters_registry.aliases import describe_state
 from adapters_registry.errors import RegistryError
 from gateway.deps import Gateway, GatewayDep
-from gateway.errors import InvalidRequest, ModelNotFound, Unavailable, from_registry_error
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable, from_registry_error
 from gateway.readiness import registry_readiness
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -150,8 +150,32 @@ async def _move_alias(gateway: Gateway, move: Any, *args: str, **kwargs: Any) ->
 @router.post("/aliases/promote")
 async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, Any]:
     """Point `name:alias` at the version `ref` names, or with `weight` roll it out to that percent of the alias's
-    requests (what `loragate registry promote [--weight N]` does)."""
-    return await _move_alias(gateway, gateway.registry.promote, body.ref, body.alias, weight=body.weight)
+    requests (what `loragate registry promote [--weight N]` does). Before the version gets any of the alias's
+    traffic it is loaded on the engines that hold the alias's version now (`warmed_on`), so no request pays its
+    load at the flip; a version this gateway would refuse is refused before anything moves."""
+    warmed: list[str] = []
+    if body.weight != 0:
+        warmed = await _warm(gateway, body.ref, body.alias)
+    moved = await _move_alias(gateway, gateway.registry.promote, body.ref, body.alias, weight=body.weight)
+    return {**moved, "warmed_on": warmed}
+
+
+async def _warm(gateway: Gateway, ref: str, alias: str) -> list[str]:
+    """Load the version `ref` names where `name:alias`'s version is resident; the engines it was loaded on."""
+    adapters = gateway.adapters
+    candidate = await adapters.resolve(ref)  # refused here (rank, merge-only, base) before the alias moves
+    if candidate.manifest is None:
+        raise InvalidRequest("an alias names an adapter version, not the base model", param="ref")
+    try:
+        current = await adapters.manifest_for(f"{candidate.manifest.name}:{alias}")
+    except GatewayError:
+        return []  # no such alias yet: the promote says so, or creates it
+    warmed = []
+    for engine_id in adapters.ledger.holders(current.engine_name):
+        engine = gateway.supervisor.engines.get(engine_id)
+        if engine is not None and engine.healthy and await adapters.ensure_loaded(engine, candidate.manifest):
+            warmed.append(engine_id)
+    return warmed
 
 
 @router.post("/aliases/rollback")

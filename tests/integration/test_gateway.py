@@ -238,6 +238,19 @@ def engine_metric(engine_url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
+def metric_sum(gateway: GatewayUnderTest, name: str, **labels: str) -> float:
+    """The gateway's series `name` summed over those whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def requests_seen(gateway: GatewayUnderTest, **labels: str) -> float:
     """loragate_requests_total summed over the series whose labels include `labels`."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -517,16 +530,12 @@ def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: Gateway
 def test_a_rollout_splits_an_alias_by_split_key_and_answers_name_the_version(
     gateway: GatewayUnderTest, pushed: Any
 ) -> None:
-    """`promote a0@2 --alias rollout --weight 10` through the admin API: of 400 callers (each its own split key),
-    10% +/- 5 points get a0@2, each always the same version, and the answer says which one answered. (Last in the
-    module: the alias it leaves behind would show in the others' /v1/models.)"""
+    """`promote a0@2 --alias rollout --weight 10` through the admin API: a0@2 is loaded where a0@1 is first (a warm
+    flip: no request pays its load); of 400 callers (each its own split key), 10% +/- 5 points get a0@2, each always
+    the same version, and the answer says which one answered. (Last in the module: the alias it leaves behind would
+    show in the others' /v1/models.)"""
     versions, _ = pushed
     gateway.registry.promote("a0@1", "rollout")
-    moved = httpx.post(
-        f"{gateway.url}/admin/aliases/promote", json={"ref": "a0@2", "alias": "rollout", "weight": 10}, timeout=30
-    )
-    assert moved.status_code == 200, moved.text
-    assert (moved.json()["serves"], moved.json()["split"]) == ("a0@1 (90%), a0@2 (10%)", {"version": 2, "weight": 10})
 
     def ask(key: str) -> tuple[str, str]:
         answer = httpx.post(
@@ -537,6 +546,31 @@ def test_a_rollout_splits_an_alias_by_split_key_and_answers_name_the_version(
         )
         assert answer.status_code == 200, answer.text
         return answer.headers["x-loragate-adapter"], answer.json()["model"]
+
+    def resident(lora_name: str) -> list[str]:
+        return sorted(e["id"] for e in gateway.engines() if lora_name in [r["engine_name"] for r in e["resident"]])
+
+    def loads() -> float:
+        return metric_sum(gateway, "loragate_adapter_loads_total", adapter="a0", version="2")
+
+    assert ask("warm-up")[0] == "a0@1"
+    holders = resident(versions["a0@1"].engine_name)
+    if resident(versions["a0@2"].engine_name):
+        assert httpx.post(f"{gateway.url}/admin/adapters/unload", json={"model": "a0@2"}, timeout=60).status_code == 200
+    assert holders and not resident(versions["a0@2"].engine_name)
+    before = loads()
+    moved = httpx.post(
+        f"{gateway.url}/admin/aliases/promote", json={"ref": "a0@2", "alias": "rollout", "weight": 10}, timeout=120
+    )
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["serves"], moved.json()["split"]) == ("a0@1 (90%), a0@2 (10%)", {"version": 2, "weight": 10})
+    # A warm flip: loaded where a0@1 is before any request could go to it, and no request after pays a load
+    assert moved.json()["warmed_on"] == holders and resident(versions["a0@2"].engine_name) == holders
+    assert loads() == before + len(holders)
+    picks = gateway.registry.resolve_split("a0:rollout")
+    canaries = [key for key in (f"canary-{i}" for i in range(200)) if picks.pick(f"header:{key}").version == 2][:10]
+    assert len(canaries) == 10 and {ask(key)[0] for key in canaries} == {"a0@2"}
+    assert loads() == before + len(holders)
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, [f"user-{i}" for i in range(400)]))
