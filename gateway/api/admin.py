@@ -13,7 +13,14 @@ from adapters_registry import open_registry
 from adapters_registry.aliases import describe_state
 from adapters_registry.errors import RegistryError
 from gateway.deps import Gateway, GatewayDep
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, Unavailable, from_registry_error
+from gateway.errors import (
+    AdapterRefused,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    Unavailable,
+    from_registry_error,
+)
 from gateway.readiness import registry_readiness
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -163,9 +170,15 @@ async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, An
 async def _warm(gateway: Gateway, ref: str, alias: str) -> list[str]:
     """Load the version `ref` names where `name:alias`'s version is resident; the engines it was loaded on."""
     adapters = gateway.adapters
-    candidate = await adapters.resolve(ref)  # refused here (rank, merge-only, base) before the alias moves
+    try:
+        candidate = await adapters.resolve(ref)
+    except AdapterRefused:  # (rank, merge-only, another base) refused before the alias moves, and audited as such
+        with gateway.registry.audited("promote", f"{ref} -> :{alias}", None, alias=alias):
+            raise
+    except GatewayError:
+        return []  # an unknown version: the registry's promote refuses it (audited)
     if candidate.manifest is None:
-        raise InvalidRequest("an alias names an adapter version, not the base model", param="ref")
+        return []  # the base model: the registry's promote refuses it
     try:
         current = await adapters.manifest_for(f"{candidate.manifest.name}:{alias}")
     except GatewayError:

@@ -528,7 +528,7 @@ def test_engine_killed_mid_traffic_comes_back_with_its_adapters(gateway: Gateway
 
 
 def test_a_rollout_splits_an_alias_by_split_key_and_answers_name_the_version(
-    gateway: GatewayUnderTest, pushed: Any
+    gateway: GatewayUnderTest, pushed: Any, tiny_model: Path, tmp_path: Path
 ) -> None:
     """`promote a0@2 --alias rollout --weight 10` through the admin API: a0@2 is loaded where a0@1 is first (a warm
     flip: no request pays its load); of 400 callers (each its own split key), 10% +/- 5 points get a0@2, each always
@@ -584,3 +584,12 @@ def test_a_rollout_splits_an_alias_by_split_key_and_answers_name_the_version(
     undone = httpx.post(f"{gateway.url}/admin/aliases/rollback", json={"name": "a0", "alias": "rollout"}, timeout=30)
     assert (undone.status_code, undone.json()["serves"]) == (200, "a0@1")
     assert {ask(f"user-{i}")[0] for i in range(40)} == {"a0@1"}
+    # a version this gateway would refuse (rank 32 over the engines' 16) is refused before the alias moves, audited
+    wide = gateway.registry.push(build_random_adapter(tiny_model, tmp_path / "r32", seed=8, r=32), "a0", "tiny")
+    refused = httpx.post(
+        f"{gateway.url}/admin/aliases/promote", json={"ref": wide.ref, "alias": "rollout", "weight": 10}, timeout=30
+    )
+    assert (refused.status_code, refused.json()["error"]["code"]) == (400, "adapter_refused"), refused.text
+    assert gateway.registry.alias_records("a0")["rollout"].split is None
+    audited = [e for e in gateway.state.security.audit.read() if e["action"] == "registry.promote"][-1]
+    assert (audited["target"], audited["result"]) == (f"{wide.ref} -> :rollout", "error")
