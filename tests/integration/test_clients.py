@@ -25,21 +25,9 @@ def sdk(gateway: GatewayUnderTest) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.base_url, api_key="none", max_retries=0)
 
 
-def metric(gateway: GatewayUnderTest, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
 def test_the_responses_api_through_the_sdk_plain_and_streamed(gateway: GatewayUnderTest, adapter: str) -> None:
-    before = metric(gateway, "loragate_requests_total", route="responses", adapter=adapter)
-    tokens_before = metric(gateway, "loragate_completion_tokens_total", adapter=adapter)
+    before = gateway.metric("loragate_requests_total", route="responses", adapter=adapter)
+    tokens_before = gateway.metric("loragate_completion_tokens_total", adapter=adapter)
     raw = sdk(gateway).responses.with_raw_response.create(model=adapter, input="Hello there", max_output_tokens=8)
     response = raw.parse()
     # the tiny model never stops on its own: the answer ends at max_output_tokens ("incomplete", as OpenAI says)
@@ -51,9 +39,9 @@ def test_the_responses_api_through_the_sdk_plain_and_streamed(gateway: GatewayUn
     assert any(kind == "response.output_text.delta" for kind in kinds)
     streamed_usage = events[-1].response.usage  # type: ignore[union-attr]
     assert streamed_usage is not None
-    assert metric(gateway, "loragate_requests_total", route="responses", adapter=adapter) == before + 2
+    assert gateway.metric("loragate_requests_total", route="responses", adapter=adapter) == before + 2
     tokens = response.usage.output_tokens + streamed_usage.output_tokens
-    assert metric(gateway, "loragate_completion_tokens_total", adapter=adapter) == tokens_before + tokens
+    assert gateway.metric("loragate_completion_tokens_total", adapter=adapter) == tokens_before + tokens
     with pytest.raises(openai.NotFoundError):
         sdk(gateway).responses.create(model="no-such-adapter", input="Hello")
 

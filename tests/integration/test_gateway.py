@@ -238,30 +238,9 @@ def engine_metric(engine_url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
-def metric_sum(gateway: GatewayUnderTest, name: str, **labels: str) -> float:
-    """The gateway's series `name` summed over those whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
 def requests_seen(gateway: GatewayUnderTest, **labels: str) -> float:
     """loragate_requests_total summed over the series whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "loragate_requests_total" and labels.items() <= sample.labels.items()
-    )
+    return gateway.metric("loragate_requests_total", **labels)
 
 
 # Runs in its own process, so a pulse's length does not depend on this process's GIL (shared with the gateway's
@@ -551,7 +530,7 @@ def test_a_rollout_splits_an_alias_by_split_key_and_answers_name_the_version(
         return sorted(e["id"] for e in gateway.engines() if lora_name in [r["engine_name"] for r in e["resident"]])
 
     def loads() -> float:
-        return metric_sum(gateway, "loragate_adapter_loads_total", adapter="a0", version="2")
+        return gateway.metric("loragate_adapter_loads_total", adapter="a0", version="2")
 
     assert ask("warm-up")[0] == "a0@1"
     holders = resident(versions["a0@1"].engine_name)
