@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load.add_argument("--warmup", type=int, default=0, help="requests sent to each target first, not measured")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--timeout-s", type=float, default=600.0, help="longest wait for the next byte of an answer")
+    load.add_argument("--duration-s", type=float, default=None, help="send for at most this long per run")
+    load.add_argument(
+        "--drain-s", type=float, default=30.0, help="with --duration-s: then cut what is still unanswered after this"
+    )
     load.add_argument("--api-key", default=None, help="sent as a bearer token")
     report = parser.add_argument_group("report")
     report.add_argument("--slo-ttft-s", type=float, default=None, help="SLO on the time to the first token")
@@ -180,6 +184,8 @@ def config_from_args(args: argparse.Namespace, workload: WorkloadSpec) -> BenchC
         slo_e2e_s=args.slo_e2e_s,
         timeout_s=args.timeout_s,
         warmup=args.warmup,
+        duration_s=args.duration_s,
+        drain_s=args.drain_s,
         metrics_interval_s=args.metrics_interval_s,
     )
 

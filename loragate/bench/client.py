@@ -4,7 +4,7 @@ or how it failed.
 Failure statuses are the HTTP status as a string ("429", "503"), or one of: "connect_error" (no connection),
 "timeout" (no byte for `timeout_s`), "disconnected" (the connection broke mid-answer), "stream_error" (an SSE error
 event, as the gateway sends when an engine breaks off), "incomplete" (the stream ended without `[DONE]`),
-"client_error" (any other aiohttp error).
+"client_error" (any other aiohttp error), "cut" (unanswered at the end of a run of limited duration).
 
 After the first token only lines that mention usage or an error are parsed as JSON: the rest are counted, so the
 client's cost per token stays a substring test.
@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 OK = "ok"
+CUT = "cut"  # still unanswered when a run of limited duration ended (see runner)
 
 
 @dataclass(slots=True)

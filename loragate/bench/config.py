@@ -61,6 +61,9 @@ class BenchConfig:
     timeout_s: float = 600.0  # the longest wait for the next byte of an answer
     warmup: int = 0  # requests sent to each target before its first round, not measured
     metrics_interval_s: float = 60.0  # how often /metrics is read during a run (plus before and after)
+    # a run sends for at most `duration_s`; what is still unanswered `drain_s` after that is cut (status "cut")
+    duration_s: float | None = None
+    drain_s: float = 30.0
 
     def check(self) -> None:
         if not self.targets:
@@ -81,6 +84,8 @@ class BenchConfig:
                 raise BenchError(f"{name} must be above 0")
         if self.timeout_s <= 0 or self.metrics_interval_s <= 0:
             raise BenchError("timeouts and intervals must be above 0")
+        if (self.duration_s is not None and self.duration_s <= 0) or self.drain_s < 0:
+            raise BenchError("--duration-s must be above 0 and --drain-s at least 0")
 
     def describe(self) -> dict[str, Any]:
         """The configuration as JSON (what the result file records)."""
@@ -105,6 +110,8 @@ class BenchConfig:
             "slo_ttft_s": self.slo_ttft_s,
             "slo_e2e_s": self.slo_e2e_s,
             "warmup": self.warmup,
+            "duration_s": self.duration_s,
+            "drain_s": self.drain_s if self.duration_s is not None else None,
         }
 
 

@@ -5,7 +5,9 @@ Summaries per target pool every round's requests for latencies and SLO attainmen
 rounds of (requests, output tokens of successful requests) / (first send to last answer). Per adapter, throughput
 is its successful requests over the rounds' summed duration. The gateway's hit ratio is 1 - loads / adapter
 requests sent: a request that waited on a load another request had started counts as a hit, so it is an upper
-bound. TPOT is (end-to-end - TTFT) / (output tokens - 1), per request with at least two output tokens.
+bound. TPOT is (end-to-end - TTFT) / (output tokens - 1), per request with at least two output tokens. A request
+cut at the end of a run of limited duration (status "cut") is a failure, and counts in the TTFT figures with its
+first token's time or, when none came, the time it had waited (a lower bound), so cutting a run flatters no target.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loragate.bench.client import Record
+from loragate.bench.client import CUT, Record
 from loragate.bench.config import BenchConfig
 from loragate.bench.scrape import Counters
 from loragate.bench.workload import BenchRequest
@@ -96,11 +98,19 @@ def summarize(records: Sequence[Record], config: BenchConfig, rates: tuple[float
         "output_tokens_per_s": rates[1] if rates else None,
         "prompt_tokens_mean": _mean(r.prompt_tokens for r in ok),
         "output_tokens_mean": _mean(r.output_tokens for r in ok),
-        "ttft_s": _spread([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "ttft_s": _spread([t for r in records if (t := _ttft(r)) is not None]),
         "tpot_s": _spread([t for r in ok if (t := tpot(r)) is not None]),
         "e2e_s": _spread([r.e2e_s for r in ok if r.e2e_s is not None]),
         "slo_attained": attained / len(records) if slo_on and records else None,
     }
+
+
+def _ttft(record: Record) -> float | None:
+    if record.ok:
+        return record.ttft_s
+    if record.status == CUT:
+        return record.ttft_s if record.ttft_s is not None else record.e2e_s
+    return None
 
 
 def _mean(values: Iterable[int | None]) -> float | None:
@@ -115,7 +125,7 @@ def _rates(records: Sequence[Record], duration_s: float) -> tuple[float, float]:
     return len(ok) / duration_s, sum(r.output_tokens or 0 for r in ok) / duration_s
 
 
-def _gateway(runs: Sequence[RunResult], adapter_requests: int) -> dict[str, Any] | None:
+def _gateway(runs: Sequence[RunResult], adapter_sent: int) -> dict[str, Any] | None:
     if not runs or any(run.gateway is None for run in runs):
         return None
     values = {
@@ -127,7 +137,7 @@ def _gateway(runs: Sequence[RunResult], adapter_requests: int) -> dict[str, Any]
     for run in runs:
         if run.gateway:
             by_engine.update(run.gateway.loads_by_engine)
-    sent = adapter_requests * len(runs)
+    sent = adapter_sent
     return {
         "loads": int(values["loads"]),
         "evictions": int(values["evictions"]),
@@ -174,7 +184,11 @@ def target_summary(result: BenchResult, name: str) -> dict[str, Any]:
         model: {"rank": ranks[model], **summarize(group, config, _rates(group, total_s))}
         for model, group in sorted(per_model.items(), key=lambda item: (ranks[item[0]], item[0]))
     }
-    adapter_requests = sum(1 for request in result.requests if request.rank > 0)
+    adapter = {request.index for request in result.requests if request.rank > 0}
+
+    def adapter_sent(of: Sequence[RunResult]) -> int:  # all of them, unless a run's duration cut it short
+        return sum(1 for run in of for record in run.records if record.index in adapter)
+
     examples: dict[str, str] = {}
     for record in records:
         if not record.ok and record.status not in examples:
@@ -184,11 +198,11 @@ def target_summary(result: BenchResult, name: str) -> dict[str, Any]:
         "overall": overall,
         "per_adapter": per_adapter,
         "worst_adapter": _worst(per_adapter),
-        "gateway": _gateway(runs, adapter_requests),
+        "gateway": _gateway(runs, adapter_sent(runs)),
         "failure_examples": examples,
         "client_cpu_per_request_ms": 1000 * sum(run.client_cpu_s for run in runs) / max(len(records), 1),
         "client_cpu_share": sum(run.client_cpu_s for run in runs) / total_s if total_s else None,
-        "rounds": [_round_json(run, adapter_requests) for run in runs],
+        "rounds": [_round_json(run, adapter_sent([run])) for run in runs],
     }
 
 
@@ -209,7 +223,7 @@ def _worst(per_adapter: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | Non
     }
 
 
-def _round_json(run: RunResult, adapter_requests: int) -> dict[str, Any]:
+def _round_json(run: RunResult, adapter_sent: int) -> dict[str, Any]:
     requests_per_s, tokens_per_s = _rates(run.records, run.duration_s)
     return {
         "round": run.round,
@@ -218,7 +232,7 @@ def _round_json(run: RunResult, adapter_requests: int) -> dict[str, Any]:
         "requests_per_s": requests_per_s,
         "output_tokens_per_s": tokens_per_s,
         "client_cpu_s": run.client_cpu_s,
-        "gateway": _gateway([run], adapter_requests),
+        "gateway": _gateway([run], adapter_sent),
         "gateway_series": [
             {"t_s": round(t, 3), "loads": int(c.values["loads"]), "evictions": int(c.values["evictions"])}
             for t, c in run.series
@@ -286,6 +300,8 @@ def describe(config: Mapping[str, Any]) -> str:
     lengths = f"prompt {config['prompt_tokens']}, output {config['output_tokens']} tokens"
     lengths += " (ignore_eos)" if config["ignore_eos"] else ""
     rounds = f" x {config['rounds']} rounds" if config["rounds"] > 1 else ""
+    if config.get("duration_s"):
+        rounds += f" (at most {config['duration_s']:g} s each, cut {config['drain_s']:g} s later)"
     return f"{config['requests']} requests{rounds} per target: {models}; {load}; {lengths}"
 
 

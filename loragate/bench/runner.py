@@ -12,7 +12,10 @@ connection outlives its run), its own prompts of the same lengths (see `workload
 target's `/metrics` before, every `metrics_interval_s` during, and after. Closed loop: `concurrency` clients each
 send their next request when the previous one ended. Open loop: each request is sent at its arrival time, however
 many are in flight (or at most `concurrency`, and then late). With several URLs a target's requests go to them in
-turn, in the order they are sent.
+turn, in the order they are sent. With `duration_s` a run sends no request after that many seconds, and the
+requests still unanswered `drain_s` later are cut: they are recorded with status "cut" and what they had received
+(a collapsed target cannot hold a run for the read timeout of every request in flight); those never sent are not
+counted.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
-from loragate.bench.client import Record, reachable, send
+from loragate.bench.client import CUT, Record, reachable, send
 from loragate.bench.config import BenchConfig, BenchError, Target
 from loragate.bench.report import BenchResult, RunResult
 from loragate.bench.scrape import Counters, scrape
 from loragate.bench.workload import BenchRequest, build_requests, prompt_text
 
-Send = Callable[[BenchRequest, float], Awaitable[Record]]
+Send = Callable[[BenchRequest, float], Awaitable[None]]
 Progress = Callable[[RunResult], None]
 # Entered before each run of a target (its warm-up too) and left after it: a benchmark that starts a target
 # fresh for every run (a gateway process, engines emptied of adapters) passes one.
@@ -133,11 +136,17 @@ async def _run(
         series: list[tuple[float, Counters]] = []
         cpu0 = time.process_time()
         start = time.perf_counter()
+        deadline = start + config.duration_s if config.duration_s is not None else None
+        records: list[Record] = []
+        in_flight: dict[int, Record] = {}
 
-        async def one(request: BenchRequest, late_s: float) -> Record:
+        async def one(request: BenchRequest, late_s: float) -> None:
             url = next(turn) % len(urls)
-            record = Record(request.index, url, late_s)
-            return await send(session, urls[url], bodies[request.index], headers, record, start)
+            record = in_flight[request.index] = Record(request.index, url, late_s)
+            try:
+                records.append(await send(session, urls[url], bodies[request.index], headers, record, start))
+            finally:
+                in_flight.pop(request.index, None)
 
         async def sample() -> None:
             assert interval_s is not None and before is not None
@@ -148,11 +157,15 @@ async def _run(
                     series.append((time.perf_counter() - start, now.minus(before)))
 
         sampler = asyncio.create_task(sample()) if before is not None else None
+        if requests[0].at_s is None:
+            sending = asyncio.ensure_future(_closed_loop(requests, config.concurrency or 1, one, deadline))
+        else:
+            sending = asyncio.ensure_future(_open_loop(requests, config.concurrency, one, start, deadline))
         try:
-            if requests[0].at_s is None:
-                records = await _closed_loop(requests, config.concurrency or 1, one)
+            if deadline is None:
+                await sending
             else:
-                records = await _open_loop(requests, config.concurrency, one, start)
+                await _cut_at(sending, deadline + config.drain_s, in_flight, records, start)
         finally:
             if sampler is not None:
                 sampler.cancel()
@@ -166,34 +179,63 @@ async def _run(
     return RunResult(target.name, 0, 0, duration, cpu, records, delta, series)
 
 
-async def _closed_loop(requests: Sequence[BenchRequest], clients: int, one: Send) -> list[Record]:
+async def _cut_at(
+    sending: asyncio.Future[None], cut_at: float, in_flight: dict[int, Record], records: list[Record], start: float
+) -> None:
+    """Wait for `sending` until `cut_at`, then cancel it and record what was still in flight as cut."""
+    done, _ = await asyncio.wait([sending], timeout=max(cut_at - time.perf_counter(), 0.0))
+    if done:
+        sending.result()
+        return
+    now = time.perf_counter()
+    cut = list(in_flight.values())  # before the cancellation empties it
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    for record in cut:
+        record.status, record.error = CUT, "still unanswered when the run's duration and drain ended"
+        record.e2e_s = now - start - record.sent_s
+        records.append(record)
+
+
+async def _closed_loop(
+    requests: Sequence[BenchRequest], clients: int, one: Send, deadline: float | None = None
+) -> None:
     pending = iter(requests)
-    records: list[Record] = []
 
     async def client() -> None:
         for request in pending:  # shared: each request is taken by one client, in order
-            records.append(await one(request, 0.0))
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            await one(request, 0.0)
 
     await asyncio.gather(*(client() for _ in range(min(clients, len(requests)))))
-    return records
 
 
-async def _open_loop(requests: Sequence[BenchRequest], cap: int | None, one: Send, start: float) -> list[Record]:
+async def _open_loop(
+    requests: Sequence[BenchRequest], cap: int | None, one: Send, start: float, deadline: float | None = None
+) -> None:
     limit = asyncio.Semaphore(cap) if cap else None
 
     def late(request: BenchRequest) -> float:
         return max(0.0, time.perf_counter() - start - (request.at_s or 0.0))
 
-    async def arrive(request: BenchRequest) -> Record:
+    async def arrive(request: BenchRequest) -> None:
         if limit is None:
             return await one(request, late(request))
         async with limit:
             return await one(request, late(request))
 
     tasks = []
-    for request in requests:
-        delay = start + (request.at_s or 0.0) - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(arrive(request)))
-    return list(await asyncio.gather(*tasks))
+    try:
+        for request in requests:
+            delay = start + (request.at_s or 0.0) - time.perf_counter()
+            if deadline is not None and delay > deadline - time.perf_counter():
+                break
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(arrive(request)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

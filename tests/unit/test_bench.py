@@ -20,7 +20,7 @@ from loragate.bench.runner import run_bench
 from loragate.bench.scrape import Counters, parse_counters
 from loragate.bench.workload import Lengths, WorkloadSpec, build_requests, prompt_text
 from loragate.cli import main
-from tests.fakes import USAGE, FakeEngine, drop, drop_after, fake_gateway, hang, status
+from tests.fakes import USAGE, FakeEngine, drop, drop_after, fake_gateway, hang, status, stream
 
 ADAPTERS = ("a0", "a1", "a2", "a3", "a4")
 ENVELOPE = b'{"error": {"message": "engines busy", "type": "server_error", "param": null, "code": "engines_busy"}}'
@@ -275,6 +275,8 @@ def test_the_command_writes_its_json_plot_and_trace(tmp_path: Path, capsys: pyte
         (["--adapters", "a", "--extra-body", "[1]"], "error: --extra-body: a JSON object expected"),
         (["--adapters", "a", "--concurrency", "0"], "error: --concurrency must be at least 1"),
         (["--adapters", "a", "--rate", "0"], "error: Poisson arrivals need a rate"),
+        (["--adapters", "a", "--duration-s", "0"], "error: --duration-s must be above 0 and --drain-s at least 0"),
+        (["--adapters", "a", "--duration-s", "5", "--drain-s", "-1"], "error: --duration-s must be above 0"),
         (["--adapters", "a", "--metrics-url", "other=http://127.0.0.1:1"], "error: --metrics-url"),
         (["--trace", "TRACE"], "error: TRACE line 2: missing prompt_tokens, output_tokens"),
         (["--adapters-file", "MISSING"], "error: MISSING: No such file or directory"),
@@ -349,3 +351,33 @@ def test_around_wraps_every_run_and_its_warmup() -> None:
     assert entered == [(name, round_) for round_, order in enumerate(result.orders) for name in order]
     assert [len(run.records) for run in result.runs] == [10] * 4
     assert all(record.ok for run in result.runs for record in run.records)
+
+
+@pytest.mark.parametrize("arrivals", ["closed", "poisson"])
+def test_a_run_of_limited_duration_sends_nothing_late_and_cuts_what_is_unanswered(arrivals: str) -> None:
+    """A hung request and a long stream are cut at duration + drain and kept (the hung one's wait counting as its
+    TTFT, a lower bound; the stream's first token as its own); no request is sent after the duration, and the
+    requests never sent are not counted, in the records or the hit ratio's denominator."""
+    spec = workload(requests=2000, zipf=0.0, base_share=0.0)
+    if arrivals == "poisson":
+        spec = workload(requests=2000, zipf=0.0, base_share=0.0, arrivals="poisson", rate=400.0)
+    with FakeEngine() as engine:
+        engine.script.extend([hang(), stream(events=200, gap_s=0.05)])
+        config = BenchConfig(
+            (Target("t", (engine.url,)),), spec, concurrency=3, timeout_s=30.0, duration_s=0.4, drain_s=0.3
+        )
+        result = run_bench(config)
+        document = result.to_json()
+    records = result.runs[0].records
+    by_index = {r.index: r for r in records}
+    assert by_index[0].status == "cut" and by_index[0].ttft_s is None
+    assert by_index[1].status == "cut" and by_index[1].ttft_s is not None and by_index[1].ttft_s < 0.4
+    assert all(r.ok for r in records if r.index > 1)
+    assert 2 < len(records) < 2000 and max(r.sent_s for r in records) < 0.4
+    assert 0.7 <= result.runs[0].duration_s < 5
+    overall = document["targets"]["t"]["overall"]
+    assert overall["failures"] == {"cut": 2}
+    assert overall["ttft_s"]["p99"] is not None and max(r.e2e_s or 0 for r in records) >= 0.6
+    assert by_index[0].e2e_s is not None and by_index[0].e2e_s >= 0.6
+    assert document["config"]["duration_s"] == 0.4
+    assert "at most 0.4 s each, cut 0.3 s later" in render_text(document).splitlines()[0]
