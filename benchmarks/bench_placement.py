@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/bench_placement.py [--engines 3] [--adapters 32] [--max-loras 2] [--max-cpu-loras 4]
         [--requests 300] [--concurrency 32] [--zipf 1.1] [--rounds 2] [--json FILE] [--plot FILE]
+    # engines already running (a GPU; benchmarks/gpu/placement.sh), their adapters in a registry and a folder:
+    python3 benchmarks/bench_placement.py --engine-url URL [--engine-url URL ...] --base NAME --registry DIR
+        --resolver DIR [--engine-log FILE ...] [--load-timing 4] [--duration-s 60] ...
 
 vLLM CPU engines serve the tiny model (built locally) with few GPU slots (`--max-loras`) and a small CPU cache
 (`--max-cpu-loras`); `--adapters` random rank-8 adapters are in a registry and, for round-robin, in a folder
@@ -14,13 +17,15 @@ vLLM's `lora_filesystem_resolver` loads from. Targets, each sent the same seeded
   demand`.
 Before every run the engines are emptied of adapters (vLLM's unload API) and a gateway target starts as a fresh
 process, so no run inherits another's residency. Loads per run are counted from the engines' logs (see LOADED).
-`--calibrate` first measures the simulator's costs on the same engines (benchmarks/sim_placement.py Costs). Not a
-test.
+`--calibrate` first measures the simulator's costs on the same engines (benchmarks/sim_placement.py Costs);
+`--load-timing K` first times K adapter loads on the first engine idle, with that engine busy, and with every engine
+busy (base-model requests in a closed loop), since a load runs inside the engine's loop. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -29,10 +34,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +52,7 @@ from loragate.bench.report import render_text, to_json  # noqa: E402
 from loragate.bench.runner import run_bench  # noqa: E402
 from loragate.bench.workload import Lengths, WorkloadSpec  # noqa: E402
 
-BASE = "tiny"
+BASE = "tiny"  # the locally built model's served name; --base for engines already running
 # vLLM's log lines for a runtime-API load and for a resolver load; a reload into its own CPU cache (max_cpu_loras,
 # LRU) of an adapter the API server already knows is not logged, so round-robin's count is a lower bound
 LOADED = ("Loaded new LoRA adapter", "Resolved and loaded LoRA adapter")
@@ -78,6 +86,12 @@ def build_adapters(work: Path, count: int) -> tuple[Path, Path, list[str]]:
 
 
 @contextlib.contextmanager
+def _urls(started: contextlib.AbstractContextManager[list[EngineProcess]]) -> Iterator[list[str]]:
+    with started as running:
+        yield [engine.url for engine in running]
+
+
+@contextlib.contextmanager
 def engines(model: Path, resolver: Path, work: Path, args: argparse.Namespace) -> Iterator[list[EngineProcess]]:
     env = {"VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver)}
     started = []
@@ -103,26 +117,26 @@ def engines(model: Path, resolver: Path, work: Path, args: argparse.Namespace) -
             engine.stop()
 
 
-def empty(engine_urls: Sequence[str]) -> None:
+def empty(engine_urls: Sequence[str], base: str = BASE) -> None:
     """Unload every adapter the engines hold (what the last run left there)."""
     for url in engine_urls:
         cards = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         for card in cards:
-            if card["id"] != BASE:
+            if card["id"] != base:
                 reply = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": card["id"]}, timeout=60)
                 reply.raise_for_status()
 
 
 def loads_logged(logs: Sequence[Path]) -> int:
-    texts = [log.read_text(errors="replace") for log in logs]
+    texts = [log.read_text(errors="replace") for log in logs if log.exists()]
     return sum(text.count(line) for text in texts for line in LOADED)
 
 
 @contextlib.contextmanager
 def gateway(port: int, target: str, engine_urls: Sequence[str], work: Path, args: argparse.Namespace) -> Iterator[None]:
-    argv = [sys.executable, "-m", "gateway", "--base-name", BASE, "--registry", str(work / "registry")]
+    argv = [sys.executable, "-m", "gateway", "--base-name", args.base, "--registry", str(args.registry)]
     argv += ["--port", str(port), "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras)]
-    argv += ["--max-lora-rank", "8"]
+    argv += ["--max-lora-rank", str(args.max_lora_rank)]
     for url in engine_urls:
         argv += ["--engine-url", url]
     env = {**os.environ, **GATEWAYS[target], "LORAGATE_HEALTH_INTERVAL_S": "1"}
@@ -151,13 +165,14 @@ def measure(
     output: int,
     base_share: float,
     requests: int,
+    base: str = BASE,
 ) -> dict[str, float]:
     """TTFT and TPOT medians of a closed loop of `clients` over the engine URLs in turn (so clients / engines per
     engine), every engine at once, as in the placement run."""
     workload = WorkloadSpec(
         adapters=tuple(adapters),
         zipf=0.0,
-        base_model=BASE,
+        base_model=base,
         base_share=base_share,
         requests=requests,
         prompt_tokens=Lengths("fixed", prompt),
@@ -177,20 +192,20 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
     engines = len(urls)
     rows = {}
     for batch in (1, 4, 16):
-        rows[batch] = measure(urls, [], batch * engines, 32, 32, 1.0, batch * engines * 4)
+        rows[batch] = measure(urls, [], batch * engines, 32, 32, 1.0, batch * engines * 4, args.base)
         print(f"calibrate: batch {batch}: {rows[batch]}", file=sys.stderr)
     per_seq = (rows[16]["tpot_s"] - rows[1]["tpot_s"]) / 15
     step = rows[1]["tpot_s"] - per_seq
-    long = measure(urls, [], engines, 384, 4, 1.0, engines * 4)
+    long = measure(urls, [], engines, 384, 4, 1.0, engines * 4, args.base)
     prefill = max(long["ttft_s"] - rows[1]["ttft_s"], 0.0) / (384 - 32)
     # two adapters per engine, resident and in the batch together (max_loras 2), against the base at the same batch
     for url in urls:
         for name in names[:2]:
             path = str(Path(args.resolver) / name)
             httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120)
-    two = measure(urls, names[:2], 4 * engines, 32, 32, 0.0, 16 * engines)
+    two = measure(urls, names[:2], 4 * engines, 32, 32, 0.0, 16 * engines, args.base)
     per_lora = max(two["tpot_s"] - rows[4]["tpot_s"], 0.0) / 2
-    empty(urls)
+    empty(urls, args.base)
     loads = []
     for name in names[2:8]:
         started = time.perf_counter()
@@ -201,7 +216,7 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
         )
         reply.raise_for_status()
         loads.append(time.perf_counter() - started)
-    empty(urls)
+    empty(urls, args.base)
     costs = {
         "step_s": round(step, 5),
         "per_seq_s": round(per_seq, 6),
@@ -211,6 +226,64 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
     }
     print(f"calibrate: two adapters per batch of 4 {two}; loads {[round(x, 3) for x in loads]}", file=sys.stderr)
     return costs
+
+
+@contextlib.contextmanager
+def busy(urls: Sequence[str], base: str, clients: int) -> Iterator[list[int]]:
+    """Keep `urls` busy with `clients` closed-loop base-model completions (128 in, 64 out) until the block ends;
+    yields the count of answers, which grows while it runs."""
+    stop, answered = threading.Event(), [0]
+
+    async def loop() -> None:
+        body = {"model": base, "prompt": "hello " * 128, "max_tokens": 64, "ignore_eos": True}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+            async def client(i: int) -> None:
+                while not stop.is_set():
+                    async with session.post(f"{urls[i % len(urls)]}/v1/completions", json=body) as reply:
+                        await reply.read()
+                    answered[0] += 1
+
+            await asyncio.gather(*(client(i) for i in range(clients)))
+
+    thread = threading.Thread(target=asyncio.run, args=(loop(),), daemon=True)
+    thread.start()
+    time.sleep(5)  # past the first prefills
+    try:
+        yield answered
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+def load_timing(urls: Sequence[str], names: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per `load_lora_adapter` call on the first engine (each adapter loaded once, on an emptied engine):
+    idle, while that engine serves 32 base-model clients, and while every engine serves 32 each."""
+    k = args.load_timing
+    if len(names) < 3 * k:
+        raise SystemExit(f"--load-timing {k} needs {3 * k} adapters")
+    empty(urls, args.base)
+    result: dict[str, Any] = {}
+    for label, busy_urls, batch in (
+        ("idle", (), names[:k]),
+        ("this engine busy", urls[:1], names[k : 2 * k]),
+        ("every engine busy", urls, names[2 * k : 3 * k]),
+    ):
+        with busy(busy_urls, args.base, 32 * len(busy_urls)) if busy_urls else contextlib.nullcontext([0]) as done:
+            before, times = done[0], []
+            for name in batch:
+                started = time.perf_counter()
+                reply = httpx.post(
+                    f"{urls[0]}/v1/load_lora_adapter",
+                    json={"lora_name": name, "lora_path": str(Path(args.resolver) / name)},
+                    timeout=600,
+                )
+                reply.raise_for_status()
+                times.append(round(time.perf_counter() - started, 3))
+            result[label] = {"load_s": times, "median_s": statistics.median(times), "answered": done[0] - before}
+        print(f"load timing: {label}: {result[label]}", file=sys.stderr)
+    empty(urls, args.base)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,21 +305,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--work", type=Path, help="keep the engines' and gateways' logs here")
     parser.add_argument("--calibrate", action="store_true", help="measure the simulator's costs on these engines first")
+    parser.add_argument("--load-timing", type=int, default=0, metavar="K", help="time K loads idle and busy first")
+    parser.add_argument("--duration-s", type=float, default=None, help="each run sends for at most this long")
+    parser.add_argument("--drain-s", type=float, default=30.0, help="then what is unanswered after this is cut")
+    external = parser.add_argument_group("engines already running (all of these, instead of local CPU engines)")
+    external.add_argument("--engine-url", action="append", default=[], help="an engine, with the resolver plugin")
+    external.add_argument("--base", default=BASE, help="the engines' served model name")
+    external.add_argument("--registry", type=Path, help="a registry holding the adapters on that base")
+    external.add_argument("--resolver", type=Path, help="the engines' VLLM_LORA_RESOLVER_CACHE_DIR: one folder each")
+    external.add_argument("--max-lora-rank", type=int, default=8)
+    external.add_argument("--engine-log", type=Path, action="append", default=[], help="where loads are counted")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-placement-"))
     work.mkdir(parents=True, exist_ok=True)
-    model, resolver, names = build_adapters(work, args.adapters)
+    running: contextlib.AbstractContextManager[list[str]]
+    if args.engine_url:
+        if args.registry is None or args.resolver is None:
+            raise SystemExit("--engine-url needs --registry and --resolver")
+        names = sorted(path.name for path in args.resolver.iterdir() if path.is_dir())[: args.adapters]
+        running = contextlib.nullcontext(list(args.engine_url))
+        logs = list(args.engine_log)
+    else:
+        model, args.resolver, names = build_adapters(work, args.adapters)
+        args.registry = work / "registry"
+        running = _urls(engines(model, args.resolver, work, args))
+        logs = [work / f"engine-{i}.log" for i in range(args.engines)]
     wanted = [t for t in args.targets.split(",") if t]
     ports = {name: free_port() for name in wanted if name in GATEWAYS}
     loads: dict[str, list[int]] = {name: [] for name in wanted}
-    args.resolver = resolver
-    with engines(model, resolver, work, args) as running:
-        engine_urls = [engine.url for engine in running]
+    with running as engine_urls:
+        timing = load_timing(engine_urls, names, args) if args.load_timing else None
         costs = calibrate(engine_urls, names, args) if args.calibrate else None
         if costs is not None:
             print("calibrated costs: " + json.dumps(costs))
-        logs = [work / f"engine-{i}.log" for i in range(len(running))]
         targets = tuple(
             Target(name, tuple(engine_urls) if name == "round-robin" else (f"http://127.0.0.1:{ports[name]}",))
             for name in wanted
@@ -254,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         @contextlib.asynccontextmanager
         async def around(target: Target, round_: int) -> AsyncIterator[None]:
-            empty(engine_urls)
+            empty(engine_urls, args.base)
             before = loads_logged(logs)
             with contextlib.ExitStack() as stack:
                 if target.name in GATEWAYS:
@@ -268,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             WorkloadSpec(
                 adapters=tuple(names),
                 zipf=args.zipf,
-                base_model=BASE,
+                base_model=args.base,
                 base_share=args.base_share,
                 requests=args.requests,
                 prompt_tokens=Lengths.parse(args.prompt_tokens),
@@ -280,11 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignore_eos=True,
             timeout_s=300,
             metrics_interval_s=5,
+            duration_s=args.duration_s,
+            drain_s=args.drain_s,
         )
         result = run_bench(config, around=around)
     document = to_json(result)
     document["engines"] = {
-        "count": args.engines,
+        "count": len(args.engine_url) or args.engines,
+        "urls": args.engine_url or None,
+        "load_timing": timing,
         "max_loras": args.max_loras,
         "max_cpu_loras": args.max_cpu_loras,
         "loads_per_run": loads,

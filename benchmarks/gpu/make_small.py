@@ -1,9 +1,10 @@
-"""A random-weight model of Llama-3.2-1B shapes (bf16, built on the GPU) and N rank-16 all-linear adapters.
+"""A random-weight model of Llama-3.2-1B (or 3B) shapes (bf16, built on the GPU) and N rank-16 all-linear adapters.
 
-    python3 benchmarks/gpu/make_small.py MODEL_DIR TOKENIZER_DIR LORA_ROOT N_LORAS
+    python3 benchmarks/gpu/make_small.py MODEL_DIR TOKENIZER_DIR LORA_ROOT N_LORAS [1b|3b]
 
-For the `--workers` measurement (short requests, where the gateway rather than the GPU sets the pace); the same
-layout as the kit's make_model.py (../shared/gpu/device), with the kit's 32,000-token tokenizer.
+1B: for the `--workers` measurement (short requests, where the gateway rather than the GPU sets the pace), adapters
+small0..; 3B: for placement over several engines (bench_placement.py), adapters p000..; the same layout as the
+kit's make_model.py (../shared/gpu/device), with the kit's 32,000-token tokenizer.
 """
 
 import json
@@ -17,7 +18,9 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 model_dir, tok_dir, lora_root, n_loras = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-H, FFN, L, NH, NKV, V, R = 2048, 8192, 16, 32, 8, 32000, 16
+SHAPE = sys.argv[5] if len(sys.argv) > 5 else "1b"
+H, FFN, L, NH, NKV = {"1b": (2048, 8192, 16, 32, 8), "3b": (3072, 8192, 28, 24, 8)}[SHAPE]
+V, R = 32000, 16
 t0 = time.time()
 cfg = LlamaConfig(
     hidden_size=H,
@@ -56,7 +59,7 @@ for a in range(n_loras):
         tensors[f"base_model.model.{name}.lora_B.weight"] = (
             torch.randn(fout, R, generator=g, device="cuda") * 0.05
         ).bfloat16()
-    d = os.path.join(lora_root, f"small{a}")
+    d = os.path.join(lora_root, f"small{a}" if SHAPE == "1b" else f"p{a:03d}")
     os.makedirs(d, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, os.path.join(d, "adapter_model.safetensors"))
     config = {
