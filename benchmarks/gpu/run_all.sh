@@ -8,12 +8,14 @@
 # (--kv-cache-memory-bytes: they share the GPU) -> gateway over the 7B engine: bench_gateway.py at concurrency 1, 16
 # and 128, plain and streamed, 3 shuffled rounds, direct-2 as the noise row -> cold adapters (cold_load.py) ->
 # gateways with 1 and 4 workers over the 1B engine: short_requests.py (wrk) -> bench_dataplane.py on this host's
-# CPUs (instant upstream, 1 vs 4 workers). On a machine still warm: cp benchmarks/gpu/run_all.sh .gpu/scripts/ &&
-# bash .gpu/scripts/rerun.sh (carry .gpu/scripts, .gpu/wrk). Knobs: ROUNDS, STEPS (default "big cold small cpu").
+# CPUs (instant upstream, 1 vs 4 workers) -> "place": the 7B engine stops and placement.sh starts four 3B engines
+# for the next call (call 3 then builds that model too: small_model.sh 1b 3b). On a machine still warm:
+# cp benchmarks/gpu/run_all.sh .gpu/scripts/ && bash .gpu/scripts/rerun.sh (carry .gpu/scripts, .gpu/wrk).
+# Knobs: ROUNDS (for concurrency 1 and 16; 128 gets 3), STEPS (default "big cold small cpu").
 R=$HOME/res; mkdir -p $R
 BIG=$HOME/models/llama7b-rand; BIG_NAME=llama7b-rand; SMALL=$HOME/models/llama1b-rand; SMALL_NAME=llama1b-rand
 E7=http://127.0.0.1:8000; E1=http://127.0.0.1:8001; G7=http://127.0.0.1:8100; G1=http://127.0.0.1:8201; G4=http://127.0.0.1:8204
-ROUNDS=${ROUNDS:-3}; STEPS=${STEPS:-big cold small cpu}
+ROUNDS=${ROUNDS:-3}; STEPS=${STEPS:-big cold small cpu}; REPO=$PWD
 now() { date +%s.%N; }
 el() { python3 -c "print(f'{$(now)-$1:.1f}')"; }
 log() { echo "[$(date +%T)] $*"; }
@@ -39,26 +41,34 @@ $WRK --version 2>&1 | head -1
 # 2. the models (call 1 started the 7B one, call 3 the 1B one)
 while [ ! -f $R/prep_end ]; do sleep 2; done
 grep -q PREP_DONE $R/prep.log || { tail -30 $R/prep.log; fail "PREP FAILED"; }
-while [ ! -f $R/small_end ]; do sleep 2; done
-grep -q SMALL_DONE $R/small.log || { tail -30 $R/small.log; fail "SMALL MODEL FAILED"; }
+if [[ " $STEPS " == *" small "* ]]; then
+  while [ ! -f $R/small_end ]; do sleep 2; done
+  grep -q SMALL_DONE $R/small.log || { tail -30 $R/small.log; fail "SMALL MODEL FAILED"; }
+fi
 
 # 3. registries, while the engines start: 8 hot and 8 cold adapters on the 7B base, 8 on the 1B one
 rm -rf $HOME/reg7 $HOME/reg1
 ( cd $L && mkdir -p $HOME/cold && for i in $(seq 8 15); do ln -sfn $HOME/loras/lora$i $HOME/cold/cold$((i - 8)); done
   PYTHONPATH=$L:$PYTHONPATH python3 benchmarks/gpu/register.py $HOME/reg7 $BIG $BIG_NAME \
     $(for i in $(seq 0 7); do echo -n "$HOME/loras/lora$i "; done) $(for i in $(seq 0 7); do echo -n "$HOME/cold/cold$i "; done)
-  PYTHONPATH=$L:$PYTHONPATH python3 benchmarks/gpu/register.py $HOME/reg1 $SMALL $SMALL_NAME $HOME/loras1b/small* ) > $R/register.log 2>&1 & RPID=$!
+  if [[ " $STEPS " == *" small "* ]]; then
+    PYTHONPATH=$L:$PYTHONPATH python3 benchmarks/gpu/register.py $HOME/reg1 $SMALL $SMALL_NAME $HOME/loras1b/small*
+  fi ) > $R/register.log 2>&1 & RPID=$!
 T=$(now)
 setsid python3 -m vllm.entrypoints.openai.api_server --model $BIG --served-model-name $BIG_NAME --dtype bfloat16 \
   --max-model-len 2048 --port 8000 --enable-lora --max-lora-rank 16 --max-loras 8 --max-cpu-loras 32 \
   --gpu-memory-utilization 0.5 --kv-cache-memory-bytes 42949672960 --disable-uvicorn-access-log > $R/server7.log 2>&1 < /dev/null &
 S7=$!
-setsid python3 -m vllm.entrypoints.openai.api_server --model $SMALL --served-model-name $SMALL_NAME --dtype bfloat16 \
-  --max-model-len 1024 --port 8001 --enable-lora --max-lora-rank 16 --max-loras 8 --max-cpu-loras 16 \
-  --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 17179869184 --disable-uvicorn-access-log > $R/server1.log 2>&1 < /dev/null &
-S1=$!
-trap 'kill -TERM -- -$S7 -$S1 2>/dev/null' EXIT
-for url_pid in "$E7 $S7 server7" "$E1 $S1 server1"; do
+S1=; ENGINES="$E7 $S7 server7"
+if [[ " $STEPS " == *" small "* ]]; then
+  setsid python3 -m vllm.entrypoints.openai.api_server --model $SMALL --served-model-name $SMALL_NAME --dtype bfloat16 \
+    --max-model-len 1024 --port 8001 --enable-lora --max-lora-rank 16 --max-loras 8 --max-cpu-loras 16 \
+    --gpu-memory-utilization 0.3 --kv-cache-memory-bytes 17179869184 --disable-uvicorn-access-log > $R/server1.log 2>&1 < /dev/null &
+  S1=$!; ENGINES="$ENGINES,$E1 $S1 server1"
+fi
+trap 'kill -TERM -- -$S7 ${S1:+-$S1} 2>/dev/null' EXIT
+IFS=, read -ra ENGINE_LIST <<< "$ENGINES"
+for url_pid in "${ENGINE_LIST[@]}"; do
   set -- $url_pid
   for i in $(seq 1 400); do
     python3 -c "import urllib.request; urllib.request.urlopen('$1/health', timeout=2)" 2>/dev/null && break
@@ -97,12 +107,12 @@ if [[ " $STEPS " == *" big "* ]]; then
   GP=$(gateway 8100 $E7 $BIG_NAME $HOME/reg7 1 $R/gateway7.log)
   log "gateway over the 7B engine ready (pid $GP)"
   cpu_sampler $GP $R/cpu_gateway7.txt & CS=$!
-  for spec in "1 12 32" "16 64 64" "128 256 128"; do
+  for spec in "1 12 32 $ROUNDS" "16 64 64 $ROUNDS" "128 256 128 3"; do
     set -- $spec
     for mode in plain stream; do
       T=$(now)
       python3 benchmarks/bench_gateway.py --engine-url $E7 --gateway-url $G7 --base $BIG_NAME --adapters $HOT \
-        --assignment round-robin --concurrency $1 --requests $2 --max-tokens $3 --prompt-words 150 --rounds $ROUNDS \
+        --assignment round-robin --concurrency $1 --requests $2 --max-tokens $3 --prompt-words 150 --rounds $4 \
         --warmup $((2 * $1 > 16 ? 2 * $1 : 16)) --json $R/bench_c$1_$mode.json $([ $mode = stream ] && echo --stream) \
         > $R/bench_c$1_$mode.txt 2> $R/bench_c$1_$mode.log
       log "c=$1 $mode rc=$? in $(el $T) s"; cat $R/bench_c$1_$mode.txt
@@ -137,6 +147,15 @@ if [[ " $STEPS " == *" cpu "* ]]; then
   python3 benchmarks/bench_dataplane.py --no-adapter-row --workers 4 --modes plain --levels 256 --wrk-threads 8 \
     --duration 3 --rounds 1 --json $R/dataplane.json > $R/dataplane.txt 2> $R/dataplane.log
   cat $R/dataplane.txt; tail -3 $R/dataplane.log
+fi
+
+# 8. placement over four 3B engines, measured by the next call (placement.sh run); the 7B engine makes room first
+if [[ " $STEPS " == *" place "* ]]; then
+  while [ ! -f $R/b3_end ]; do sleep 2; done
+  grep -q SMALL_DONE $R/b3.log || { tail -30 $R/b3.log; fail "3B MODEL FAILED"; }
+  [ -n "$GP" ] && kill $GP 2>/dev/null
+  kill -TERM -- -$S7 2>/dev/null; for i in $(seq 1 60); do kill -0 $S7 2>/dev/null || break; sleep 1; done; sleep 5
+  bash $REPO/benchmarks/gpu/placement.sh start $L
 fi
 
 { echo "vLLM $(python3 -c 'import vllm; print(vllm.__version__)'), $(nvidia-smi --query-gpu=name,memory.used --format=csv,noheader), $(nproc) CPUs"
