@@ -150,7 +150,7 @@ async def _move_alias(gateway: Gateway, move: Any, *args: str, **kwargs: Any) ->
         "ref": manifest.ref,
         "digest": manifest.digest,
         "serves": describe_state(record),
-        "split": record.split.model_dump() if record is not None and record.split else None,
+        "split": record.split.model_dump(exclude_none=True) if record is not None and record.split else None,
     }
 
 
