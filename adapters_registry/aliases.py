@@ -182,7 +182,7 @@ def promote(
     if policy is not None:
         check_policy(policy)
         if weight is None or not 1 <= weight <= 99:
-            raise ValidationError("a rollout policy watches a candidate's share: give it with --weight 1-99")
+            raise ValidationError("a rollout policy watches a candidate: it needs a weight of 1-99")
     target = resolve(ref)
     name = target.name
     shadowed = _shadow(name, shadow, resolve)

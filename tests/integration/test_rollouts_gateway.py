@@ -192,3 +192,52 @@ def test_shadow_agreement_is_1_for_the_same_weights_and_moves_for_others_and_the
         ) == len(PROMPTS)
     stopped = promote(gateway, ref=one.ref, alias="live", shadow_percent=0)
     assert (stopped["shadow"], stopped["serves"]) == (None, "sh@1")
+
+
+@pytest.fixture(scope="module")
+def bd(gateway: GatewayUnderTest, adapter_dirs: list[Path]) -> None:
+    """bd@1 on bd:live, bd@2 beside it (never served: the refused moves below)."""
+    for adapter in adapter_dirs:
+        gateway.registry.push(adapter, "bd", "tiny")
+    gateway.registry.promote("bd@1", "live")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"ref": "bd@2", "weight": 10, "policy": {"max_error_ratio": 2}},
+            "invalid alias 'bd@2': a rollout policy's max error ratio is a fraction, 0-1, not 2",
+        ),
+        (
+            {"ref": "bd@2", "policy": {"min_contract_validity": 0.9}},
+            "invalid alias 'bd@2': a rollout policy watches a candidate: it needs a weight of 1-99",
+        ),
+        (
+            {"ref": "bd@2", "weight": 10, "policy": {"window_s": 60}},
+            "invalid alias 'bd@2': a rollout policy needs a rule: a max error ratio, a max p99 TTFT ratio or a min "
+            "contract validity",
+        ),
+        (
+            {"ref": "bd@2", "weight": 10, "policy": {"min_requests": "many"}},
+            "policy.min_requests: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        (
+            {"ref": "bd@1", "shadow": "bd@2"},
+            "`shadow` needs `shadow_percent` (the share of the alias's requests to copy)",
+        ),
+        ({"ref": "bd@1", "shadow_percent": 5}, "`shadow_percent` needs `shadow` (0 alone stops the alias's shadow)"),
+        (
+            {"ref": "bd@1", "shadow": "bd@2", "shadow_percent": 101},
+            "shadow_percent: Input should be less than or equal to 100",
+        ),
+    ],
+)
+def test_bad_rollout_requests_get_one_line_400s_and_change_nothing(
+    gateway: GatewayUnderTest, bd: None, body: dict[str, Any], message: str
+) -> None:
+    reg = gateway.registry
+    before = reg.alias_records("bd")
+    refused = httpx.post(f"{gateway.url}/admin/aliases/promote", json={"alias": "live", **body}, timeout=30)
+    assert (refused.status_code, refused.json()["error"]["message"]) == (400, message)
+    assert reg.alias_records("bd") == before

@@ -183,8 +183,8 @@ def test_a_policy_rides_with_its_rollout_and_a_stop_is_a_compare_and_swap_one_re
 @pytest.mark.parametrize(
     ("policy", "weight", "message"),
     [
-        (POLICY, None, "a rollout policy watches a candidate's share: give it with --weight 1-99"),
-        (POLICY, 100, "a rollout policy watches a candidate's share: give it with --weight 1-99"),
+        (POLICY, None, "a rollout policy watches a candidate: it needs a weight of 1-99"),
+        (POLICY, 100, "a rollout policy watches a candidate: it needs a weight of 1-99"),
         (RolloutPolicy(max_error_ratio=2), 10, "a rollout policy's max error ratio is a fraction, 0-1, not 2"),
         (
             RolloutPolicy(min_contract_validity=-0.5),
