@@ -87,6 +87,10 @@ class Resolution:
             return self.current
         return self.candidate if split_bucket(self.ref, split_key) < self.weight else self.current
 
+    def versions(self) -> set[int]:
+        """The versions the reference serves now: its own, the candidate's, the shadow's."""
+        return {m.version for m in (self.current, self.candidate, self.shadow) if m is not None}
+
     def shadows(self, request_id: str) -> AdapterManifest | None:
         """The version a copy of this request goes to (None: no copy), drawn per request, not per caller."""
         if self.shadow is None or split_bucket(f"{self.ref}\x00shadow", request_id) >= self.shadow_percent:

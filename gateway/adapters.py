@@ -440,6 +440,14 @@ class AdapterManager:
         async with self._version_locks[(engine.id, lora_name)], self._engine_locks[engine.id]:
             await self._unload(engine, lora_name, evicted=False)
 
+    def retire_soon(self, name: str, version: int) -> None:
+        """`retire` in the background (a resolver refresh found the version out of an alias)."""
+
+        async def retire() -> None:
+            await self.retire(name, version)
+
+        self._spawn(retire())
+
     async def retire(self, name: str, version: int, wait_s: float | None = None) -> list[str]:
         """A version that lost its alias weight (a stopped, rolled back or completed rollout): unloaded from the
         engines that hold it once its calls in flight here end, unless an alias of `name` still serves it (as its

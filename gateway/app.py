@@ -120,6 +120,7 @@ async def build_gateway(
             on_rollback=metrics.rollout_stopped,
         )
         stack.push_async_callback(watch.aclose)
+        adapters.resolver.on_dropped = adapters.retire_soon  # a move made elsewhere (CLI, another replica) unloads too
         proxy = Proxy(
             upstream,
             supervisor,

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry import open_registry
 from adapters_registry.aliases import describe_state
@@ -33,11 +33,17 @@ class AdapterAction(BaseModel):
     engine: str | None = None
 
 
+class PolicyIn(RolloutPolicy):
+    """A rollout policy as the admin API takes it: a mistyped rule is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class AliasPromote(BaseModel):
     ref: str
     alias: str
     weight: int | None = Field(default=None, ge=0, le=100)  # a rollout: this percent of the alias's requests
-    policy: RolloutPolicy | None = None  # with a weight 1-99: when gateways stop the rollout by themselves
+    policy: PolicyIn | None = None  # with a weight 1-99: when gateways stop the rollout by themselves
     shadow: str | None = None  # a version that gets a copy of `shadow_percent` percent of the alias's requests
     shadow_percent: int | None = Field(default=None, ge=0, le=100)  # 0 stops the alias's shadow
 
@@ -201,7 +207,7 @@ async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, An
         body.ref,
         body.alias,
         weight=body.weight,
-        policy=body.policy,
+        policy=RolloutPolicy(**body.policy.model_dump()) if body.policy is not None else None,
         shadow=shadow,
     )
     return {**moved, "warmed_on": warmed}

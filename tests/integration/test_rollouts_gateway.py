@@ -112,6 +112,17 @@ def test_a_version_that_loses_its_weight_is_unloaded_unless_another_alias_serves
     assert promote(gateway, ref=first.ref, alias="other")["unloaded"] == {second.ref: holders}
     assert resident(gateway, second.engine_name) == [] and resident(gateway, first.engine_name)
     assert promote(gateway, ref=first.ref, alias="other")["unloaded"] == {}  # a move that takes nothing away
+    # a stop made elsewhere (the CLI, another replica): this gateway's next look at the alias unloads it too
+    promote(gateway, ref=second.ref, alias="live", weight=10)
+    chat(gateway, "wz:live")  # this gateway has seen the split
+    assert resident(gateway, second.engine_name)
+    reg.promote(second.ref, "live", weight=0)
+
+    def unloaded_after_a_request() -> bool:
+        chat(gateway, "wz:live")  # a request after the resolver's TTL refreshes the alias and finds wz@2 gone
+        return not resident(gateway, second.engine_name)
+
+    wait_until(unloaded_after_a_request, 60, "wz@2 unloaded after the CLI's stop", interval_s=0.5)
 
 
 def chat(gw: GatewayUnderTest, model: str, **kw: Any) -> str:
@@ -221,6 +232,10 @@ def bd(gateway: GatewayUnderTest, adapter_dirs: list[Path]) -> None:
         (
             {"ref": "bd@2", "weight": 10, "policy": {"min_requests": "many"}},
             "policy.min_requests: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        (
+            {"ref": "bd@2", "weight": 10, "policy": {"max_error_rate": 0.02}},
+            "policy.max_error_rate: Extra inputs are not permitted",
         ),
         (
             {"ref": "bd@1", "shadow": "bd@2"},

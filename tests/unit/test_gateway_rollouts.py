@@ -14,6 +14,7 @@ from adapters_registry.audit import AuditLog
 from adapters_registry.manifest import RolloutPolicy
 from adapters_registry.registry import Registry
 from gateway.call import Call
+from gateway.resolver import Resolver
 from gateway.rollouts import Figures, Outcome, RolloutWatch, figures, judge
 from gateway.shadow import agreement, choice_texts, greedy
 
@@ -178,3 +179,19 @@ def test_choice_texts_and_greedy() -> None:
         False,
         False,
     )
+
+
+def test_a_resolver_refresh_reports_the_versions_an_alias_stopped_serving(rolled_out: Registry) -> None:
+    dropped: list[tuple[str, int]] = []
+    resolver = Resolver(rolled_out, ttl_s=0)
+    resolver.on_dropped = lambda name, version: dropped.append((name, version))
+
+    async def look() -> set[int]:
+        answer = await resolver.resolve("support:prod")
+        await asyncio.gather(*resolver._pending.values())  # the refresh behind the answer
+        return answer.versions()
+
+    assert asyncio.run(look()) == {1, 2}
+    rolled_out.promote("support@2", "prod", weight=0)  # stopped elsewhere (the CLI, another replica)
+    assert asyncio.run(look()) == {1, 2} and dropped == [("support", 2)]  # the stale answer, then the refresh
+    assert asyncio.run(look()) == {1} and dropped == [("support", 2)]
