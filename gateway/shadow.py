@@ -104,8 +104,12 @@ class Shadows:
         started = time.monotonic()
         try:
             answer = await self.proxy.fetch(call, path)
-        except (GatewayError, OSError) as exc:
-            log.info("%s: shadow copy to %s failed: %s", primary.request_id, call.label, exc)
+        except GatewayError as exc:  # counted; the caller has its answer already
+            log.info("%s: shadow copy to %s failed: %s", primary.request_id, call.label, exc.message)
+            self.metrics.shadow_observed(*labels, "error", None, None)
+            return
+        except Exception:
+            log.exception("%s: shadow copy to %s failed", primary.request_id, call.label)
             self.metrics.shadow_observed(*labels, "error", None, None)
             return
         latency = time.monotonic() - started
