@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from adapters_registry.errors import RegistryError, ValidationError
 
 if TYPE_CHECKING:
-    from adapters_registry.manifest import AdapterManifest, AliasSplit
+    from adapters_registry.manifest import AdapterManifest, AliasSplit, RolloutPolicy
     from adapters_registry.registry import Registry
 
 
@@ -156,7 +156,8 @@ def _aliases(reg: Registry, args: argparse.Namespace) -> int:
             {
                 alias: {
                     "version": record.version,
-                    "split": record.split.model_dump(mode="json") if record.split else None,
+                    "split": record.split.model_dump(mode="json", exclude_none=True) if record.split else None,
+                    "shadow": record.shadow.model_dump(mode="json") if record.shadow else None,
                     "history": [move.model_dump(mode="json") for move in record.history],
                 }
                 for alias, record in records.items()
@@ -165,9 +166,12 @@ def _aliases(reg: Registry, args: argparse.Namespace) -> int:
         return 0
     for alias, record in records.items():
         print(f"{args.name}:{alias} -> {describe_state(record)}")
+        if record.split is not None and record.split.policy is not None:
+            print(f"  policy: {record.split.policy.describe()}")
         for move in record.history:
+            why = f" ({move.reason})" if move.reason else ""
             print(f"  {move.when} {move.action} {_state(move.from_version, move.from_split)} -> "
-                  f"{_state(move.to_version, move.to_split)} by {move.who}")  # fmt: skip
+                  f"{_state(move.to_version, move.to_split)} by {move.who}{why}")  # fmt: skip
     return 0
 
 
@@ -176,9 +180,42 @@ def _state(version: int | None, split: AliasSplit | None) -> str:
 
 
 def _promote(reg: Registry, args: argparse.Namespace) -> int:
-    manifest = reg.promote(args.ref, args.alias, who=args.who, weight=args.weight)
+    policy, shadow = rollout_policy(args), _shadow_flags(args)
+    manifest = reg.promote(args.ref, args.alias, who=args.who, weight=args.weight, policy=policy, shadow=shadow)
     _print_alias(reg, manifest.name, args.alias)
     return 0
+
+
+def rollout_policy(args: argparse.Namespace) -> RolloutPolicy | None:
+    """The policy `--max-error-ratio`, `--max-ttft-ratio`, `--min-contract-validity` (with `--window`,
+    `--min-requests`) describe; None when no rule is given."""
+    from adapters_registry.manifest import RolloutPolicy
+
+    rules = (args.max_error_ratio, args.max_ttft_ratio, args.min_contract_validity)
+    if rules == (None, None, None):
+        if args.window is not None or args.min_requests is not None:
+            raise ValidationError(
+                "--window and --min-requests shape a rollout policy: give a rule too (--max-error-ratio, "
+                "--max-ttft-ratio or --min-contract-validity)"
+            )
+        return None
+    shape = {"window_s": args.window, "min_requests": args.min_requests}
+    return RolloutPolicy(
+        max_error_ratio=args.max_error_ratio,
+        max_ttft_ratio=args.max_ttft_ratio,
+        min_contract_validity=args.min_contract_validity,
+        **{key: value for key, value in shape.items() if value is not None},
+    )
+
+
+def _shadow_flags(args: argparse.Namespace) -> tuple[str, int] | None:
+    if args.shadow is None and args.shadow_percent is None:
+        return None
+    if args.shadow_percent is None:
+        raise ValidationError("--shadow needs --shadow-percent (the share of the alias's requests to copy)")
+    if args.shadow is None and args.shadow_percent != 0:
+        raise ValidationError("--shadow-percent needs --shadow REF (0 alone stops the alias's shadow)")
+    return args.shadow or "", args.shadow_percent
 
 
 def _rollback(reg: Registry, args: argparse.Namespace) -> int:
@@ -359,6 +396,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             metavar="PERCENT",
             help="send this percent (1-99) of the alias's requests to REF, the rest to its version; 100 completes "
             "the rollout, 0 stops it",
+        )
+        policy = p.add_argument_group(
+            "rollout policy", "with --weight 1-99: each gateway stops the rollout (weight 0, audited) if REF breaks it"
+        )
+        policy.add_argument("--max-error-ratio", type=float, metavar="FRACTION", help="most 5xx answers, e.g. 0.02")
+        policy.add_argument(
+            "--max-ttft-ratio", type=float, metavar="X", help="most p99 time to first token, times the version's"
+        )
+        policy.add_argument(
+            "--min-contract-validity", type=float, metavar="FRACTION", help="fewest answers keeping to the contract"
+        )
+        policy.add_argument("--window", type=float, metavar="SECONDS", help="judged over this window (300)")
+        policy.add_argument("--min-requests", type=int, metavar="N", help="REF's requests before judging (20)")
+        shadow = p.add_argument_group("shadow traffic", "a copy of some requests, whose answers nobody sees")
+        shadow.add_argument("--shadow", metavar="REF", help="send copies of the alias's requests to this version")
+        shadow.add_argument(
+            "--shadow-percent", type=int, metavar="PERCENT", help="the share of requests copied (1-100; 0 stops)"
         )
         p.add_argument("--who")
     p = add("rollback", _rollback, "move an alias back to its previous version")

@@ -105,11 +105,45 @@ class BaseManifest(_Record):
     merged_from: dict[str, Any] | None = None
 
 
+class RolloutPolicy(_Record):
+    """When a gateway stops a rollout by itself: over the last `window_s` seconds, once the candidate has answered
+    `min_requests` requests there, a 5xx share above `max_error_ratio`, a p99 time to first token above
+    `max_ttft_ratio` times the current version's, or a share of answers keeping to the contract below
+    `min_contract_validity` sets the candidate's weight back to 0 (None: that figure is not judged)."""
+
+    max_error_ratio: float | None = None
+    max_ttft_ratio: float | None = None
+    min_contract_validity: float | None = None
+    window_s: float = 300.0
+    min_requests: int = 20
+
+    def describe(self) -> str:
+        """`errors <= 2%, p99 TTFT <= 2x, contract >= 99% over 300s (>= 20 requests)`."""
+        rules = []
+        if self.max_error_ratio is not None:
+            rules.append(f"errors <= {self.max_error_ratio:.0%}")
+        if self.max_ttft_ratio is not None:
+            rules.append(f"p99 TTFT <= {self.max_ttft_ratio:g}x")
+        if self.min_contract_validity is not None:
+            rules.append(f"contract >= {self.min_contract_validity:.0%}")
+        return f"{', '.join(rules)} over {self.window_s:g}s (>= {self.min_requests} requests)"
+
+
 class AliasSplit(_Record):
-    """A rollout in progress on an alias: `weight` percent of its requests go to `version`, the candidate."""
+    """A rollout in progress on an alias: `weight` percent of its requests go to `version`, the candidate, watched
+    by `policy` when it has one."""
 
     version: int
     weight: int = Field(ge=1, le=99)
+    policy: RolloutPolicy | None = None
+
+
+class AliasShadow(_Record):
+    """Shadow traffic on an alias: a copy of `percent` percent of its requests also goes to `version`, whose answers
+    are compared with the caller's and thrown away."""
+
+    version: int
+    percent: int = Field(ge=1, le=100)
 
 
 class AliasMove(_Record):
@@ -120,22 +154,30 @@ class AliasMove(_Record):
     to_version: int
     from_split: AliasSplit | None = None  # the rollout the alias had before the move (a rollback restores it)
     to_split: AliasSplit | None = None
+    from_shadow: AliasShadow | None = None
+    to_shadow: AliasShadow | None = None
+    reason: str | None = None  # why a gateway stopped a rollout by itself (its policy, with the figures)
 
 
 class AliasRecord(_Record):
-    """Where an alias points: `version`, and while a rollout is in progress, `split` (older readers ignore it and
-    send everything to `version`, the safe side)."""
+    """Where an alias points: `version`, and while a rollout is in progress, `split`; `shadow` while a version gets
+    a copy of its traffic (older readers ignore both and send everything to `version`, the safe side)."""
 
     schema_version: int = SCHEMA_VERSION
     name: str
     alias: str
     version: int
     split: AliasSplit | None = None
+    shadow: AliasShadow | None = None
     history: list[AliasMove] = Field(default_factory=list)
 
     def versions(self) -> list[int]:
-        """The versions the alias serves now (its version, then the candidate)."""
-        return [self.version] + ([self.split.version] if self.split else [])
+        """The versions the alias serves now (its version, then the candidate, then the shadow)."""
+        return (
+            [self.version]
+            + ([self.split.version] if self.split else [])
+            + ([self.shadow.version] if self.shadow else [])
+        )
 
 
 class Tombstone(_Record):

@@ -31,7 +31,7 @@ from adapters_registry.aliases import Resolution
 from adapters_registry.cache import BlobCache
 from adapters_registry.errors import ConflictError, NotFoundError, StorageError
 from adapters_registry.layout import ADAPTERS, cached_version_dir, digest_fanout, version_key, versioned_name
-from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, BaseManifest, Tombstone
+from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, BaseManifest, RolloutPolicy, Tombstone
 from adapters_registry.naming import Ref, check_name, parse_ref
 from adapters_registry.push import OnStage, no_stage_hook, push_version
 from adapters_registry.store import ObjectStore, Progress
@@ -173,15 +173,49 @@ class Registry:
             record["details"].update(version=manifest.version, digest=manifest.digest, serving=manifest.serving)
             return manifest
 
-    def promote(self, ref: str, alias: str, who: str | None = None, *, weight: int | None = None) -> AdapterManifest:
+    def promote(
+        self,
+        ref: str,
+        alias: str,
+        who: str | None = None,
+        *,
+        weight: int | None = None,
+        policy: RolloutPolicy | None = None,
+        shadow: tuple[str, int] | None = None,
+    ) -> AdapterManifest:
         """Point `name:alias` at the version `ref` names; with `weight` 1-99, send that percent of the alias's
-        requests to it instead (a rollout: aliases.py), 0 stops the rollout, 100 completes it."""
-        details: dict[str, Any] = {"alias": alias} if weight is None else {"alias": alias, "weight": weight}
+        requests to it instead (a rollout: aliases.py; `policy` lets gateways stop it by themselves), 0 stops the
+        rollout, 100 completes it. `shadow` (ref, percent) sends a copy of that share to ref (0: stop)."""
+        details: dict[str, Any] = {"alias": alias}
+        if weight is not None:
+            details["weight"] = weight
+        if policy is not None:
+            details["policy"] = policy.model_dump(mode="json")
+        if shadow is not None:
+            details["shadow"] = {"ref": shadow[0], "percent": shadow[1]}
         with self.audited("promote", f"{ref} -> :{alias}", who, **details) as record:
-            manifest, state = alias_records.promote(self.store, ref, alias, who, self.resolve, weight)
+            manifest, state = alias_records.promote(
+                self.store, ref, alias, who, self.resolve, weight, policy=policy, shadow=shadow
+            )
             record["target"] = f"{manifest.name}:{alias}"
             record["details"].update(version=manifest.version, serves=alias_records.describe_state(state))
             return manifest
+
+    def stop_rollout(
+        self, name: str, alias: str, version: int, who: str, reason: str, figures: dict[str, Any]
+    ) -> AliasRecord | None:
+        """A gateway's automatic rollback: the candidate `name@version` back to weight 0 (compare-and-swap), audited
+        with the reason and the figures; None (nothing written, audited as `already_done`) when it was no longer
+        rolled out (another replica stopped it first, or a person moved the alias)."""
+        with self.audited(
+            "rollout_stop", f"{name}:{alias}", who, alias=alias, version=version, reason=reason, figures=figures
+        ) as record:
+            state = alias_records.stop_rollout(self.store, name, alias, version, who, reason)
+            if state is None:
+                record["result"] = "already_done"
+                return None
+            record["details"]["serves"] = alias_records.describe_state(state)
+            return state
 
     def rollback(self, name: str, alias: str, who: str | None = None) -> AdapterManifest:
         with self.audited("rollback", f"{name}:{alias}", who, alias=alias) as record:
@@ -353,9 +387,13 @@ class Registry:
             raise NotFoundError(f"{ref}: {parsed.name!r} has no alias {parsed.alias!r}")
         record = found[0]
         current = self.resolve(f"{parsed.name}@{record.version}")
+        shadow = self.resolve(f"{parsed.name}@{record.shadow.version}") if record.shadow else None
+        percent = record.shadow.percent if record.shadow else 0
         if record.split is None:
-            return Resolution(ref, current)
-        return Resolution(ref, current, self.resolve(f"{parsed.name}@{record.split.version}"), record.split.weight)
+            return Resolution(ref, current, shadow=shadow, shadow_percent=percent)
+        candidate = self.resolve(f"{parsed.name}@{record.split.version}")
+        split = record.split
+        return Resolution(ref, current, candidate, split.weight, split.policy, shadow, percent)
 
     def alias_history(self, name: str, alias: str) -> list[AliasMove]:
         return alias_records.alias_history(self.store, name, alias)

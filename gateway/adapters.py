@@ -21,7 +21,14 @@ from adapters_registry import AdapterManifest, Registry
 from adapters_registry.aliases import Resolution
 from adapters_registry.errors import RegistryError
 from gateway.dispatch import Ask, Decision, Dispatcher
-from gateway.errors import AdapterLoadFailed, AdapterRefused, InvalidRequest, Unavailable, from_registry_error
+from gateway.errors import (
+    AdapterLoadFailed,
+    AdapterRefused,
+    GatewayError,
+    InvalidRequest,
+    Unavailable,
+    from_registry_error,
+)
 from gateway.ledger import ResidencyLedger
 from gateway.resolver import Resolver
 from gateway.routing import Placement, Policy, Refusal
@@ -40,6 +47,7 @@ class Target:
     model: str
     manifest: AdapterManifest | None
     upstream_name: str  # the `model` vLLM is sent: the base's served name or the version's lora_name
+    rollout: Resolution | None = None  # the alias's rollout or shadow the version was picked from (None: neither)
 
     @property
     def label(self) -> str:
@@ -174,12 +182,14 @@ class AdapterManager:
             raise InvalidRequest("`model` must be a non-empty string", param="model")
         if model == self.base_name:
             return Target(model, None, self.base_name)
-        manifest = (await self.resolution_for(model)).pick(split_key)
+        resolution = await self.resolution_for(model)
+        manifest = resolution.pick(split_key)
         reason = refusal_reason(manifest, self.bound_base, self.max_lora_rank())
         if reason:
             raise AdapterRefused(reason, param="model", adapter=manifest.name, version=manifest.version)
         self.manifests[manifest.engine_name] = manifest
-        return Target(model, manifest, manifest.engine_name)
+        rollout = resolution if resolution.candidate is not None or resolution.shadow is not None else None
+        return Target(model, manifest, manifest.engine_name, rollout)
 
     async def manifest_for(self, model: str) -> AdapterManifest:
         """The registry version a reference names (an alias's own version, not a rollout's candidate), whether or
@@ -429,6 +439,50 @@ class AdapterManager:
     async def unload(self, engine: Engine, lora_name: str) -> None:
         async with self._version_locks[(engine.id, lora_name)], self._engine_locks[engine.id]:
             await self._unload(engine, lora_name, evicted=False)
+
+    def retire_soon(self, name: str, version: int) -> None:
+        """`retire` in the background (a resolver refresh found the version out of an alias)."""
+
+        async def retire() -> None:
+            await self.retire(name, version)
+
+        self._spawn(retire())
+
+    async def retire(self, name: str, version: int, wait_s: float | None = None) -> list[str]:
+        """A version that lost its alias weight (a stopped, rolled back or completed rollout): unloaded from the
+        engines that hold it once its calls in flight here end, unless an alias of `name` still serves it (as its
+        version, candidate or shadow) or it is pinned. The engines it was unloaded from."""
+        manifest = next((m for m in self.manifests.values() if (m.name, m.version) == (name, version)), None)
+        if manifest is None or manifest.engine_name in self.ledger.pinned:
+            return []  # never served here, or pinned
+        lora_name = manifest.engine_name
+        deadline = time.monotonic() + (self.load_timeout_s if wait_s is None else wait_s)
+        while any(lora_name in self.dispatcher.active(engine_id) for engine_id in self.ledger.holders(lora_name)):
+            if time.monotonic() >= deadline:
+                log.info("%s still has calls in flight; left loaded (eviction will take it)", manifest.ref)
+                return []
+            await asyncio.sleep(0.05)
+        try:
+            records = await asyncio.to_thread(self.registry.alias_records, name)
+        except RegistryError as exc:
+            log.warning("%s left loaded: the registry cannot say whether an alias serves it (%s)", manifest.ref, exc)
+            return []
+        if any(version in record.versions() for record in records.values()):
+            return []
+        unloaded = []
+        for engine_id in self.ledger.holders(lora_name):
+            engine = self.engines.get(engine_id)
+            if engine is None or not engine.healthy or lora_name in self.dispatcher.active(engine_id):
+                continue
+            try:
+                await self.unload(engine, lora_name)
+            except (GatewayError, *ERRORS) as exc:  # type: ignore[misc]
+                log.warning("%s not unloaded from %s: %s", manifest.ref, engine_id, exc)
+                continue
+            unloaded.append(engine_id)
+        if unloaded:
+            log.info("%s unloaded from %s: no alias serves it any more", manifest.ref, ", ".join(unloaded))
+        return unloaded
 
     async def _engine_adapters(self, engine: Engine) -> set[str]:
         """The adapters the engine itself lists (vLLM's `/v1/models`: the cards with a parent)."""

@@ -36,8 +36,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import metrics_server
 from gateway.middleware import RequestHeaders, SecurityMiddleware
 from gateway.proxy import Proxy
+from gateway.rollouts import RolloutWatch, gateway_actor, retired
 from gateway.security import build_security, settle
 from gateway.settings import Settings
+from gateway.shadow import Shadows
 from gateway.structured import StructuredOutputs
 from gateway.supervisor import Engine, Supervisor
 from gateway.upstream import Upstream
@@ -111,14 +113,26 @@ async def build_gateway(
             pinned=settings.adapters.pinned,
             resolve_ttl_s=settings.adapters.resolve_ttl_s,
         )
+        watch = RolloutWatch(
+            lambda: gateway.registry,
+            gateway_actor(),
+            on_stopped=functools.partial(retired, adapters),
+            on_rollback=metrics.rollout_stopped,
+        )
+        stack.push_async_callback(watch.aclose)
+        adapters.resolver.on_dropped = adapters.retire_soon  # a move made elsewhere (CLI, another replica) unloads too
         proxy = Proxy(
             upstream,
             supervisor,
             adapters,
             [*(hooks or []), StructuredOutputs()],
-            [metrics.observe_request, usage.emit, settle_quota],
+            [metrics.observe_request, usage.emit, settle_quota, watch],
         )
-        gateway = Gateway(settings, base_name, reg, upstream, supervisor, adapters, proxy, metrics, usage, security)
+        shadows = Shadows(proxy, metrics)
+        stack.push_async_callback(shadows.aclose)
+        gateway = Gateway(
+            settings, base_name, reg, upstream, supervisor, adapters, proxy, metrics, usage, security, shadows, watch
+        )
         metrics.add_state_collector(lambda: engine_snapshots(adapters.ledger, supervisor.engines, adapters.manifests))
         metrics.watch_dispatcher(adapters.dispatcher)
         if settings.metrics_port is not None:  # up before the engines and stopped after them: scrapes see both

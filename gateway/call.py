@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from adapters_registry import AdapterManifest
 
 if TYPE_CHECKING:
+    from adapters_registry.aliases import Resolution
     from gateway.errors import GatewayError
     from gateway.quotas import QuotaLease
 
@@ -26,6 +27,9 @@ class Call:
     body: dict[str, Any] = field(default_factory=dict)  # the parsed request body
     model: str | None = None  # what the client asked for
     manifest: AdapterManifest | None = None  # the adapter version it resolved to (None: the base model)
+    rollout: Resolution | None = None  # the alias's rollout or shadow it was resolved under (None: neither)
+    keep_answer: bool = False  # keep the answer (`answer`) for a comparison after the call (shadow traffic)
+    answer: dict[str, Any] | None = None  # the parsed answer, streamed or not, when `keep_answer`
     lora_name: str | None = None  # the name vLLM serves it under (the base's served name for the base)
     adapter: str | None = None  # the manifest's name and version, for labels and usage events
     version: str | None = None

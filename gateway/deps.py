@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from gateway.adapters import AdapterManager
     from gateway.metrics import GatewayMetrics
     from gateway.proxy import Proxy
+    from gateway.rollouts import RolloutWatch
+    from gateway.shadow import Shadows
     from gateway.supervisor import EngineHealth
     from gateway.upstream import Upstream
     from gateway.usage import UsageEmitter
@@ -38,6 +40,8 @@ class Gateway:
     metrics: GatewayMetrics
     usage: UsageEmitter
     security: Security
+    shadows: Shadows
+    rollout_watch: RolloutWatch
     draining: bool = False
     workers: WorkerHub | None = None  # `--workers N`: the processes that serve the completion routes
 

@@ -154,6 +154,39 @@ class GatewayMetrics:
         self.limit_rejections = Counter(
             "loragate_limit_rejections", "Requests refused by an input limit.", ["limit"], registry=r
         )
+        # Rollouts: labelled by alias reference (`name:alias`) and version numbers, as many as aliases are rolled out
+        self.rollout_rollbacks = Counter(
+            "loragate_rollout_rollbacks",
+            "Rollouts this gateway stopped because the candidate broke the rollout's policy.",
+            ["alias", "version", "reason"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "loragate_shadow_requests",
+            "Shadow copies by outcome: agree, differ (greedy answers compared), unjudged, error, dropped.",
+            ["alias", "current", "shadow", "outcome"],
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "loragate_shadow_agreement_ratio",
+            "Of the shadow copies compared, the share whose answer agreed with the caller's.",
+            ["alias", "current", "shadow"],
+            registry=r,
+        )
+        self.shadow_contract = Counter(
+            "loragate_shadow_contract",
+            "Shadow answers by contract validity.",
+            ["alias", "shadow", "result"],
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "loragate_shadow_latency_seconds",
+            "End-to-end latency of the shadow copies.",
+            ["alias", "shadow"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._agreement: dict[tuple[str, str, str], list[int]] = {}  # (alias, current, shadow) -> [agreed, compared]
         self._state = EngineStateCollector(self.current_adapter_label)
         r.register(self._state)
 
@@ -200,6 +233,26 @@ class GatewayMetrics:
             self._observe(self.unload_duration, label, (engine, label), seconds)
             if evicted:
                 self._inc(self.evictions, label, (engine, label, self._version(label, version)))
+
+    # -- rollouts -------------------------------------------------------------------------------------------------
+
+    def rollout_stopped(self, alias: str, version: str, reason: str) -> None:
+        self.rollout_rollbacks.labels(alias, version, reason).inc()
+
+    def shadow_observed(
+        self, alias: str, current: str, shadow: str, outcome: str, valid: bool | None, latency_s: float | None
+    ) -> None:
+        with self._lock:
+            self.shadow_requests.labels(alias, current, shadow, outcome).inc()
+            if outcome in ("agree", "differ"):
+                counts = self._agreement.setdefault((alias, current, shadow), [0, 0])
+                counts[0] += outcome == "agree"
+                counts[1] += 1
+                self.shadow_agreement.labels(alias, current, shadow).set(counts[0] / counts[1])
+            if outcome in ("agree", "differ", "unjudged"):
+                self.shadow_contract.labels(alias, shadow, validity_label(valid)).inc()
+            if latency_s is not None:
+                self.shadow_latency.labels(alias, shadow).observe(latency_s)
 
     # -- engines --------------------------------------------------------------------------------------------------
 

@@ -121,6 +121,19 @@ class Proxy:
             except Exception:
                 log.exception("%s: observer %r failed", call.request_id, observer)
 
+    async def fetch(self, call: Call, path: str) -> dict[str, Any] | None:
+        """A call no client waits for (a shadow copy), as a whole answer: placed, prepared by the hooks and judged
+        like any other (`call.output_valid`), never retried for its contract and told to no observer (no request
+        metrics, usage event or quota); its parsed answer. GatewayError when the engine refused or failed."""
+        body = {**call.body, "model": call.lora_name}
+        for hook in self.hooks:
+            body = hook.prepare(call, body)
+        opened = await self._open(call, path, json.dumps(body).encode())
+        call.status = opened.response.status
+        self._judge(call, body, opened.first)
+        call.ended = time.monotonic()
+        return _parsed(opened.first)
+
     async def _forward(self, call: Call, path: str, receive: Receive, send: Send) -> None:
         body = {**call.body, "model": call.lora_name}
         for hook in self.hooks:
@@ -132,11 +145,14 @@ class Proxy:
         while True:
             opened = await self._open(call, path, payload)
             if call.stream:
-                scan = StreamScan(strip_usage=strip, collect_text=any(h.wants_answer(call) for h in self.hooks))
+                collect = call.keep_answer or any(h.wants_answer(call) for h in self.hooks)
+                scan = StreamScan(strip_usage=strip, collect_text=collect)
                 await self._relay(call, opened, scan, body, receive, send)
                 return
             if self._judge(call, body, opened.first).retry:
                 continue
+            if call.keep_answer and opened.response.status == 200:
+                call.answer = _parsed(opened.first)
             await self._send_whole(call, opened, send)
             return
 
@@ -336,7 +352,10 @@ class Proxy:
         elif call.status != 200:  # what a stream cut short had delivered, about: one token an event
             call.completion_tokens = scan.events - (1 if scan.done else 0)
         if scan.collect_text and call.status == 200:
-            call.output_valid = self._verdict(call, body, scan.answer(call.route)).valid
+            answer = scan.answer(call.route)
+            if any(hook.wants_answer(call) for hook in self.hooks):  # not merely kept for a shadow's comparison
+                call.output_valid = self._verdict(call, body, answer).valid
+            call.answer = answer if call.keep_answer else None
 
     def cut_streams(self) -> int:
         """The drain deadline: end every stream still running with an error event. Returns how many there were."""
@@ -344,6 +363,14 @@ class Proxy:
         for task in list(self._streams):
             task.cancel()
         return len(self._streams)
+
+
+def _parsed(content: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(content)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 async def _watch_disconnect(receive: Receive, hung_up: asyncio.Event, relay: asyncio.Task[Any]) -> None:

@@ -43,6 +43,9 @@ class Resolver:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: dict[str, asyncio.Future[Resolution | NotFoundError]] = {}
         self.on_forget: Callable[[str | None], None] = lambda name: None  # gateway workers forget it too
+        # (name, version): a refresh found that a reference stopped serving a version (a rollout stopped or done
+        # by the CLI or another replica); the gateway unloads it where nothing serves it any more
+        self.on_dropped: Callable[[str, int], None] = lambda name, version: None
 
     async def resolve(self, model: str) -> Resolution:
         """What `model` serves; NotFoundError, or another RegistryError when the registry cannot say."""
@@ -84,6 +87,10 @@ class Resolver:
                 log.warning("registry lookup of %s failed (%s); serving the answer from %.0fs ago", model, exc, age)
                 return known.answer
             raise
+        known = self._entries.get(model)
+        if known is not None and isinstance(known.answer, Resolution) and isinstance(answer, Resolution):
+            for version in sorted(known.answer.versions() - answer.versions()):
+                self.on_dropped(known.answer.current.name, version)
         self._entries[model] = _Entry(answer, time.monotonic())
         self._entries.move_to_end(model)
         while len(self._entries) > self.max_entries:

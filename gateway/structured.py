@@ -292,6 +292,12 @@ def check_text(text: str | None, constraint: Constraint) -> bool | None:
     return bool(compile_schema(constraint.value).validator.is_valid(parsed))
 
 
+def constraint_of(call: Call) -> Constraint | None:
+    """The constraint `StructuredOutputs.prepare` put in force for the call (None: none)."""
+    constraint: Constraint | None = call.notes.get(_CONSTRAINT_NOTE)
+    return constraint
+
+
 def should_retry(valid: bool | None, constraint: Constraint | None, attempt: int) -> bool:
     """Retry (attempt counts from 0) only an answer that broke the adapter's contract, up to its contract_retry."""
     return (

@@ -8,6 +8,7 @@ It serves the completion routes on the public port itself and forwards every oth
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -29,9 +30,11 @@ from gateway.errors import MethodNotAllowed, Unavailable, send_error
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestHeaders, SecurityMiddleware, read_body
 from gateway.proxy import Proxy
+from gateway.rollouts import RolloutWatch, gateway_actor, retired
 from gateway.security import build_security
 from gateway.server import GatewayServer
 from gateway.settings import Settings
+from gateway.shadow import Shadows
 from gateway.structured import StructuredOutputs
 from gateway.upstream import Upstream
 from gateway.usage import UsageEmitter
@@ -71,9 +74,21 @@ async def build_worker(settings: Settings, index: int, control: Path, base: str,
         link.metrics_text = lambda: metrics.render()[0].decode()
         await link.connect()
         stack.push_async_callback(link.aclose)
-        observers: list[Observer] = [metrics.observe_request, usage.emit, settle_quota]
+        registry.audit = security.audit.registry_hook("gateway")  # a rollout this worker stops is audited
+        watch = RolloutWatch(
+            lambda: registry,
+            gateway_actor(),
+            on_stopped=functools.partial(retired, adapters, unload=False),  # the primary owns the engines' adapters
+            on_rollback=metrics.rollout_stopped,
+        )
+        stack.push_async_callback(watch.aclose)
+        observers: list[Observer] = [metrics.observe_request, usage.emit, settle_quota, watch]
         proxy = Proxy(upstream, engines, adapters, [StructuredOutputs()], observers, worker=index)
-        yield Gateway(settings, base, registry, upstream, engines, adapters, proxy, metrics, usage, security)
+        shadows = Shadows(proxy, metrics)
+        stack.push_async_callback(shadows.aclose)
+        yield Gateway(
+            settings, base, registry, upstream, engines, adapters, proxy, metrics, usage, security, shadows, watch
+        )
 
 
 class Forwarder:

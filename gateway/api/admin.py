@@ -7,11 +7,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry import open_registry
 from adapters_registry.aliases import describe_state
 from adapters_registry.errors import RegistryError
+from adapters_registry.manifest import AliasRecord, RolloutPolicy
 from gateway.deps import Gateway, GatewayDep
 from gateway.errors import (
     AdapterRefused,
@@ -32,10 +33,30 @@ class AdapterAction(BaseModel):
     engine: str | None = None
 
 
+class PolicyIn(RolloutPolicy):
+    """A rollout policy as the admin API takes it: a mistyped rule is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class AliasPromote(BaseModel):
     ref: str
     alias: str
     weight: int | None = Field(default=None, ge=0, le=100)  # a rollout: this percent of the alias's requests
+    policy: PolicyIn | None = None  # with a weight 1-99: when gateways stop the rollout by themselves
+    shadow: str | None = None  # a version that gets a copy of `shadow_percent` percent of the alias's requests
+    shadow_percent: int | None = Field(default=None, ge=0, le=100)  # 0 stops the alias's shadow
+
+    def shadow_move(self) -> tuple[str, int] | None:
+        if self.shadow is None and self.shadow_percent is None:
+            return None
+        if self.shadow_percent is None:
+            raise InvalidRequest(
+                "`shadow` needs `shadow_percent` (the share of the alias's requests to copy)", param="shadow_percent"
+            )
+        if self.shadow is None and self.shadow_percent != 0:
+            raise InvalidRequest("`shadow_percent` needs `shadow` (0 alone stops the alias's shadow)", param="shadow")
+        return self.shadow or "", self.shadow_percent
 
 
 class AliasRollback(BaseModel):
@@ -144,14 +165,28 @@ async def _move_alias(gateway: Gateway, move: Any, *args: str, **kwargs: Any) ->
     except RegistryError as exc:
         raise from_registry_error(exc, args[0], param="alias") from exc
     gateway.adapters.resolver.forget(manifest.name)  # this replica serves the move at once
+    unloaded = {}  # a version the move took out of the alias: unloaded once its calls in flight end, unless served
+    for version in _lost_weight(record):
+        unloaded[f"{manifest.name}@{version}"] = await gateway.adapters.retire(manifest.name, version)
     return {
         "name": manifest.name,
         "alias": args[-1],
         "ref": manifest.ref,
         "digest": manifest.digest,
         "serves": describe_state(record),
-        "split": record.split.model_dump() if record is not None and record.split else None,
+        "split": record.split.model_dump(exclude_none=True) if record is not None and record.split else None,
+        "shadow": record.shadow.model_dump() if record is not None and record.shadow else None,
+        "unloaded": unloaded,
     }
+
+
+def _lost_weight(record: AliasRecord | None) -> list[int]:
+    """The versions the alias's last move took out of it (its old version, candidate or shadow)."""
+    if record is None or not record.history:
+        return []
+    move = record.history[-1]
+    before = {move.from_version} | {s.version for s in (move.from_split, move.from_shadow) if s is not None}
+    return sorted(v for v in before - set(record.versions()) if v is not None)
 
 
 @router.post("/aliases/promote")
@@ -160,10 +195,21 @@ async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, An
     requests (what `loragate registry promote [--weight N]` does). Before the version gets any of the alias's
     traffic it is loaded on the engines that hold the alias's version now (`warmed_on`), so no request pays its
     load at the flip; a version this gateway would refuse is refused before anything moves."""
+    shadow = body.shadow_move()
     warmed: list[str] = []
     if body.weight != 0:
         warmed = await _warm(gateway, body.ref, body.alias)
-    moved = await _move_alias(gateway, gateway.registry.promote, body.ref, body.alias, weight=body.weight)
+    if shadow is not None and shadow[1]:  # the shadow's copies are not the callers', but warm it all the same
+        await _warm(gateway, shadow[0], body.alias)
+    moved = await _move_alias(
+        gateway,
+        gateway.registry.promote,
+        body.ref,
+        body.alias,
+        weight=body.weight,
+        policy=RolloutPolicy(**body.policy.model_dump()) if body.policy is not None else None,
+        shadow=shadow,
+    )
     return {**moved, "warmed_on": warmed}
 
 

@@ -54,6 +54,8 @@ class CompletionRoute:
                 security.check_model(principal, call.model)
             target = await gateway.adapters.resolve(model, split_key(scope, principal, call.request_id))
             call.resolved(target.manifest, target.upstream_name)
+            call.rollout = target.rollout
+            call.keep_answer = gateway.shadows.wanted(call)
             state["adapter"] = target.label
             call.quota = security.admit(principal, target.model, call.body)
         except GatewayError as exc:
@@ -66,6 +68,7 @@ class CompletionRoute:
             await send_error(send, exc)
             return
         await gateway.proxy.forward(call, self.path, receive, send)
+        gateway.shadows.copy(call, self.path)  # after the caller's answer: a copy to the shadow version, if any
 
 
 SPLIT_HEADER = b"x-loragate-split-key"

@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 
 from adapters_registry import AdapterManifest
 from adapters_registry.errors import RegistryError
+from adapters_registry.manifest import RolloutPolicy
 from gateway.adapters import refusal_reason
 from gateway.deps import Gateway, GatewayDep, PrincipalDep
 from gateway.errors import InvalidRequest, LoRANotFound, ModelNotFound, Unavailable
@@ -103,14 +104,26 @@ async def _all_cards(gateway: Gateway) -> list[dict[str, Any]]:
             if target is not None:
                 card = _adapter_card(gateway, f"{name}:{alias}", target, resolves_to=target.ref)
                 if record.split is not None:
-                    card["split"] = _split(f"{name}@{record.split.version}", record.split.weight)
+                    split = record.split
+                    card["split"] = _split(f"{name}@{split.version}", split.weight, split.policy)
+                if record.shadow is not None:
+                    card["shadow"] = _shadow(f"{name}@{record.shadow.version}", record.shadow.percent)
                 cards.append(card)
     return cards
 
 
-def _split(candidate: str, weight: int) -> dict[str, Any]:
-    """An alias card's rollout in progress: `weight` percent of its requests go to `candidate`."""
-    return {"candidate": candidate, "weight": weight}
+def _split(candidate: str, weight: int, policy: RolloutPolicy | None) -> dict[str, Any]:
+    """An alias card's rollout in progress: `weight` percent of its requests go to `candidate` (and the policy
+    that stops it, when it has one)."""
+    split: dict[str, Any] = {"candidate": candidate, "weight": weight}
+    if policy is not None:
+        split["policy"] = policy.model_dump(mode="json")
+    return split
+
+
+def _shadow(version: str, percent: int) -> dict[str, Any]:
+    """An alias card's shadow: a copy of `percent` percent of its requests also goes to `version`."""
+    return {"version": version, "percent": percent}
 
 
 def _refusal(gateway: Gateway, manifest: AdapterManifest) -> str | None:
@@ -132,7 +145,9 @@ async def retrieve_model(model_id: str, gateway: GatewayDep, principal: Principa
     if model_id != manifest.ref:  # `name`, `name:alias`, `name@sha256:...`: it resolves to a version
         card = _adapter_card(gateway, model_id, manifest, resolves_to=manifest.ref)
         if resolution.candidate is not None:
-            card["split"] = _split(resolution.candidate.ref, resolution.weight)
+            card["split"] = _split(resolution.candidate.ref, resolution.weight, resolution.policy)
+        if resolution.shadow is not None:
+            card["shadow"] = _shadow(resolution.shadow.ref, resolution.shadow_percent)
     else:
         aliases = await asyncio.to_thread(gateway.registry.aliases, manifest.name)
         card = _adapter_card(gateway, model_id, manifest, aliases=_alias_names(manifest, aliases))

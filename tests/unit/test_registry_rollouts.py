@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters_registry.aliases import Resolution, split_bucket
+from adapters_registry.aliases import Resolution, describe_state, split_bucket
 from adapters_registry.audit import AuditLog
 from adapters_registry.errors import ConflictError, ValidationError
+from adapters_registry.manifest import AliasShadow, AliasSplit, RolloutPolicy
 from adapters_registry.registry import Registry
 from loragate.cli import main
 
@@ -146,3 +147,123 @@ def test_the_cli_rolls_out_shows_and_audits(support: Registry, capsys: pytest.Ca
         ("ana", "ok", 10, "support@1 (90%), support@2 (10%)"),
         (promotes[-1]["who"], "error", 150, None),
     ]
+
+
+# ---- rollout policies, automatic stops, shadows ----------------------------------------------------------------------
+POLICY = RolloutPolicy(max_error_ratio=0.02, min_contract_validity=0.99, window_s=60, min_requests=10)
+
+
+def test_a_policy_rides_with_its_rollout_and_a_stop_is_a_compare_and_swap_one_replica_wins(support: Registry) -> None:
+    support.audit = AuditLog(store=support.store).registry_hook("test")
+    support.promote("support@2", "prod", weight=10, policy=POLICY)
+    support.promote("support@2", "prod", weight=30)  # a later weight keeps the policy
+    record = support.alias_records("support")["prod"]
+    assert record.split is not None and record.split.policy == POLICY
+    assert support.resolve_split("support:prod").policy == POLICY
+    figures = {"requests": 12, "contract_validity": 0.0}
+    stopped = support.stop_rollout("support", "prod", 2, "gateway:a", "contract validity 0% < 99%", figures)
+    again = support.stop_rollout("support", "prod", 2, "gateway:b", "contract validity 0% < 99%", figures)
+    assert stopped is not None and (stopped.version, stopped.split) == (1, None) and again is None
+    move = support.alias_records("support")["prod"].history[-1]
+    assert (move.who, move.reason, move.from_split, move.to_split) == (
+        "gateway:a",
+        "contract validity 0% < 99%",
+        AliasSplit(version=2, weight=30, policy=POLICY),
+        None,
+    )
+    stops = [e for e in AuditLog(store=support.store).read() if e["action"] == "registry.rollout_stop"]
+    assert [(e["who"], e["result"], e["details"]["reason"], e["details"]["figures"]) for e in stops] == [
+        ("gateway:a", "ok", "contract validity 0% < 99%", figures),
+        ("gateway:b", "already_done", "contract validity 0% < 99%", figures),
+    ]
+    support.rollback("support", "prod")  # a person can still restore the rollout the gateway stopped
+    assert _state(support) == (1, (2, 30))
+
+
+@pytest.mark.parametrize(
+    ("policy", "weight", "message"),
+    [
+        (POLICY, None, "a rollout policy watches a candidate: it needs a weight of 1-99"),
+        (POLICY, 100, "a rollout policy watches a candidate: it needs a weight of 1-99"),
+        (RolloutPolicy(max_error_ratio=2), 10, "a rollout policy's max error ratio is a fraction, 0-1, not 2"),
+        (
+            RolloutPolicy(min_contract_validity=-0.5),
+            10,
+            "a rollout policy's min contract validity is a fraction, 0-1, not -0.5",
+        ),
+        (RolloutPolicy(max_ttft_ratio=0), 10, "a rollout policy's max TTFT ratio must be above 0, not 0"),
+        (RolloutPolicy(max_ttft_ratio=2, window_s=0), 10, "a rollout policy's window must be above 0 seconds, not 0"),
+        (
+            RolloutPolicy(max_ttft_ratio=2, min_requests=0),
+            10,
+            "a rollout policy judges after at least 1 request, not 0",
+        ),
+        (
+            RolloutPolicy(),
+            10,
+            "a rollout policy needs a rule: a max error ratio, a max p99 TTFT ratio or a min contract validity",
+        ),
+    ],
+)
+def test_bad_policies_are_refused_and_change_nothing(
+    support: Registry, policy: RolloutPolicy, weight: int | None, message: str
+) -> None:
+    before = support.alias_records("support")
+    with pytest.raises(ValidationError) as info:
+        support.promote("support@2", "prod", weight=weight, policy=policy)
+    assert str(info.value) == message
+    assert support.alias_records("support") == before
+
+
+def test_a_shadow_is_set_kept_across_weights_dropped_on_its_own_version_and_rolled_back(support: Registry) -> None:
+    support.promote("support@1", "prod", shadow=("support@2", 5))
+    record = support.alias_records("support")["prod"]
+    assert (record.version, record.shadow) == (1, AliasShadow(version=2, percent=5))
+    assert describe_state(record) == "support@1; shadow support@2 (5%)"
+    resolution = support.resolve_split("support:prod")
+    assert resolution.shadow is not None and (resolution.shadow.ref, resolution.shadow_percent) == ("support@2", 5)
+    copied = [resolution.shadows(f"req-{i}") for i in range(4000)]
+    assert 0.04 <= sum(c is not None for c in copied) / len(copied) <= 0.06
+    support.promote("support@3", "prod", weight=10)  # a rollout beside it keeps the shadow
+    assert describe_state(support.alias_records("support")["prod"]) == (
+        "support@1 (90%), support@3 (10%); shadow support@2 (5%)"
+    )
+    support.promote("support@1", "prod", shadow=("support@2", 50))  # a shadow change leaves the rollout alone
+    assert _state(support) == (1, (3, 10))
+    support.promote("support@2", "prod")  # completing to the shadowed version ends the shadow
+    assert support.alias_records("support")["prod"].shadow is None
+    support.rollback("support", "prod")
+    assert support.alias_records("support")["prod"].shadow == AliasShadow(version=2, percent=50)
+    with pytest.raises(ConflictError):
+        support.remove("support@2")  # a shadowed version is served: not removable
+    support.promote("support@1", "prod", shadow=("", 0))
+    assert support.alias_records("support")["prod"].shadow is None
+
+
+def test_the_cli_sets_a_policy_and_a_shadow_and_shows_them(
+    support: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loc = ["--registry", support.location]
+    policy = ["--max-error-ratio", "0.02", "--min-contract-validity", "0.99", "--window", "60", "--min-requests", "10"]
+    code, out, err = _run(capsys, "promote", "support@2", "--alias", "prod", "--weight", "10", *policy, *loc)
+    assert (code, out, err) == (0, "support:prod -> support@1 (90%), support@2 (10%)\n", "")
+    shadow = ["--shadow", "support@3", "--shadow-percent", "5"]
+    assert _run(capsys, "promote", "support@1", "--alias", "prod", *shadow, *loc)[:2] == (
+        0,
+        "support:prod -> support@1 (90%), support@2 (10%); shadow support@3 (5%)\n",
+    )
+    code, out, _ = _run(capsys, "aliases", "support", *loc)
+    assert out.splitlines()[1] == "  policy: errors <= 2%, contract >= 99% over 60s (>= 10 requests)"
+    shown = json.loads(_run(capsys, "aliases", "support", "--json", *loc)[1])["prod"]
+    assert (shown["split"]["policy"]["min_contract_validity"], shown["shadow"]) == (0.99, {"version": 3, "percent": 5})
+    for argv, message in (
+        (["--weight", "10", "--window", "60"], "--window and --min-requests shape a rollout policy: give a rule too "
+         "(--max-error-ratio, --max-ttft-ratio or --min-contract-validity)"),
+        (["--shadow", "support@3"], "--shadow needs --shadow-percent (the share of the alias's requests to copy)"),
+        (["--shadow-percent", "5"], "--shadow-percent needs --shadow REF (0 alone stops the alias's shadow)"),
+        (["--shadow", "support@3", "--shadow-percent", "101"],
+         "a shadow percent is a share of the alias's requests, 0-100, not 101"),
+    ):  # fmt: skip
+        before = support.alias_records("support")
+        assert _run(capsys, "promote", "support@1", "--alias", "prod", *argv, *loc) == (2, "", f"error: {message}\n")
+        assert support.alias_records("support") == before
