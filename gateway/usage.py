@@ -22,6 +22,7 @@ from gateway.call import Call
 from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
+_line = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps with options builds an encoder per call
 
 UsageEvent = dict[str, Any]
 
@@ -90,7 +91,7 @@ class UsageEmitter:
 
     def emit(self, outcome: Call) -> UsageEvent:
         event = usage_event(outcome, time.time())
-        logger.info("%s", json.dumps(event, separators=(",", ":")))
+        logger.info("%s", _line(event))
         if self._queue is None:
             return event
         if self._closed:

@@ -25,6 +25,7 @@ from adapters_registry import open_registry
 from gateway.api.completions import ROUTES, CompletionRoute
 from gateway.app import drain, settle_quota
 from gateway.call import Observer
+from gateway.cli import lean_log_records
 from gateway.deps import Gateway, Live
 from gateway.errors import MethodNotAllowed, Unavailable, send_error
 from gateway.metrics import GatewayMetrics
@@ -173,6 +174,7 @@ def main() -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lean_log_records()
     env = os.environ
     settings = Settings.model_validate(json.loads(env["LORAGATE_WORKER_SETTINGS"]))
     index = int(env["LORAGATE_WORKER_INDEX"])
