@@ -25,7 +25,7 @@ from adapters_registry import open_registry
 from gateway.api.completions import ROUTES, CompletionRoute
 from gateway.app import drain, settle_quota
 from gateway.call import Observer
-from gateway.cli import lean_log_records
+from gateway.cli import freeze_heap, lean_log_records
 from gateway.deps import Gateway, Live
 from gateway.errors import MethodNotAllowed, Unavailable, send_error
 from gateway.metrics import GatewayMetrics
@@ -195,6 +195,7 @@ def main() -> None:
         log_level="warning",
         access_log=False,
     )
+    freeze_heap()
     GatewayServer(config, app.live, grace).run(sockets=[sock])
 
 
