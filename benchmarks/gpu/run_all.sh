@@ -11,7 +11,8 @@
 # CPUs (instant upstream, 1 vs 4 workers) -> "place": the 7B engine stops and placement.sh starts four 3B engines
 # for the next call (call 3 then builds that model too: small_model.sh 1b 3b). On a machine still warm:
 # cp benchmarks/gpu/run_all.sh .gpu/scripts/ && bash .gpu/scripts/rerun.sh (carry .gpu/scripts, .gpu/wrk).
-# Knobs: ROUNDS (for concurrency 1 and 16; 128 gets 3), STEPS (default "big cold small cpu").
+# Knobs: ROUNDS (for concurrency 1 and 16; 128 gets 3), STEPS (default "big cold small cpu"), SETS (the
+# concurrency levels of "big", default "1 16 128"), X2=1 (a second gateway with --workers 2 as one more target).
 R=$HOME/res; mkdir -p $R
 BIG=$HOME/models/llama7b-rand; BIG_NAME=llama7b-rand; SMALL=$HOME/models/llama1b-rand; SMALL_NAME=llama1b-rand
 E7=http://127.0.0.1:8000; E1=http://127.0.0.1:8001; G7=http://127.0.0.1:8100; G1=http://127.0.0.1:8201; G4=http://127.0.0.1:8204
@@ -106,14 +107,20 @@ HOT=$(for i in $(seq 0 7); do echo -n "lora$i,"; done); HOT=${HOT%,}
 if [[ " $STEPS " == *" big "* ]]; then
   GP=$(gateway 8100 $E7 $BIG_NAME $HOME/reg7 1 $R/gateway7.log)
   log "gateway over the 7B engine ready (pid $GP)"
+  EXTRA=""
+  if [ "${X2:-0}" = 1 ]; then
+    GP2=$(gateway 8102 $E7 $BIG_NAME $HOME/reg7 2 $R/gateway7_x2.log); EXTRA="--target gateway-x2=http://127.0.0.1:8102"
+    log "gateway --workers 2 ready (pid $GP2)"
+  fi
   cpu_sampler $GP $R/cpu_gateway7.txt & CS=$!
   for spec in "1 12 32 $ROUNDS" "16 64 64 $ROUNDS" "128 256 128 3"; do
     set -- $spec
+    [[ " ${SETS:-1 16 128} " == *" $1 "* ]] || continue
     for mode in plain stream; do
       T=$(now)
       python3 benchmarks/bench_gateway.py --engine-url $E7 --gateway-url $G7 --base $BIG_NAME --adapters $HOT \
         --assignment round-robin --concurrency $1 --requests $2 --max-tokens $3 --prompt-words 150 --rounds $4 \
-        --warmup $((2 * $1 > 16 ? 2 * $1 : 16)) --json $R/bench_c$1_$mode.json $([ $mode = stream ] && echo --stream) \
+        --warmup $((2 * $1 > 16 ? 2 * $1 : 16)) $EXTRA --json $R/bench_c$1_$mode.json $([ $mode = stream ] && echo --stream) \
         > $R/bench_c$1_$mode.txt 2> $R/bench_c$1_$mode.log
       log "c=$1 $mode rc=$? in $(el $T) s"; cat $R/bench_c$1_$mode.txt
     done
