@@ -185,6 +185,16 @@ def measure(
     return {"ttft_s": overall["ttft_s"]["p50"], "tpot_s": overall["tpot_s"]["p50"]}
 
 
+def timed_load(url: str, name: str, resolver: Path) -> float:
+    """Seconds one `load_lora_adapter` call for the resolver folder's adapter `name` took on `url`."""
+    started = time.perf_counter()
+    reply = httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(resolver / name)}, timeout=600
+    )
+    reply.raise_for_status()
+    return time.perf_counter() - started
+
+
 def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespace) -> dict[str, float]:
     """The simulator's costs (benchmarks/sim_placement.py Costs) on these engines: decode step time against the
     batch (base model, every engine busy at once), the extra of distinct adapters in a batch, prefill per token,
@@ -208,14 +218,7 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
     empty(urls, args.base)
     loads = []
     for name in names[2:8]:
-        started = time.perf_counter()
-        reply = httpx.post(
-            f"{urls[0]}/v1/load_lora_adapter",
-            json={"lora_name": name, "lora_path": str(Path(args.resolver) / name)},
-            timeout=120,
-        )
-        reply.raise_for_status()
-        loads.append(time.perf_counter() - started)
+        loads.append(timed_load(urls[0], name, args.resolver))
     empty(urls, args.base)
     costs = {
         "step_s": round(step, 5),
@@ -272,14 +275,7 @@ def load_timing(urls: Sequence[str], names: Sequence[str], args: argparse.Namesp
         with busy(busy_urls, args.base, 32 * len(busy_urls)) if busy_urls else contextlib.nullcontext([0]) as done:
             before, times = done[0], []
             for name in batch:
-                started = time.perf_counter()
-                reply = httpx.post(
-                    f"{urls[0]}/v1/load_lora_adapter",
-                    json={"lora_name": name, "lora_path": str(Path(args.resolver) / name)},
-                    timeout=600,
-                )
-                reply.raise_for_status()
-                times.append(round(time.perf_counter() - started, 3))
+                times.append(round(timed_load(urls[0], name, args.resolver), 3))
             result[label] = {"load_s": times, "median_s": statistics.median(times), "answered": done[0] - before}
         print(f"load timing: {label}: {result[label]}", file=sys.stderr)
     empty(urls, args.base)
