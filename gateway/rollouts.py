@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_OUTCOMES = 10_000  # per alias and version: the window's oldest go first beyond it
+# Judging reads both versions' windows (a sort of up to MAX_OUTCOMES each): once a candidate has enough calls to be
+# judged, an alias is judged again at most this often, so a busy rollout costs no window scan per call.
+JUDGE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ async def retired(adapters: AdapterManager, name: str, version: int, *, unload: 
 
 class RolloutWatch:
     """An observer of finished calls (gateway.call.Observer): it judges every candidate call of an alias whose
-    rollout has a policy, and stops the rollout on a breach (in the background, once at a time per alias)."""
+    rollout has a policy (once it has `min_requests`, at most every JUDGE_EVERY_S per alias), and stops the rollout
+    on a breach (in the background, once at a time per alias)."""
 
     def __init__(
         self,
@@ -145,6 +149,7 @@ class RolloutWatch:
         self.clock = clock
         self.windows: dict[tuple[str, int], Window] = {}
         self._stopping: dict[str, asyncio.Task[None]] = {}
+        self._judged: dict[str, float] = {}  # alias ref -> when it was last judged
 
     def __call__(self, call: Call) -> None:
         rollout: Resolution | None = call.rollout
@@ -158,6 +163,11 @@ class RolloutWatch:
         self.windows.setdefault((rollout.ref, version), Window()).add(outcome, policy.window_s)
         if version != rollout.candidate.version or rollout.ref in self._stopping:
             return
+        if len(self.windows[(rollout.ref, version)].outcomes) < policy.min_requests:  # too few, however counted
+            return
+        if now - self._judged.get(rollout.ref, -math.inf) < JUDGE_EVERY_S:
+            return
+        self._judged[rollout.ref] = now
         candidate = self.windows[(rollout.ref, version)].figures(now, policy.window_s)
         current = self.windows.get((rollout.ref, rollout.current.version), Window()).figures(now, policy.window_s)
         breach = judge(policy, candidate, current)

@@ -15,7 +15,7 @@ from adapters_registry.manifest import RolloutPolicy
 from adapters_registry.registry import Registry
 from gateway.call import Call
 from gateway.resolver import Resolver
-from gateway.rollouts import Figures, Outcome, RolloutWatch, figures, judge
+from gateway.rollouts import JUDGE_EVERY_S, Figures, Outcome, RolloutWatch, figures, judge
 from gateway.shadow import agreement, choice_texts, greedy
 
 POLICY = RolloutPolicy(max_error_ratio=0.05, max_ttft_ratio=2, min_contract_validity=0.9, window_s=60, min_requests=4)
@@ -150,6 +150,28 @@ def test_outcomes_older_than_the_window_are_not_judged(rolled_out: Registry) -> 
 
     watch = asyncio.run(serve())
     assert not watch._stopping and rolled_out.alias_records("support")["prod"].split is not None
+
+
+def test_a_judged_alias_is_judged_again_only_after_a_second(rolled_out: Registry) -> None:
+    """Once the candidate has `min_requests` calls it is judged at once; after that at most every JUDGE_EVERY_S,
+    so a busy rollout does not scan both windows on every call: a breach inside the second waits for the next."""
+    now = [0.0]
+    rollout = rolled_out.resolve_split("support:prod")
+
+    async def serve() -> RolloutWatch:
+        watch = RolloutWatch(lambda: rolled_out, "gateway:a", clock=lambda: now[0])
+        for _ in range(3):
+            watch(_call(rollout, 2, valid=True))  # judged at the third: clean
+        for _ in range(30):
+            watch(_call(rollout, 2, valid=False))  # 30 of 33 invalid, all inside the same second: not judged
+        assert not watch._stopping
+        now[0] = JUDGE_EVERY_S
+        watch(_call(rollout, 2, valid=False))
+        await asyncio.gather(*watch._stopping.values())
+        return watch
+
+    asyncio.run(serve())
+    assert rolled_out.alias_records("support")["prod"].split is None
 
 
 @pytest.mark.parametrize(
