@@ -35,6 +35,7 @@ from adapters_registry.manifest import (
     AliasRecord,
     AliasShadow,
     AliasSplit,
+    ParityGate,
     RolloutPolicy,
     Tombstone,
     utc_now,
@@ -53,12 +54,14 @@ Action = Literal["promote", "rollback"]
 
 @dataclass(frozen=True)
 class Move:
-    """What a move makes of an alias: the version it points at after it, its rollout and its shadow then."""
+    """What a move makes of an alias: the version it points at after it, its rollout, its shadow and its parity
+    thresholds then."""
 
     action: Action
     target: AdapterManifest
     split: AliasSplit | None = None
     shadow: AliasShadow | None = None
+    gate: ParityGate | None = None
 
 
 # Given the alias record (None: no such alias yet): the move to make (`AlreadyDone`: none is needed).
@@ -174,15 +177,18 @@ def promote(
     *,
     policy: RolloutPolicy | None = None,
     shadow: tuple[str, int] | None = None,
+    gate: ParityGate | None = None,
 ) -> tuple[AdapterManifest, AliasRecord]:
     """Point `alias` at the version `ref` names (`weight` None or 100), or give it `weight` percent of the alias's
     requests beside the alias's version (1-99, watched by `policy` if given; a later weight keeps the policy), or
     stop its rollout (0). `shadow` (ref, percent) sends a copy of that share of the alias's requests to ref (percent
-    0: stop); without it a shadow stays, unless it would shadow the alias's own version. The target and the
-    alias's new record."""
+    0: stop); without it a shadow stays, unless it would shadow the alias's own version. `gate` sets the alias's
+    parity thresholds (kept by later moves without one). The target and the alias's new record."""
     check_alias(alias)
     if weight is not None and not 0 <= weight <= 100:
         raise ValidationError(f"a weight is a percentage of the alias's requests, 0-100, not {weight}")
+    if gate is not None:
+        check_gate(gate)
     if policy is not None:
         check_policy(policy)
         if weight is None or not 1 <= weight <= 99:
@@ -193,11 +199,12 @@ def promote(
 
     def pick(record: AliasRecord | None) -> Move:
         new_shadow = record.shadow if record is not None and shadow is None else shadowed
+        new_gate = gate if gate is not None or record is None else record.gate
         if weight is None or weight == 100:
             split = None
             if shadow is not None and record is not None and target.version == record.version:
                 split = record.split  # re-promoting the version to set a shadow leaves its rollout alone
-            return Move("promote", target, split, _unless_own(new_shadow, target.version))
+            return Move("promote", target, split, _unless_own(new_shadow, target.version), new_gate)
         if record is None:
             raise ConflictError(f"{name}:{alias} does not exist yet: promote a version to it without --weight first")
         if target.version == record.version:
@@ -213,7 +220,7 @@ def promote(
         current = resolve(f"{name}@{record.version}")
         kept = policy if policy is not None else (split.policy if split is not None else None)
         new_split = AliasSplit(version=target.version, weight=weight, policy=kept) if weight else None
-        return Move("promote", current, new_split, _unless_own(new_shadow, record.version))
+        return Move("promote", current, new_split, _unless_own(new_shadow, record.version), new_gate)
 
     return target, move_alias(store, name, alias, who, pick)
 
@@ -234,6 +241,18 @@ def check_policy(policy: RolloutPolicy) -> None:
         raise ValidationError(
             "a rollout policy needs a rule: a max error ratio, a max p99 TTFT ratio or a min contract validity"
         )
+
+
+def check_gate(gate: ParityGate) -> None:
+    """Refuse parity thresholds that are not fractions, with one line."""
+    fields = (
+        ("min agreement", gate.min_agreement),
+        ("max agreement drop", gate.max_agreement_drop),
+        ("min contract validity", gate.min_contract_validity),
+    )
+    for field, value in fields:
+        if value is not None and not 0 <= value <= 1:
+            raise ValidationError(f"a parity gate's {field} is a fraction, 0-1, not {value:g}")
 
 
 def _shadow(name: str, shadow: tuple[str, int] | None, resolve: Resolve) -> AliasShadow | None:
@@ -265,7 +284,7 @@ def stop_rollout(
         found = read_version(store, name, record.version)
         if not isinstance(found, AdapterManifest):
             raise ConflictError(f"{name}:{alias} points at {name}@{record.version}, which is gone")
-        return Move("promote", found, None, record.shadow)
+        return Move("promote", found, None, record.shadow, record.gate)
 
     try:
         return move_alias(store, name, alias, who, pick, reason=reason)
@@ -296,7 +315,7 @@ def rollback(
                     f"{name}:{alias} would roll back to {name}@{version}, which was removed at {gone.removed_at}; "
                     f"promote a version instead"
                 )
-        return Move("rollback", resolve(f"{name}@{undone.from_version}"), split, shadow)
+        return Move("rollback", resolve(f"{name}@{undone.from_version}"), split, shadow, record.gate)
 
     record = move_alias(store, name, alias, who, pick)
     return resolve(f"{name}@{record.version}"), record
@@ -330,6 +349,7 @@ def move_alias(
             version=chosen.target.version,
             split=chosen.split,
             shadow=chosen.shadow,
+            gate=chosen.gate,
             history=history,
         )
         if store.put_if_match(key, new.to_json(), token):

@@ -39,6 +39,8 @@ def _open(args: argparse.Namespace) -> Registry:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "gateway", None):  # the gateway's registry, not this machine's: none is opened here
+        return _promote_through(args)
     try:
         code: int = args.action(_open(args), args)
     except OSError as exc:  # outside the store (the adapter folder, an output file): still one line
@@ -95,6 +97,7 @@ def _push(reg: Registry, args: argparse.Namespace) -> int:
         labels=_labels(args.label),
         check_effect=args.check_effect,
         allow_base_mismatch=args.allow_base_mismatch,
+        golden=_golden_input(args),
     )
     if args.json:
         _emit(_describe(manifest))
@@ -158,6 +161,7 @@ def _aliases(reg: Registry, args: argparse.Namespace) -> int:
                     "version": record.version,
                     "split": record.split.model_dump(mode="json", exclude_none=True) if record.split else None,
                     "shadow": record.shadow.model_dump(mode="json") if record.shadow else None,
+                    "gate": record.gate.model_dump(mode="json") if record.gate else None,
                     "history": [move.model_dump(mode="json") for move in record.history],
                 }
                 for alias, record in records.items()
@@ -168,6 +172,8 @@ def _aliases(reg: Registry, args: argparse.Namespace) -> int:
         print(f"{args.name}:{alias} -> {describe_state(record)}")
         if record.split is not None and record.split.policy is not None:
             print(f"  policy: {record.split.policy.describe()}")
+        if record.gate is not None:
+            print(f"  parity gate: {record.gate.describe()}")
         for move in record.history:
             why = f" ({move.reason})" if move.reason else ""
             print(f"  {move.when} {move.action} {_state(move.from_version, move.from_split)} -> "
@@ -179,11 +185,118 @@ def _state(version: int | None, split: AliasSplit | None) -> str:
     return f"{version} + {split.version} at {split.weight}%" if split else str(version)
 
 
+def _golden_input(args: argparse.Namespace) -> Any:
+    from adapters_registry.golden import GoldenInput, read_golden_file
+
+    if args.golden is None:
+        if args.golden_max_tokens is not None:
+            raise ValidationError("--golden-max-tokens shapes golden prompts: give them with --golden FILE")
+        return None
+    return GoldenInput(read_golden_file(Path(args.golden)), args.golden, args.golden_max_tokens)
+
+
 def _promote(reg: Registry, args: argparse.Namespace) -> int:
-    policy, shadow = rollout_policy(args), _shadow_flags(args)
-    manifest = reg.promote(args.ref, args.alias, who=args.who, weight=args.weight, policy=policy, shadow=shadow)
+    policy, shadow, gate = rollout_policy(args), _shadow_flags(args), parity_gate(args)
+    golden = _golden_input(args)
+    parity = _check_gate_runs_elsewhere(reg, args, golden)
+    manifest = reg.promote(
+        args.ref, args.alias, who=args.who, weight=args.weight, policy=policy, shadow=shadow, gate=gate, parity=parity
+    )
     _print_alias(reg, manifest.name, args.alias)
     return 0
+
+
+def _check_gate_runs_elsewhere(reg: Registry, args: argparse.Namespace, golden: Any) -> dict[str, Any] | None:
+    """The parity gate runs on engines, which this command has none of: a promote that gives a version with golden
+    prompts (its own, the alias's version's, or --golden) traffic is refused here unless --force (then the audit
+    line says the gate was skipped). What the audit line records of the gate (None: it does not apply)."""
+    if args.weight == 0:
+        return None
+    candidate = reg.resolve(args.ref)
+    record = reg.alias_records(candidate.name).get(args.alias)
+    if record is not None and record.version == candidate.version:
+        return None
+    current = reg.resolve(f"{candidate.name}@{record.version}") if record is not None else None
+    holder = next((m for m in (candidate, current) if m is not None and m.golden is not None), None)
+    if golden is None and holder is None:
+        return None
+    if args.force:
+        return {"forced": True}
+    rows = len(golden.rows) if golden is not None else holder.golden.rows if holder and holder.golden else 0
+    whose = args.golden if golden is not None else holder.ref if holder else ""
+    raise ValidationError(
+        f"the parity gate runs {rows} golden prompts ({whose}) through an engine before {candidate.ref} gets "
+        f"traffic on {candidate.name}:{args.alias}: promote through a gateway (--gateway URL), or skip the gate "
+        "with --force (audited)"
+    )
+
+
+def parity_gate(args: argparse.Namespace) -> Any:
+    """The alias's parity thresholds the `--gate-*` flags set (None: none given, the alias keeps its own)."""
+    from adapters_registry.manifest import ParityGate
+
+    given = {
+        "min_agreement": args.gate_min_agreement,
+        "max_agreement_drop": args.gate_max_drop,
+        "min_contract_validity": args.gate_min_validity,
+    }
+    if all(value is None for value in given.values()):
+        return None
+    return ParityGate(**{key: value for key, value in given.items() if value is not None})
+
+
+def _promote_through(args: argparse.Namespace) -> int:
+    """`promote --gateway URL`: the move made by that gateway's admin API (POST /admin/aliases/promote), which warms
+    the version and runs its parity gate on its engines first; the admin key from $LORAGATE_ADMIN_KEY."""
+    import os
+
+    import httpx
+
+    golden = _golden_input(args)
+    policy, shadow, gate = rollout_policy(args), _shadow_flags(args), parity_gate(args)
+    body: dict[str, Any] = {"ref": args.ref, "alias": args.alias, "weight": args.weight, "force": args.force}
+    if policy is not None:
+        body["policy"] = policy.model_dump(mode="json")
+    if shadow is not None:
+        body["shadow"], body["shadow_percent"] = shadow[0] or None, shadow[1]
+    if gate is not None:
+        body["gate"] = gate.model_dump(mode="json")
+    if golden is not None:
+        body["golden"], body["golden_max_tokens"] = golden.rows, golden.max_tokens
+    key = os.environ.get("LORAGATE_ADMIN_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    url = f"{args.gateway.rstrip('/')}/admin/aliases/promote"
+    try:
+        answer = httpx.post(url, json=body, headers=headers, timeout=httpx.Timeout(600, connect=10))
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"cannot reach the gateway at {args.gateway}: {exc}") from exc
+    try:
+        data = answer.json()
+    except ValueError:
+        data = {}
+    if answer.status_code != 200:
+        error = data.get("error") if isinstance(data, dict) else None
+        message = error.get("message") if isinstance(error, dict) else answer.text.strip()[:300]
+        raise RegistryError(f"the gateway answered {answer.status_code}: {message}")
+    print(f"{data['name']}:{data['alias']} -> {data['serves']}")
+    parity = data.get("parity") or {}
+    if "candidate" in parity:
+        print(f"parity gate passed: {_parity_line(parity)}")
+    elif parity.get("skipped"):
+        print(f"parity gate skipped: {parity['skipped']}")
+    return 0
+
+
+def _parity_line(parity: dict[str, Any]) -> str:
+    def one(figures: dict[str, Any]) -> str:
+        agreement = figures["agreement"]
+        text = f"{figures['ref']} agreement " + ("n/a" if agreement is None else f"{agreement:.0%}")
+        if figures.get("contract_validity") is not None:
+            text += f", contract validity {figures['contract_validity']:.0%}"
+        return text
+
+    sides = [one(parity["candidate"])] + ([one(parity["current"])] if parity.get("current") else [])
+    return f"{'; '.join(sides)} on {parity['candidate']['prompts']} golden prompts from {parity['golden']}"
 
 
 def rollout_policy(args: argparse.Namespace) -> RolloutPolicy | None:
@@ -379,6 +492,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="accept an adapter whose adapter_config.json names another base (recorded in the manifest)",
     )
+    p.add_argument("--golden", metavar="FILE", help="golden prompts (JSONL) its parity gate runs before a promote")
+    p.add_argument("--golden-max-tokens", type=int, metavar="N", help="tokens an answer to them (default 64)")
 
     p = add("list", _list, "list versions", reads)
     p.add_argument("name", nargs="?")
@@ -414,6 +529,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         shadow.add_argument(
             "--shadow-percent", type=int, metavar="PERCENT", help="the share of requests copied (1-100; 0 stops)"
         )
+        gate = p.add_argument_group(
+            "parity gate",
+            "before REF gets traffic, its golden prompts (its own, the alias's version's, or --golden) run on REF "
+            "and on the alias's version through a gateway's engines; a candidate below the alias's thresholds is "
+            "refused with the figures",
+        )
+        gate.add_argument("--gateway", metavar="URL", help="make the move through this gateway's admin API")
+        gate.add_argument("--golden", metavar="FILE", help="golden prompts (JSONL) for this promote instead")
+        gate.add_argument("--golden-max-tokens", type=int, metavar="N", help="tokens an answer (default 64)")
+        gate.add_argument(
+            "--gate-min-agreement", type=float, metavar="FRACTION", help="fewest answers agreeing with the references"
+        )
+        gate.add_argument(
+            "--gate-max-drop", type=float, metavar="FRACTION", help="most agreement below the alias's version (0.05)"
+        )
+        gate.add_argument(
+            "--gate-min-validity", type=float, metavar="FRACTION", help="fewest answers keeping to the contract (0.99)"
+        )
+        gate.add_argument("--force", action="store_true", help="skip the parity gate (audited)")
         p.add_argument("--who")
     p = add("rollback", _rollback, "move an alias back to its previous version")
     p.add_argument("name")

@@ -59,8 +59,10 @@ def plan_gc(referenced: set[str], stats: Mapping[str, ObjectStat], now: float, m
 
 
 def referenced_hexes(reg: Registry, live: list[AdapterManifest]) -> set[str]:
-    """sha256 hexes of the files of the `live` versions and of every base registered with its weights copied in."""
+    """sha256 hexes of the files and golden prompts of the `live` versions and of every base registered with its
+    weights copied in."""
     hexes = {h for m in live for h in m.files.values()}
+    hexes.update(m.golden.sha256 for m in live if m.golden is not None)  # a version's golden prompts
     hexes.update(h for base in reg.list_bases() for h in (base.files or {}).values())
     return hexes
 

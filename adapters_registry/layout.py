@@ -2,7 +2,7 @@
 
 Store keys:
     bases/<base>.json                                     BaseManifest (create-only)
-    blobs/sha256/<hex[:2]>/<hex>                          file contents, content-addressed
+    blobs/sha256/<hex[:2]>/<hex>                          file contents and golden prompts, content-addressed
     adapters/<name>/versions/<000000003>.json             AdapterManifest, written last and create-only: the commit
     adapters/<name>/digests/<hex[:2]>/<hex>/<000000003>   index for name@sha256:<prefix> and re-push detection
     adapters/<name>/head.json                             hint of the newest version (readers probe past it)

@@ -44,6 +44,17 @@ class BaseMismatch(_Record):
     differs: list[str] = Field(default_factory=list)  # fingerprint parts that differ from the bound base
 
 
+class GoldenSet(_Record):
+    """A version's golden prompts (adapters_registry/golden.py): a blob of `rows` chat prompts, `references` of
+    them with the answer expected, run by the parity gate with at most `max_tokens` tokens an answer."""
+
+    sha256: str  # of the canonical JSONL blob (blobs/sha256/...)
+    rows: int
+    references: int
+    source: str  # "training test split" or the file it was read from
+    max_tokens: int | None = None
+
+
 class AdapterManifest(_Record):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -69,6 +80,7 @@ class AdapterManifest(_Record):
     serving: Serving = "lora"
     serving_reason: str | None = None
     base_mismatch: BaseMismatch | None = None  # set only when pushed with allow_base_mismatch
+    golden: GoldenSet | None = None  # the prompts its parity gate runs before it gets an alias's traffic
 
     @property
     def ref(self) -> str:
@@ -129,6 +141,25 @@ class RolloutPolicy(_Record):
         return f"{', '.join(rules)} over {self.window_s:g}s (>= {self.min_requests} requests)"
 
 
+class ParityGate(_Record):
+    """What a candidate must show on its golden prompts before it gets any of the alias's traffic (gateway/parity.py):
+    a share of answers agreeing with the references (or, for rows without one, with the current version's answer)
+    at most `max_agreement_drop` below the current version's, and at least `min_agreement` when set; and, under a
+    contract, at least `min_contract_validity` of its answers keeping to it."""
+
+    min_agreement: float | None = None
+    max_agreement_drop: float = 0.05
+    min_contract_validity: float = 0.99
+
+    def describe(self) -> str:
+        """`agreement >= current - 5 points, contract >= 99%`."""
+        rules = [f"agreement >= the current version's - {self.max_agreement_drop * 100:g} points"]
+        if self.min_agreement is not None:
+            rules.append(f"agreement >= {self.min_agreement:.0%}")
+        rules.append(f"contract >= {self.min_contract_validity:.0%}")
+        return ", ".join(rules)
+
+
 class AliasSplit(_Record):
     """A rollout in progress on an alias: `weight` percent of its requests go to `version`, the candidate, watched
     by `policy` when it has one."""
@@ -169,6 +200,7 @@ class AliasRecord(_Record):
     version: int
     split: AliasSplit | None = None
     shadow: AliasShadow | None = None
+    gate: ParityGate | None = None  # the alias's parity thresholds (None: ParityGate's defaults)
     history: list[AliasMove] = Field(default_factory=list)
 
     def versions(self) -> list[int]:

@@ -18,8 +18,10 @@ from adapters_registry.bases import base_dir, check_case, get_base, list_bases
 from adapters_registry.blobs import refresh_blobs, restore_blobs, upload_blobs
 from adapters_registry.cache import BlobCache
 from adapters_registry.errors import ConflictError, ValidationError
-from adapters_registry.layout import base_key, digest_dir, digest_entry, head_key, version_key
-from adapters_registry.manifest import AdapterManifest, BaseManifest, files_digest, utc_now
+from adapters_registry.golden import GoldenInput, golden_set, normalize_rows
+from adapters_registry.golden import store_blob as store_golden
+from adapters_registry.layout import base_key, blob_key, digest_dir, digest_entry, head_key, version_key
+from adapters_registry.manifest import AdapterManifest, BaseManifest, GoldenSet, files_digest, utc_now
 from adapters_registry.naming import check_name
 from adapters_registry.store import ObjectStore, sha256_file
 from adapters_registry.versions import head_hint, newest_number, read_version
@@ -49,6 +51,7 @@ def push_version(
     labels: dict[str, str] | None = None,
     check_effect: bool = False,
     allow_base_mismatch: bool = False,
+    golden: GoldenInput | None = None,
     on_stage: OnStage = no_stage_hook,
 ) -> AdapterManifest:
     from adapters_registry.provenance import declared_base_mismatch, describe_mismatch
@@ -59,6 +62,7 @@ def push_version(
     _check_labels(labels)
     normalized = _normalize_contract(contract)
     _check_training(training)
+    golden_record, golden_blob = _golden(golden)
 
     # 1) hash
     names = classify_files(adapter_dir)
@@ -68,7 +72,7 @@ def push_version(
     digest = files_digest(files)
 
     # 2) same content? Identical content on the same base passed the same checks when it was pushed
-    if same := _same_content(store, name, digest, base_manifest.fingerprint, normalized):
+    if same := _same_content(store, name, digest, base_manifest.fingerprint, normalized, golden_record):
         log.info("%s: identical content already registered as %s", adapter_dir, same.ref)
         return same
 
@@ -95,6 +99,8 @@ def push_version(
     cache.trust(files.values())  # hashed just now: the first materialize here need not hash them again
     # after the snapshot: a folder materialized from a local store shares its files' inodes (and mtimes) with them
     refresh_blobs(store, files, adapter_dir, stored)
+    if golden_record is not None:
+        store_golden(store, golden_record, golden_blob)
     on_stage("blobs-written")
 
     # 6) commit the record: create-only, so a concurrent push that took the number sends us to the next
@@ -121,6 +127,7 @@ def push_version(
         serving=facts.serving,
         serving_reason=facts.serving_reason,
         base_mismatch=mismatch,
+        golden=golden_record,
     )
     version = newest_number(store, name) + 1
     while True:
@@ -130,6 +137,8 @@ def push_version(
         version += 1
     on_stage("version-written")
     restore_blobs(store, files, adapter_dir)
+    if golden_record is not None and not store.exists(blob_key(golden_record.sha256)):
+        store_golden(store, golden_record, golden_blob)  # a concurrent gc deleted it before it saw the record
 
     # 7) index and head hint: both only speed up readers, which find a version without them
     store.put_bytes(digest_entry(name, manifest.digest_hex, version), b"", if_absent=True)
@@ -180,8 +189,20 @@ def _snapshot(folder: Path, names: list[str]) -> dict[str, tuple[int, int, int]]
     return {n: (st.st_size, st.st_mtime_ns, st.st_ino) for n, st in stats.items()}
 
 
+def _golden(golden: GoldenInput | None) -> tuple[GoldenSet | None, bytes]:
+    if golden is None:
+        return None, b""
+    rows = normalize_rows(golden.rows, golden.source)
+    return golden_set(rows, golden.source, golden.max_tokens)
+
+
 def _same_content(
-    store: ObjectStore, name: str, digest: str, fingerprint: str, contract: dict[str, Any] | None
+    store: ObjectStore,
+    name: str,
+    digest: str,
+    fingerprint: str,
+    contract: dict[str, Any] | None,
+    golden: GoldenSet | None,
 ) -> AdapterManifest | None:
     prefix = digest_dir(name, digest.removeprefix("sha256:")) + "/"
     indexed = [int(key[len(prefix) :]) for key in store.list_keys(prefix)]
@@ -194,6 +215,7 @@ def _same_content(
             and record.digest == digest
             and record.base_fingerprint == fingerprint
             and record.contract == contract
+            and (record.golden.sha256 if record.golden else None) == (golden.sha256 if golden else None)
         ):
             return record
     return None

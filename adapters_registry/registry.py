@@ -30,8 +30,18 @@ from adapters_registry import bases
 from adapters_registry.aliases import Resolution
 from adapters_registry.cache import BlobCache
 from adapters_registry.errors import ConflictError, NotFoundError, StorageError
+from adapters_registry.golden import GoldenInput, GoldenRow
+from adapters_registry.golden import load_rows as load_golden_rows
 from adapters_registry.layout import ADAPTERS, cached_version_dir, digest_fanout, version_key, versioned_name
-from adapters_registry.manifest import AdapterManifest, AliasMove, AliasRecord, BaseManifest, RolloutPolicy, Tombstone
+from adapters_registry.manifest import (
+    AdapterManifest,
+    AliasMove,
+    AliasRecord,
+    BaseManifest,
+    ParityGate,
+    RolloutPolicy,
+    Tombstone,
+)
 from adapters_registry.naming import Ref, check_name, parse_ref
 from adapters_registry.push import OnStage, no_stage_hook, push_version
 from adapters_registry.store import ObjectStore, Progress
@@ -145,9 +155,11 @@ class Registry:
         labels: dict[str, str] | None = None,
         check_effect: bool = False,
         allow_base_mismatch: bool = False,
+        golden: GoldenInput | None = None,
         on_stage: OnStage = no_stage_hook,
     ) -> AdapterManifest:
-        """Store `adapter_dir` as the next version of `name`, bound to the registered base `base` (see push.py).
+        """Store `adapter_dir` as the next version of `name`, bound to the registered base `base` (see push.py),
+        with `golden` prompts for its parity gate when given (golden.py).
 
         Refused (ValidationError) when the adapter's own config says it was trained on another base, unless
         `allow_base_mismatch`, which the manifest then records as `base_mismatch` (see provenance.py). `on_stage`
@@ -167,6 +179,7 @@ class Registry:
                 labels=labels,
                 check_effect=check_effect,
                 allow_base_mismatch=allow_base_mismatch,
+                golden=golden,
                 on_stage=on_stage,
             )
             record["target"] = manifest.ref
@@ -182,10 +195,14 @@ class Registry:
         weight: int | None = None,
         policy: RolloutPolicy | None = None,
         shadow: tuple[str, int] | None = None,
+        gate: ParityGate | None = None,
+        parity: dict[str, Any] | None = None,
     ) -> AdapterManifest:
         """Point `name:alias` at the version `ref` names; with `weight` 1-99, send that percent of the alias's
         requests to it instead (a rollout: aliases.py; `policy` lets gateways stop it by themselves), 0 stops the
-        rollout, 100 completes it. `shadow` (ref, percent) sends a copy of that share to ref (0: stop)."""
+        rollout, 100 completes it. `shadow` (ref, percent) sends a copy of that share to ref (0: stop). `gate` sets
+        the alias's parity thresholds; `parity` is what the parity gate found (or that it was forced), for the
+        audit: the gate itself runs where the engines are (gateway/parity.py), before this is called."""
         details: dict[str, Any] = {"alias": alias}
         if weight is not None:
             details["weight"] = weight
@@ -193,9 +210,13 @@ class Registry:
             details["policy"] = policy.model_dump(mode="json")
         if shadow is not None:
             details["shadow"] = {"ref": shadow[0], "percent": shadow[1]}
+        if gate is not None:
+            details["gate"] = gate.model_dump(mode="json")
+        if parity is not None:
+            details["parity"] = parity
         with self.audited("promote", f"{ref} -> :{alias}", who, **details) as record:
             manifest, state = alias_records.promote(
-                self.store, ref, alias, who, self.resolve, weight, policy=policy, shadow=shadow
+                self.store, ref, alias, who, self.resolve, weight, policy=policy, shadow=shadow, gate=gate
             )
             record["target"] = f"{manifest.name}:{alias}"
             record["details"].update(version=manifest.version, serves=alias_records.describe_state(state))
@@ -356,6 +377,12 @@ class Registry:
                 if isinstance(record, AdapterManifest):
                     out.append(record)
         return out
+
+    def golden_rows(self, manifest: AdapterManifest) -> list[GoldenRow]:
+        """The version's golden prompts (empty when it was pushed without any), checked against the manifest."""
+        if manifest.golden is None:
+            return []
+        return load_golden_rows(self.store, manifest.golden, manifest.ref)
 
     def materialize(self, manifest: AdapterManifest) -> Path:
         """A local folder holding the version's files, each checked against its sha256."""

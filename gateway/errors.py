@@ -11,6 +11,7 @@
     ├── MethodNotAllowed              405 method_not_allowed (a completion route asked with another method)
     ├── AdapterRefused                400 adapter_refused: the registry version cannot be served as a LoRA here
     │                                     (merge-only, rank above the engine's max_lora_rank, other base)
+    ├── ParityRefused                 409 parity_gate_failed: a promote's candidate failed its golden prompts
     ├── RateLimited                   429 rate_limit_exceeded, with Retry-After
     ├── AdapterLoadFailed             502 adapter_load_failed: the engine refused the load
     ├── Unavailable                   503 engines not ready / all busy / no adapter slot / draining; Retry-After
@@ -130,6 +131,18 @@ class AdapterRefused(GatewayError):
     def __init__(self, message: str, *, param: str | None = None, adapter: str | None = None, version: int = 0) -> None:
         super().__init__(message, param=param)
         self.adapter, self.version = adapter, version  # the version refused, for its metrics label
+
+
+class ParityRefused(GatewayError):
+    """A promote refused by the parity gate (gateway/parity.py); `figures` are what it measured."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "parity_gate_failed"
+
+    def __init__(self, message: str, figures: dict[str, Any]) -> None:
+        super().__init__(message, param="ref")
+        self.figures = figures
 
 
 class RateLimited(GatewayError):

@@ -161,6 +161,12 @@ class GatewayMetrics:
             ["alias", "version", "reason"],
             registry=r,
         )
+        self.parity_gates = Counter(
+            "loragate_parity_gate_runs",
+            "Parity gates run before a promote gave a version traffic, by outcome: passed, refused, forced, skipped.",
+            ["alias", "version", "outcome"],
+            registry=r,
+        )
         self.shadow_requests = Counter(
             "loragate_shadow_requests",
             "Shadow copies by outcome: agree, differ (greedy answers compared), unjudged, error, dropped.",
@@ -238,6 +244,9 @@ class GatewayMetrics:
 
     def rollout_stopped(self, alias: str, version: str, reason: str) -> None:
         self.rollout_rollbacks.labels(alias, version, reason).inc()
+
+    def parity_gated(self, alias: str, version: str, outcome: str) -> None:
+        self.parity_gates.labels(alias, version, outcome).inc()
 
     def shadow_observed(
         self, alias: str, current: str, shadow: str, outcome: str, valid: bool | None, latency_s: float | None

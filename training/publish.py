@@ -41,7 +41,10 @@ def publish_run(
     digest: str,
     contract: dict[str, Any] | None,
     registry: str | None,
+    test_rows: list[dict[str, Any]] | None = None,
 ) -> Any:
+    """The registered version; its golden prompts (for the parity gate before a promote) are the run's held-out
+    test rows, those the evaluation generated for, answered in at most the evaluation's `max_new_tokens`."""
     from adapters_registry import open_registry
     from adapters_registry.errors import NotFoundError, RegistryError
 
@@ -71,6 +74,17 @@ def publish_run(
             training=training,
             source=f"loragate train ({recipe.name})",
             description=f"recipe {recipe.name}",
+            golden=_golden(recipe, test_rows),
         )
     except RegistryError as exc:
         raise PublishError(f"publish {name}: {exc}") from exc
+
+
+def _golden(recipe: Recipe, rows: list[dict[str, Any]] | None) -> Any:
+    from adapters_registry.golden import MAX_GOLDEN_ROWS, GoldenInput
+
+    if not rows:
+        return None
+    kept = [{k: row[k] for k in ("messages", "prompt", "completion") if k in row} for row in rows]
+    limit = min(recipe.evaluation.max_examples, MAX_GOLDEN_ROWS)
+    return GoldenInput(kept[:limit], "training test split", recipe.evaluation.max_new_tokens)

@@ -253,7 +253,8 @@ def _train(
     if publish:
         from training.publish import publish_run
 
-        ref = publish_run(adapter_dir, publish, recipe, base, metrics, digest, contract, registry).ref
+        published = publish_run(adapter_dir, publish, recipe, base, metrics, digest, contract, registry, splits.test)
+        ref = published.ref
         log.info("published %s", ref)
     return RunResult(adapter_dir, metrics, ref)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,20 +11,24 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry import open_registry
-from adapters_registry.aliases import describe_state
+from adapters_registry.aliases import check_gate, describe_state
 from adapters_registry.errors import RegistryError
-from adapters_registry.manifest import AliasRecord, RolloutPolicy
+from adapters_registry.golden import GoldenRow, normalize_rows
+from adapters_registry.manifest import AdapterManifest, AliasRecord, ParityGate, RolloutPolicy
 from gateway.deps import Gateway, GatewayDep
 from gateway.errors import (
     AdapterRefused,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
+    ParityRefused,
     Unavailable,
     from_registry_error,
 )
+from gateway.parity import run_gate
 from gateway.readiness import registry_readiness
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin", tags=["admin"])
 probes = APIRouter(tags=["probes"])
 
@@ -39,6 +44,12 @@ class PolicyIn(RolloutPolicy):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GateIn(ParityGate):
+    """Parity thresholds as the admin API takes them: a mistyped one is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class AliasPromote(BaseModel):
     ref: str
     alias: str
@@ -46,6 +57,10 @@ class AliasPromote(BaseModel):
     policy: PolicyIn | None = None  # with a weight 1-99: when gateways stop the rollout by themselves
     shadow: str | None = None  # a version that gets a copy of `shadow_percent` percent of the alias's requests
     shadow_percent: int | None = Field(default=None, ge=0, le=100)  # 0 stops the alias's shadow
+    gate: GateIn | None = None  # the alias's parity thresholds, kept for its later promotes
+    golden: list[Any] | None = None  # golden prompts for this promote's parity gate instead of the versions' own
+    golden_max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    force: bool = False  # skip the parity gate (the audit line says so)
 
     def shadow_move(self) -> tuple[str, int] | None:
         if self.shadow is None and self.shadow_percent is None:
@@ -194,11 +209,17 @@ async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, An
     """Point `name:alias` at the version `ref` names, or with `weight` roll it out to that percent of the alias's
     requests (what `loragate registry promote [--weight N]` does). Before the version gets any of the alias's
     traffic it is loaded on the engines that hold the alias's version now (`warmed_on`), so no request pays its
-    load at the flip; a version this gateway would refuse is refused before anything moves."""
+    load at the flip, and it passes the parity gate (gateway/parity.py: its golden prompts against the alias's
+    version, `parity`; refused with 409 and the figures, unless `force`); a version this gateway would refuse is
+    refused before anything moves."""
     shadow = body.shadow_move()
+    golden = _golden(body)
+    gate = _gate(body)
     warmed: list[str] = []
+    parity: dict[str, Any] | None = None
     if body.weight != 0:
         warmed = await _warm(gateway, body.ref, body.alias)
+        parity = await _parity(gateway, body, gate, golden)
     if shadow is not None and shadow[1]:  # the shadow's copies are not the callers', but warm it all the same
         await _warm(gateway, shadow[0], body.alias)
     moved = await _move_alias(
@@ -209,8 +230,101 @@ async def promote_alias(body: AliasPromote, gateway: GatewayDep) -> dict[str, An
         weight=body.weight,
         policy=RolloutPolicy(**body.policy.model_dump()) if body.policy is not None else None,
         shadow=shadow,
+        gate=gate,
+        parity=parity,
     )
-    return {**moved, "warmed_on": warmed}
+    return {**moved, "warmed_on": warmed, "parity": parity}
+
+
+def _gate(body: AliasPromote) -> ParityGate | None:
+    if body.gate is None:
+        return None
+    gate = ParityGate(**body.gate.model_dump())
+    try:
+        check_gate(gate)
+    except RegistryError as exc:
+        raise InvalidRequest(str(exc), param="gate") from exc
+    return gate
+
+
+def _golden(body: AliasPromote) -> list[GoldenRow] | None:
+    if body.golden is None:
+        return None
+    try:
+        return normalize_rows(body.golden, "golden")
+    except RegistryError as exc:
+        raise InvalidRequest(str(exc), param="golden") from exc
+
+
+async def _parity(
+    gateway: Gateway, body: AliasPromote, gate: ParityGate | None, golden: list[GoldenRow] | None
+) -> dict[str, Any] | None:
+    """Run the parity gate for a promote that gives `body.ref` traffic; what the audit line records of it (None: the
+    move gives no version new traffic, or the registry's promote refuses it). ParityRefused when it fails."""
+    adapters, registry = gateway.adapters, gateway.registry
+    try:
+        candidate = (await adapters.resolve(body.ref)).manifest
+    except GatewayError:
+        return None  # refused or unknown: the registry's promote (or _warm, audited) says so
+    if candidate is None:
+        return None
+    try:
+        current: AdapterManifest | None = await adapters.manifest_for(f"{candidate.name}:{body.alias}")
+    except GatewayError:
+        current = None  # a new alias: the candidate is judged on its own
+    if current is not None and current.version == candidate.version:
+        return None  # the alias's own version: nothing gets new traffic
+    alias = f"{candidate.name}:{body.alias}"
+
+    def counted(outcome: str) -> None:
+        gateway.metrics.parity_gated(alias, str(candidate.version), outcome)
+
+    if body.force:
+        counted("forced")
+        return {"forced": True}
+    try:
+        record = (await asyncio.to_thread(registry.alias_records, candidate.name)).get(body.alias)
+        thresholds = gate or (record.gate if record is not None else None) or ParityGate()
+        rows, source, max_tokens = await _golden_rows(gateway, golden, body, candidate, current)
+    except RegistryError as exc:
+        raise from_registry_error(exc, body.ref, param="ref") from exc
+    if not rows:
+        counted("skipped")
+        return {"skipped": f"no golden prompts: neither {candidate.ref} nor the alias's version has any"}
+    if current is not None:
+        current = (await adapters.resolve(current.ref)).manifest  # known to placement like any served version
+    verdict = await run_gate(gateway.proxy, thresholds, candidate, current, rows, source, max_tokens)
+    figures = verdict.to_dict() | {"gate": thresholds.model_dump(mode="json")}
+    if not verdict.breaches:
+        counted("passed")
+        return figures
+    counted("refused")
+    message = (
+        f"parity gate: {candidate.ref} may not get traffic on {alias}: {'; '.join(verdict.breaches)}; on "
+        f"{len(rows)} golden prompts from {source}; nothing moved (force promotes anyway, audited)"
+    )
+    log.warning("%s", message)
+    await adapters.retire(candidate.name, candidate.version)  # warmed for nothing: unloaded unless served
+    with registry.audited("promote", f"{body.ref} -> :{body.alias}", None, alias=body.alias, parity=figures):
+        raise ParityRefused(message, figures)
+
+
+async def _golden_rows(
+    gateway: Gateway,
+    golden: list[GoldenRow] | None,
+    body: AliasPromote,
+    candidate: AdapterManifest,
+    current: AdapterManifest | None,
+) -> tuple[list[GoldenRow], str, int | None]:
+    """The prompts the gate runs: the request's, else the candidate's own, else the current version's."""
+    if golden is not None:
+        return golden, "the request", body.golden_max_tokens
+    for version in (candidate, current):
+        if version is not None and version.golden is not None:
+            rows = await asyncio.to_thread(gateway.registry.golden_rows, version)
+            tokens = body.golden_max_tokens or version.golden.max_tokens
+            return rows, f"{version.ref} ({version.golden.source})", tokens
+    return [], "", None
 
 
 async def _warm(gateway: Gateway, ref: str, alias: str) -> list[str]:
