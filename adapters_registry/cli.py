@@ -212,11 +212,14 @@ def _check_gate_runs_elsewhere(reg: Registry, args: argparse.Namespace, golden: 
     line says the gate was skipped). What the audit line records of the gate (None: it does not apply)."""
     if args.weight == 0:
         return None
-    candidate = reg.resolve(args.ref)
-    record = reg.alias_records(candidate.name).get(args.alias)
-    if record is not None and record.version == candidate.version:
+    try:
+        candidate = reg.resolve(args.ref)
+        record = reg.alias_records(candidate.name).get(args.alias)
+        current = reg.resolve(f"{candidate.name}@{record.version}") if record is not None else None
+    except RegistryError:
+        return None  # the registry's promote refuses it, audited
+    if current is not None and current.version == candidate.version:
         return None
-    current = reg.resolve(f"{candidate.name}@{record.version}") if record is not None else None
     holder = next((m for m in (candidate, current) if m is not None and m.golden is not None), None)
     if golden is None and holder is None:
         return None

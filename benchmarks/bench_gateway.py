@@ -12,9 +12,14 @@ difference is the gateway alone; the gateway loads every adapter first and the d
 adapters under their engine names.
 
 Every round runs the targets in a shuffled order; "direct-2" repeats the direct target so the table shows the
-machine's own noise. Prints throughput, p50/p99 latency and the time to the first byte per target (median over
-rounds) and the ratios to "direct". `--stream` streams the answers (the first byte is then the first token). Not a
-test: nothing is asserted.
+machine's own noise. `--jitter-ms J` adds "direct-jitter": the direct target with each request sent after a random
+0-J ms pause (its latency counted from the send), which only desynchronizes the closed loop's clients, to tell the
+cost of a proxy from the effect of arrivals spread over a few milliseconds on the engine's batching; `--jitter-all`
+pauses every target's sends so, none in lockstep. A second table
+reads the engine's own histograms around every set (vLLM's /metrics): the mean end-to-end time the engine counted
+per request, and the client's mean latency minus it, the time spent outside the engine (HTTP, the proxy). Prints
+throughput, p50/p99 latency and the time to the first byte per target (median over rounds) and the ratios to
+"direct". `--stream` streams the answers (the first byte is then the first token). Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="how requests are spread over the base and the adapters",
     )
     parser.add_argument("--warmup", type=int, default=8, help="requests sent to each path before the rounds")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="add direct-jitter: sends paused 0-J ms")
+    parser.add_argument(
+        "--jitter-all", action="store_true", help="pause every target's sends 0-J ms (no direct-jitter row)"
+    )
     running = parser.add_argument_group("an already running stack (all four, or none)")
     running.add_argument("--engine-url", help="vLLM engine URL (the direct path)")
     running.add_argument("--gateway-url", help="URL of a gateway in external mode over that engine")
@@ -85,9 +94,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 async def run_set(
-    url: str, bodies: list[dict[str, object]], concurrency: int
+    url: str, bodies: list[dict[str, object]], concurrency: int, jitter_s: float = 0.0, seed: int = 0
 ) -> tuple[float, list[float], list[float], int, int]:
-    """(wall seconds, latencies, times to first byte, completion tokens, failed requests) for the whole set."""
+    """(wall seconds, latencies, times to first byte, completion tokens, failed requests) for the whole set; with
+    `jitter_s` each request is sent after a random pause of up to that long (not counted in its latency)."""
+    pauses = random.Random(seed)
     latencies: list[float] = []
     first_bytes: list[float] = []
     tokens = failed = 0
@@ -98,6 +109,8 @@ async def run_set(
         async def one(body: dict[str, object]) -> None:
             nonlocal tokens, failed
             async with gate:
+                if jitter_s:
+                    await asyncio.sleep(pauses.uniform(0, jitter_s))
                 started = time.perf_counter()
                 first_byte = 0.0
                 try:
@@ -123,6 +136,41 @@ async def run_set(
         started = time.perf_counter()
         await asyncio.gather(*(one(body) for body in bodies))
         return time.perf_counter() - started, latencies, first_bytes, tokens, failed
+
+
+ENGINE_HISTOGRAMS = ("vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds")
+
+
+def engine_sums(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the engine's request histograms, over all their label sets; empty when unreadable."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name in ENGINE_HISTOGRAMS:
+                if sample.name in (f"{name}_sum", f"{name}_count"):
+                    total, count = out.get(name, (0.0, 0.0))
+                    if sample.name.endswith("_sum"):
+                        total += sample.value
+                    else:
+                        count += sample.value
+                    out[name] = (total, count)
+    return out
+
+
+def engine_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean seconds per request of each histogram between two readings."""
+    means = {}
+    for name, (total, count) in after.items():
+        old_total, old_count = before.get(name, (0.0, 0.0))
+        if count > old_count:
+            means[name] = (total - old_total) / (count - old_count)
+    return means
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -211,9 +259,12 @@ def running_stack(args: argparse.Namespace) -> Iterator[Stack]:
 
 
 Row = tuple[float, float, float, float, float]  # tok/s, p50, p99, TTFB p50, TTFB p99
+Inside = tuple[float, float, float]  # client mean latency, engine e2e mean, engine queue mean
 
 
-def measure(stack: Stack, args: argparse.Namespace) -> tuple[dict[str, list[Row]], dict[str, int]]:
+def measure(
+    stack: Stack, args: argparse.Namespace
+) -> tuple[dict[str, list[Row]], dict[str, int], dict[str, list[Inside]]]:
     # Warm up: the gateway loads every adapter (under its engine name), which the direct path then uses too.
     engine_names = {}
     for name in stack.adapters:
@@ -249,20 +300,33 @@ def measure(stack: Stack, args: argparse.Namespace) -> tuple[dict[str, list[Row]
         "direct-2": (stack.engine_url, bodies(True)),
         "gateway": (stack.gateway_url, bodies(False)),
     }
+    jitter = {name: args.jitter_ms / 1000 if args.jitter_all else 0.0 for name in targets}
+    if args.jitter_ms and not args.jitter_all:
+        targets["direct-jitter"] = (stack.engine_url, bodies(True))
+        jitter["direct-jitter"] = args.jitter_ms / 1000
     for extra in args.target:
         name, _, url = extra.partition("=")
         targets[name] = (url.rstrip("/"), bodies(False))
+        jitter[name] = args.jitter_ms / 1000 if args.jitter_all else 0.0
         asyncio.run(run_set(url.rstrip("/"), bodies(False)[: args.warmup], args.concurrency))
     asyncio.run(run_set(stack.gateway_url, bodies(False)[: args.warmup], args.concurrency))
     asyncio.run(run_set(stack.engine_url, bodies(True)[: args.warmup], args.concurrency))
     results: dict[str, list[Row]] = {name: [] for name in targets}
+    inside: dict[str, list[Inside]] = {name: [] for name in targets}
     failures = dict.fromkeys(targets, 0)
     for round_ in range(args.rounds):
         order = list(targets)
         rng.shuffle(order)
         for name in order:
             url, set_ = targets[name]
-            wall, latencies, first, tokens, failed = asyncio.run(run_set(url, set_, args.concurrency))
+            before = engine_sums(stack.engine_url)
+            wall, latencies, first, tokens, failed = asyncio.run(
+                run_set(url, set_, args.concurrency, jitter[name], seed=round_)
+            )
+            means = engine_means(before, engine_sums(stack.engine_url))
+            if latencies and ENGINE_HISTOGRAMS[0] in means:
+                queue = means.get(ENGINE_HISTOGRAMS[1], float("nan"))
+                inside[name].append((statistics.fmean(latencies), means[ENGINE_HISTOGRAMS[0]], queue))
             failures[name] += failed
             results[name].append(
                 (
@@ -274,7 +338,27 @@ def measure(stack: Stack, args: argparse.Namespace) -> tuple[dict[str, list[Row]
                 )
             )
         print(f"round {round_ + 1}/{args.rounds}: order {', '.join(order)}", file=sys.stderr)
-    return results, failures
+    return results, failures, inside
+
+
+def print_inside(inside: dict[str, list[Inside]]) -> None:
+    """Where each target's time went (medians over rounds): the client's mean latency, the engine's own mean
+    end-to-end time (its queue included) and the rest, outside the engine; each against direct."""
+    if not all(inside.values()):
+        return
+    medians = {name: [statistics.median(col) for col in zip(*rows, strict=True)] for name, rows in inside.items()}
+    width = max(10, *(len(name) for name in medians))
+    print(
+        f"{'target':<{width}} {'client mean ms':>14} {'engine e2e ms':>13} {'engine queue ms':>15} "
+        f"{'outside ms':>10} {'client vs direct':>16} {'engine vs direct':>16} {'outside vs direct':>17}"
+    )
+    client0, engine0, _ = medians["direct"]
+    for name, (client, engine, queue) in medians.items():
+        print(
+            f"{name:<{width}} {client * 1e3:>14.1f} {engine * 1e3:>13.1f} {queue * 1e3:>15.2f} "
+            f"{(client - engine) * 1e3:>10.2f} {(client - client0) * 1e3:>+16.2f} {(engine - engine0) * 1e3:>+16.2f} "
+            f"{((client - engine) - (client0 - engine0)) * 1e3:>+17.2f}"
+        )
 
 
 def print_table(
@@ -306,14 +390,18 @@ def main(args: argparse.Namespace) -> int:
     if any(external) and not all(external):
         raise SystemExit("--engine-url, --gateway-url, --base and --adapters go together")
     with running_stack(args) if args.engine_url else cpu_stack() as stack:
-        results, failures = measure(stack, args)
+        results, failures, inside = measure(stack, args)
     print_table(results, failures, stack, args)
+    print_inside(inside)
     if args.json:
         columns = ("tok_s", "p50_s", "p99_s", "ttfb_p50_s", "ttfb_p99_s")
         report = {
             name: {
                 "median": dict(zip(columns, (statistics.median(col) for col in zip(*rows, strict=True)), strict=True)),
                 "rounds": [dict(zip(columns, row, strict=True)) for row in rows],
+                "inside": [
+                    dict(zip(("client_mean_s", "engine_e2e_s", "engine_queue_s"), r, strict=True)) for r in inside[name]
+                ],
                 "failed": failures[name],
             }
             for name, rows in results.items()

@@ -15,8 +15,9 @@ vLLM's `lora_filesystem_resolver` loads from. Targets, each sent the same seeded
 - `gateway-v1`, `gateway-v2`: `loragate serve --engine-url ...` over the same engines with `routing.placement`
   v1 or v2; `gateway-v2-again` is v2 once more, the noise row; `gateway-v2-demand` is v2 with `routing.evict:
   demand`.
-Before every run the engines are emptied of adapters (vLLM's unload API) and a gateway target starts as a fresh
-process, so no run inherits another's residency. Loads per run are counted from the engines' logs (see LOADED).
+Before every run the engines are left to finish what they still run (a cut run's requests) and emptied of adapters
+(vLLM's unload API), and a gateway target starts as a fresh process, so no run inherits another's residency or
+backlog. Loads per run are counted from the engines' logs (see LOADED).
 `--calibrate` first measures the simulator's costs on the same engines (benchmarks/sim_placement.py Costs);
 `--load-timing K` first times K adapter loads on the first engine idle, with that engine busy, and with every engine
 busy (base-model requests in a closed loop), since a load runs inside the engine's loop. Not a test.
@@ -125,6 +126,30 @@ def empty(engine_urls: Sequence[str], base: str = BASE) -> None:
             if card["id"] != base:
                 reply = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": card["id"]}, timeout=60)
                 reply.raise_for_status()
+
+
+def settle(engine_urls: Sequence[str], timeout_s: float = 300.0) -> float:
+    """Wait until no engine has a request running or waiting (a run that was cut may leave requests behind a load
+    on an engine, which would stall the next run); the seconds it took."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    started = time.monotonic()
+    gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    while time.monotonic() - started < timeout_s:
+        busy = 0.0
+        for url in engine_urls:
+            with contextlib.suppress(httpx.HTTPError):
+                text = httpx.get(f"{url}/metrics", timeout=10).text
+                busy += sum(
+                    sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name in gauges
+                )
+        if busy == 0:
+            break
+        time.sleep(1)
+    return time.monotonic() - started
 
 
 def loads_logged(logs: Sequence[Path]) -> int:
@@ -304,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-timing", type=int, default=0, metavar="K", help="time K loads idle and busy first")
     parser.add_argument("--duration-s", type=float, default=None, help="each run sends for at most this long")
     parser.add_argument("--drain-s", type=float, default=30.0, help="then what is unanswered after this is cut")
+    parser.add_argument(
+        "--fixed-order", action="store_true", help="run the targets in the order given (round-robin last on a GPU)"
+    )
     external = parser.add_argument_group("engines already running (all of these, instead of local CPU engines)")
     external.add_argument("--engine-url", action="append", default=[], help="an engine, with the resolver plugin")
     external.add_argument("--base", default=BASE, help="the engines' served model name")
@@ -342,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         @contextlib.asynccontextmanager
         async def around(target: Target, round_: int) -> AsyncIterator[None]:
+            waited = settle(engine_urls)
+            print(f"round {round_}: engines idle {waited:.1f} s before {target.name}", file=sys.stderr)
             empty(engine_urls, args.base)
             before = loads_logged(logs)
             with contextlib.ExitStack() as stack:
@@ -370,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_interval_s=5,
             duration_s=args.duration_s,
             drain_s=args.drain_s,
+            shuffle=not args.fixed_order,
         )
         result = run_bench(config, around=around)
     document = to_json(result)

@@ -5,8 +5,10 @@
 # over 64 adapters, so a round-robin target loads on demand) and registers the 64 adapters, all in the background
 # (setsid: they outlive the call). The next call (timeout_s 600, carry .gpu/scripts):
 #   bash benchmarks/gpu/placement.sh run
-# waits for them, times loads idle and busy (--load-timing), runs bench_placement.py (round-robin, gateway-v2,
-# gateway-v2-again as the noise row; 128 clients, Zipf 1.1; each run at most DURATION s, cut DRAIN s later) and
+# waits for them, times loads idle and busy (--load-timing LOAD_TIMING), runs bench_placement.py in this order
+# (gateway-v2, gateway-v2-again as the noise row, round-robin last, since a round-robin run that was cut leaves the
+# engines stalled behind loads; each run starts on idle, emptied engines; 128 clients, Zipf 1.1; each run at most
+# DURATION s, cut DRAIN s later) and
 # leaves placement.json, placement.txt and the engines' log tails in $OUT.
 R=$HOME/res; MODEL=$HOME/models/llama3b-rand; NAME=llama3b-rand; LORAS=$HOME/loras3b; REG=$HOME/reg3b
 PORTS="8300 8301 8302 8303"
@@ -43,7 +45,8 @@ run)
   python3 benchmarks/bench_placement.py $ARGS --base $NAME --registry $REG --resolver $LORAS --max-lora-rank 16 \
     --adapters 64 --max-loras 4 --max-cpu-loras 16 --zipf 1.1 --base-share 0.05 --concurrency 128 \
     --requests 100000 --prompt-tokens 128 --max-tokens 64 --rounds ${ROUNDS:-1} --duration-s ${DURATION:-60} \
-    --drain-s ${DRAIN:-20} --load-timing 4 --targets ${TARGETS:-round-robin,gateway-v2,gateway-v2-again} \
+    --drain-s ${DRAIN:-20} --load-timing ${LOAD_TIMING:-4} --fixed-order \
+    --targets ${TARGETS:-gateway-v2,gateway-v2-again,round-robin} \
     --work $HOME/pwork --json $OUT/placement.json > $OUT/placement.txt 2> $OUT/placement.log
   log "bench_placement rc=$?"; cat $OUT/placement.txt; tail -20 $OUT/placement.log
   for p in $PORTS; do grep -E "ERROR|Traceback" $R/engine3b_$p.log | head -3; done

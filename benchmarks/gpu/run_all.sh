@@ -12,7 +12,9 @@
 # for the next call (call 3 then builds that model too: small_model.sh 1b 3b). On a machine still warm:
 # cp benchmarks/gpu/run_all.sh .gpu/scripts/ && bash .gpu/scripts/rerun.sh (carry .gpu/scripts, .gpu/wrk).
 # Knobs: ROUNDS (for concurrency 1 and 16; 128 gets 3), STEPS (default "big cold small cpu"), SETS (the
-# concurrency levels of "big", default "1 16 128"), X2=1 (a second gateway with --workers 2 as one more target).
+# concurrency levels of "big", default "1 16 128"), X2=1 (a second gateway with --workers 2 as one more target),
+# JITTER_MS (bench_gateway.py's direct-jitter row: direct sends paused 0-J ms), JITTER_ALL_SET="C N TOKENS ROUNDS"
+# (one more plain set with every target's sends paused 0-JITTER_MS ms).
 R=$HOME/res; mkdir -p $R
 BIG=$HOME/models/llama7b-rand; BIG_NAME=llama7b-rand; SMALL=$HOME/models/llama1b-rand; SMALL_NAME=llama1b-rand
 E7=http://127.0.0.1:8000; E1=http://127.0.0.1:8001; G7=http://127.0.0.1:8100; G1=http://127.0.0.1:8201; G4=http://127.0.0.1:8204
@@ -120,11 +122,19 @@ if [[ " $STEPS " == *" big "* ]]; then
       T=$(now)
       python3 benchmarks/bench_gateway.py --engine-url $E7 --gateway-url $G7 --base $BIG_NAME --adapters $HOT \
         --assignment round-robin --concurrency $1 --requests $2 --max-tokens $3 --prompt-words 150 --rounds $4 \
-        --warmup $((2 * $1 > 16 ? 2 * $1 : 16)) $EXTRA --json $R/bench_c$1_$mode.json $([ $mode = stream ] && echo --stream) \
+        --warmup $((2 * $1 > 16 ? 2 * $1 : 16)) --jitter-ms ${JITTER_MS:-0} $EXTRA --json $R/bench_c$1_$mode.json $([ $mode = stream ] && echo --stream) \
         > $R/bench_c$1_$mode.txt 2> $R/bench_c$1_$mode.log
       log "c=$1 $mode rc=$? in $(el $T) s"; cat $R/bench_c$1_$mode.txt
     done
   done
+  if [ -n "${JITTER_ALL_SET:-}" ]; then  # "C REQUESTS TOKENS ROUNDS": plain, every target's sends paused 0-JITTER_MS ms
+    set -- $JITTER_ALL_SET; T=$(now)
+    python3 benchmarks/bench_gateway.py --engine-url $E7 --gateway-url $G7 --base $BIG_NAME --adapters $HOT \
+      --assignment round-robin --concurrency $1 --requests $2 --max-tokens $3 --prompt-words 150 --rounds $4 \
+      --warmup $((2 * $1 > 16 ? 2 * $1 : 16)) --jitter-ms ${JITTER_MS:-10} --jitter-all $EXTRA \
+      --json $R/bench_c$1_plain_jittered.json > $R/bench_c$1_plain_jittered.txt 2> $R/bench_c$1_plain_jittered.log
+    log "c=$1 plain, all jittered, rc=$? in $(el $T) s"; cat $R/bench_c$1_plain_jittered.txt
+  fi
   kill $CS 2>/dev/null
 fi
 

@@ -64,6 +64,7 @@ class BenchConfig:
     # a run sends for at most `duration_s`; what is still unanswered `drain_s` after that is cut (status "cut")
     duration_s: float | None = None
     drain_s: float = 30.0
+    shuffle: bool = True  # each round's target order shuffled from the seed (False: as given, every round)
 
     def check(self) -> None:
         if not self.targets:

@@ -72,7 +72,8 @@ async def run_bench_async(
     orders: list[list[str]] = []
     for round_ in range(config.rounds):
         order = list(config.targets)
-        random.Random(f"{config.workload.seed}:order:{round_}").shuffle(order)
+        if config.shuffle:
+            random.Random(f"{config.workload.seed}:order:{round_}").shuffle(order)
         orders.append([target.name for target in order])
         for position, target in enumerate(order):
             async with around(target, round_) if around is not None else contextlib.nullcontext():
