@@ -225,21 +225,25 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
     batch (base model, every engine busy at once), the extra of distinct adapters in a batch, prefill per token,
     and an adapter load's time on an idle engine."""
     engines = len(urls)
+    batches = sorted({int(b) for b in args.calibrate_batches.split(",")} | {1, 4})
     rows = {}
-    for batch in (1, 4, 16):
+    for batch in batches:
         rows[batch] = measure(urls, [], batch * engines, 32, 32, 1.0, batch * engines * 4, args.base)
         print(f"calibrate: batch {batch}: {rows[batch]}", file=sys.stderr)
-    per_seq = (rows[16]["tpot_s"] - rows[1]["tpot_s"]) / 15
+    top = batches[-1]
+    per_seq = (rows[top]["tpot_s"] - rows[1]["tpot_s"]) / (top - 1)
     step = rows[1]["tpot_s"] - per_seq
     long = measure(urls, [], engines, 384, 4, 1.0, engines * 4, args.base)
     prefill = max(long["ttft_s"] - rows[1]["ttft_s"], 0.0) / (384 - 32)
-    # two adapters per engine, resident and in the batch together (max_loras 2), against the base at the same batch
+    # n adapters per engine (its GPU slots, at most 4), resident and in a batch of 4 together, against the base at
+    # the same batch
+    n = min(args.max_loras, 4)
     for url in urls:
-        for name in names[:2]:
+        for name in names[:n]:
             path = str(Path(args.resolver) / name)
             httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120)
-    two = measure(urls, names[:2], 4 * engines, 32, 32, 0.0, 16 * engines, args.base)
-    per_lora = max(two["tpot_s"] - rows[4]["tpot_s"], 0.0) / 2
+    two = measure(urls, names[:n], 4 * engines, 32, 32, 0.0, 16 * engines, args.base)
+    per_lora = max(two["tpot_s"] - rows[4]["tpot_s"], 0.0) / n
     empty(urls, args.base)
     loads = []
     for name in names[2:8]:
@@ -252,23 +256,31 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
         "prefill_token_s": round(prefill, 7),
         "load_s": round(statistics.median(loads), 4),
     }
-    print(f"calibrate: two adapters per batch of 4 {two}; loads {[round(x, 3) for x in loads]}", file=sys.stderr)
+    print(f"calibrate: {n} adapters in a batch of 4 {two}; loads {[round(x, 3) for x in loads]}", file=sys.stderr)
     return costs
 
 
 @contextlib.contextmanager
-def busy(urls: Sequence[str], base: str, clients: int) -> Iterator[list[int]]:
-    """Keep `urls` busy with `clients` closed-loop base-model completions (128 in, 64 out) until the block ends;
-    yields the count of answers, which grows while it runs."""
+def busy(
+    urls: Sequence[str], base: str, clients: int, models: Sequence[Sequence[str]] | None = None
+) -> Iterator[list[int]]:
+    """Keep `urls` busy with `clients` closed-loop completions (128 in, 64 out) until the block ends: of the base
+    model, or with `models`, of engine i's models[i] in turn; yields the count of answers, which grows while it
+    runs."""
     stop, answered = threading.Event(), [0]
 
     async def loop() -> None:
-        body = {"model": base, "prompt": "hello " * 128, "max_tokens": 64, "ignore_eos": True}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
             async def client(i: int) -> None:
+                engine = i % len(urls)
+                own = models[engine] if models else [base]
+                turn = i // len(urls)
                 while not stop.is_set():
-                    async with session.post(f"{urls[i % len(urls)]}/v1/completions", json=body) as reply:
+                    body = {"model": own[turn % len(own)], "prompt": "hello " * 128, "max_tokens": 64}
+                    body["ignore_eos"] = True
+                    turn += 1
+                    async with session.post(f"{urls[engine]}/v1/completions", json=body) as reply:
                         await reply.read()
                     answered[0] += 1
 
@@ -307,6 +319,56 @@ def load_timing(urls: Sequence[str], names: Sequence[str], args: argparse.Namesp
     return result
 
 
+def probe(urls: Sequence[str], names: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Why loads slow down when engines share one GPU: under four conditions (idle; every engine busy with 32
+    base-model clients; every engine busy with 32 clients over 4 resident adapters of its own; the same while every
+    engine loads an adapter at once, as round-robin makes them), the host-side steps of a load in a process of its
+    own (benchmarks/gpu/pin_probe.py: 392 separate pin_memory() calls, copies, synchronizations) and
+    `load_lora_adapter` on the engines themselves."""
+    if len(names) < 16 + 4 * len(urls) * 2 + 4:
+        raise SystemExit("--probe needs more adapters")
+    script = Path(__file__).resolve().parent / "gpu" / "pin_probe.py"
+    resident = [list(names[-4 * (i + 1) : len(names) - 4 * i]) for i in range(len(urls))]
+    fresh = iter(names[16 : len(names) - 4 * len(urls)])
+    result: dict[str, Any] = {}
+    empty(urls, args.base)
+    for url, own in zip(urls, resident, strict=True):
+        for name in own:
+            timed_load(url, name, args.resolver)
+    for label, models, together in (
+        ("idle", None, False),
+        ("every engine busy, base", [[args.base]] * len(urls), False),
+        ("every engine busy, adapters", resident, False),
+        ("every engine busy, adapters, all loading", resident, True),
+    ):
+        with busy(urls, args.base, 32 * len(urls), models) if models else contextlib.nullcontext([0]) as done:
+            before = done[0]
+            row: dict[str, Any] = {}
+            ran = subprocess.run(
+                [sys.executable, str(script), str(args.resolver / next(fresh))], capture_output=True, text=True
+            )
+            row["host_steps"] = json.loads(ran.stdout.strip().splitlines()[-1]) if ran.returncode == 0 else ran.stderr
+            if together:
+                jobs: list[float] = [0.0] * len(urls)
+
+                def one(i: int, name: str, jobs: list[float] = jobs) -> None:
+                    jobs[i] = timed_load(urls[i], name, args.resolver)
+
+                threads = [threading.Thread(target=one, args=(i, next(fresh))) for i in range(len(urls))]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                row["load_s"] = [round(x, 3) for x in jobs]
+            else:
+                row["load_s"] = [round(timed_load(urls[0], next(fresh), args.resolver), 3) for _ in range(2)]
+            row["answered"] = done[0] - before
+        result[label] = row
+        print(f"probe: {label}: {json.dumps(row)}", file=sys.stderr)
+    empty(urls, args.base)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", type=int, default=3)
@@ -326,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--work", type=Path, help="keep the engines' and gateways' logs here")
     parser.add_argument("--calibrate", action="store_true", help="measure the simulator's costs on these engines first")
+    parser.add_argument("--calibrate-batches", default="1,4,16", help="requests per engine the step time is fitted at")
     parser.add_argument("--load-timing", type=int, default=0, metavar="K", help="time K loads idle and busy first")
+    parser.add_argument("--probe", action="store_true", help="time a load's host-side steps idle and busy first (GPU)")
     parser.add_argument("--duration-s", type=float, default=None, help="each run sends for at most this long")
     parser.add_argument("--drain-s", type=float, default=30.0, help="then what is unanswered after this is cut")
     parser.add_argument(
@@ -360,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loads: dict[str, list[int]] = {name: [] for name in wanted}
     with running as engine_urls:
         timing = load_timing(engine_urls, names, args) if args.load_timing else None
+        probed = probe(engine_urls, names, args) if args.probe else None
         costs = calibrate(engine_urls, names, args) if args.calibrate else None
         if costs is not None:
             print("calibrated costs: " + json.dumps(costs))
@@ -408,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "count": len(args.engine_url) or args.engines,
         "urls": args.engine_url or None,
         "load_timing": timing,
+        "probe": probed,
         "max_loras": args.max_loras,
         "max_cpu_loras": args.max_cpu_loras,
         "loads_per_run": loads,

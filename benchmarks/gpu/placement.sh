@@ -41,16 +41,20 @@ run)
   while [ ! -f $R/register3b_end ]; do sleep 1; done
   log "engines healthy, registry written $(( $(date +%s) - T )) s into this call"; tail -2 $R/register3b.log
   nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+  # PROBE=1: time a load's host-side steps idle and busy first (bench_placement.py --probe); CALIBRATE=1: the
+  # simulator's costs on these engines first (--calibrate, at 1, 4, 16 and 32 requests per engine)
+  EXTRA=""; [ "${PROBE:-0}" = 1 ] && EXTRA="$EXTRA --probe"
+  [ "${CALIBRATE:-0}" = 1 ] && EXTRA="$EXTRA --calibrate --calibrate-batches 1,4,16,32"
   ARGS=""; for p in $PORTS; do ARGS="$ARGS --engine-url http://127.0.0.1:$p --engine-log $R/engine3b_$p.log"; done
   python3 benchmarks/bench_placement.py $ARGS --base $NAME --registry $REG --resolver $LORAS --max-lora-rank 16 \
     --adapters 64 --max-loras 4 --max-cpu-loras 16 --zipf 1.1 --base-share 0.05 --concurrency 128 \
     --requests 100000 --prompt-tokens 128 --max-tokens 64 --rounds ${ROUNDS:-1} --duration-s ${DURATION:-60} \
-    --drain-s ${DRAIN:-20} --load-timing ${LOAD_TIMING:-4} --fixed-order \
+    --drain-s ${DRAIN:-20} --load-timing ${LOAD_TIMING:-4} --fixed-order $EXTRA \
     --targets ${TARGETS:-gateway-v2,gateway-v2-again,round-robin} \
-    --work $HOME/pwork --json $OUT/placement.json > $OUT/placement.txt 2> $OUT/placement.log
-  log "bench_placement rc=$?"; cat $OUT/placement.txt; tail -20 $OUT/placement.log
+    --work $HOME/pwork --json $OUT/placement${TAG:-}.json > $OUT/placement${TAG:-}.txt 2> $OUT/placement${TAG:-}.log
+  log "bench_placement rc=$?"; cat $OUT/placement${TAG:-}.txt; tail -30 $OUT/placement${TAG:-}.log
   for p in $PORTS; do grep -E "ERROR|Traceback" $R/engine3b_$p.log | head -3; done
-  cd $HOME/pwork 2>/dev/null && tar czf $OUT/pwork_logs.tgz *.log 2>/dev/null
-  cd $R && tar czf $OUT/engines3b_logs.tgz engine3b_*.log register3b.log b3.log 2>/dev/null ;;
+  cd $HOME/pwork 2>/dev/null && tar czf $OUT/pwork_logs${TAG:-}.tgz *.log 2>/dev/null
+  cd $R && tar czf $OUT/engines3b_logs${TAG:-}.tgz engine3b_*.log register3b.log b3.log 2>/dev/null ;;
 *) echo "usage: placement.sh start REPO | run"; exit 2 ;;
 esac

@@ -41,6 +41,21 @@ export PYTHONPATH=$HOME/site
 python3 -c "import vllm, torch, aiohttp; print('vllm', vllm.__version__, 'torch', torch.__version__, 'aiohttp', aiohttp.__version__, torch.cuda.get_device_name(0))" || fail "IMPORT FAILED"
 $WRK --version 2>&1 | head -1
 
+# placement alone (STEPS="place"): no 7B engine, the four 3B engines start as soon as their model is built
+if [ "$STEPS" = place ]; then
+  while [ ! -f $R/b3_end ]; do sleep 2; done
+  grep -q SMALL_DONE $R/b3.log || { tail -30 $R/b3.log; fail "3B MODEL FAILED"; }
+  bash $REPO/benchmarks/gpu/placement.sh start $L; T=$(now)
+  for p in 8300 8301 8302 8303; do  # healthy before this call ends, so the next one has all its time for runs
+    for i in $(seq 1 400); do
+      python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$p/health', timeout=2)" 2>/dev/null && break
+      sleep 1
+    done
+  done
+  log "four 3B engines healthy after $(el $T) s"; nvidia-smi --query-gpu=memory.used --format=csv,noheader
+  log "ALL DONE at $(el $START) s"; echo OK > $R/DONE; exit 0
+fi
+
 # 2. the models (call 1 started the 7B one, call 3 the 1B one)
 while [ ! -f $R/prep_end ]; do sleep 2; done
 grep -q PREP_DONE $R/prep.log || { tail -30 $R/prep.log; fail "PREP FAILED"; }
