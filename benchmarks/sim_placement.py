@@ -53,8 +53,12 @@ class Costs:
     per_seq_s: float  # per running request
     per_lora_s: float  # per distinct adapter in the batch
     prefill_token_s: float  # per prompt token admitted in the step
-    load_s: float  # an adapter load (the engine stalls)
+    load_s: float  # an adapter load (the engine stalls), alone on its device
     max_num_seqs: int
+    # engines sharing one GPU (Scenario.engines_per_device): what each other engine on the device adds to a load
+    # while it is stepping a base-model batch, and while its batch holds adapters
+    load_neighbour_s: float = 0.0
+    load_neighbour_lora_s: float = 0.0
 
 
 # Calibrations (what each was fitted to is in the README's placement section).
@@ -84,6 +88,12 @@ class Scenario:
     max_cpu_loras: int = 16
     seed: int = 1
     health_interval_s: float = 2.0
+    # as `loragate bench --duration-s/--drain-s` (bench_placement.py): no request is sent after duration_s, what is
+    # unanswered drain_s later is cut, and every request of the run is measured (None: run all `requests` and
+    # measure the middle, the ramps left out)
+    duration_s: float | None = None
+    drain_s: float = 20.0
+    engines_per_device: int = 1  # engines sharing one GPU (and its host), in order: e000-e003 on the first
 
 
 @dataclass
@@ -140,6 +150,18 @@ class Engine:
         self.busy_s = 0.0  # time stepping (batch x time in seq_s)
         self.seq_s = 0.0
         self.lora_s = 0.0
+        self.neighbours: list[Engine] = []  # the other engines on its device
+        self.load_times: list[float] = []
+
+    def load_time(self) -> float:
+        """A load's stall now: alone on its device, or slowed by each other engine there that is stepping."""
+        costs = self.costs
+        extra = 0.0
+        for other in self.neighbours:
+            if other.batch:
+                lora = any(r.key for r in other.batch)
+                extra += costs.load_neighbour_lora_s if lora else costs.load_neighbour_s
+        return costs.load_s + extra
 
     @property
     def running(self) -> int:
@@ -185,7 +207,7 @@ class Engine:
                 self._make_room({r.key for r in self.batch if r.key})
                 self.cache[key] = None
                 self.loads += 1
-                stall += costs.load_s
+                stall += self._timed_load()
             finished_loads.append(done)
         active = {r.key for r in self.batch if r.key}
         admitted: list[Request] = []
@@ -202,7 +224,7 @@ class Engine:
                     continue
                 self.cache[key] = None
                 self.loads += 1
-                stall += costs.load_s
+                stall += self._timed_load()
             if key is not None:
                 active.add(key)
                 self.cache.move_to_end(key)
@@ -225,6 +247,11 @@ class Engine:
         if finished_loads:
             self.sim.at(self.sim.now + stall, lambda: [done() for done in finished_loads])
         self.sim.at(end, self._end_step)
+
+    def _timed_load(self) -> float:
+        took = self.load_time()
+        self.load_times.append(took)
+        return took
 
     def _end_step(self) -> None:
         now = self.sim.now
@@ -396,15 +423,22 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
     requests = workload(scenario)
     done: list[Request] = []
     failed: list[Request] = []
+    live: dict[int, Request] = {}  # sent and not yet answered
     issued = itertools.count()
     placer: Placer
+    window = scenario.duration_s
 
     def on_done(request: Request) -> None:
         placer.finished(request)
+        live.pop(request.id, None)
         done.append(request)
         issue(request.client)
 
     engines = {f"e{i:03d}": Engine(sim, f"e{i:03d}", costs, scenario, on_done) for i in range(scenario.engines)}
+    ids, per = list(engines), max(scenario.engines_per_device, 1)
+    for i, engine_id in enumerate(ids):
+        device = ids[i // per * per : i // per * per + per]
+        engines[engine_id].neighbours = [engines[other] for other in device if other != engine_id]
     if placement == "round-robin":
         placer = RoundRobin(sim, engines)
     elif placement == "least-loaded":
@@ -417,6 +451,7 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
         gateway = Gateway(sim, engines, replace(policy or Policy(), **variant), scenario)
 
         def on_failed(request: Request) -> None:
+            live.pop(request.id, None)
             failed.append(request)
             sim.at(sim.now + 0.05, lambda: issue(request.client))
 
@@ -424,19 +459,27 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
         placer = gateway
 
     def issue(client: int) -> None:
+        if window is not None and sim.now >= window:
+            return
         index = next(issued)
         if index >= len(requests):
             return
         key, prompt, output = requests[index]
         request = Request(index, client, key, prompt, output, arrived=sim.now)
+        live[index] = request
         placer.send(request)
 
     for client in range(scenario.clients):
         sim.at(0.0, lambda c=client: issue(c))  # type: ignore[misc]
     started = time.monotonic()
-    sim.run(lambda: len(done) + len(failed) >= len(requests))
+    if window is None:
+        sim.run(lambda: len(done) + len(failed) >= len(requests))
+    else:
+        cut = [False]
+        sim.at(window + scenario.drain_s, lambda: cut.__setitem__(0, True))
+        sim.run(lambda: cut[0] or (sim.now >= window and not live))
     wall = time.monotonic() - started
-    return summarize(placement, scenario, done, failed, engines, wall)
+    return summarize(placement, scenario, done, failed, list(live.values()) if window else None, engines, sim.now, wall)
 
 
 def summarize(
@@ -444,26 +487,40 @@ def summarize(
     scenario: Scenario,
     done: list[Request],
     failed: list[Request],
+    cut: list[Request] | None,
     engines: dict[str, Engine],
+    end_s: float,
     wall_s: float,
 ) -> dict[str, Any]:
-    # The first and last tenth are the ramp: measure the middle of the run.
     ordered = sorted(done, key=lambda r: r.done or 0.0)
-    skip = len(ordered) // 10
-    middle = ordered[skip : len(ordered) - skip] or ordered
-    span = (middle[-1].done or 0.0) - (middle[0].done or 0.0) if len(middle) > 1 else math.nan
-    ttft = [(r.first or 0.0) - r.arrived for r in middle]
+    measured: list[tuple[Request, float]]
+    if cut is None:
+        # The first and last tenth are the ramp: measure the middle of the run.
+        skip = len(ordered) // 10
+        middle = ordered[skip : len(ordered) - skip] or ordered
+        span = (middle[-1].done or 0.0) - (middle[0].done or 0.0) if len(middle) > 1 else math.nan
+        measured = [(r, (r.first or 0.0) - r.arrived) for r in middle]
+    else:
+        # as loragate bench reports a run of limited duration: successes over the run's duration, and TTFT over
+        # successes and cut requests (a cut one with its first token's time or, when none came, the time it waited)
+        middle, span = ordered, end_s
+        measured = [(r, (r.first or 0.0) - r.arrived) for r in ordered]
+        measured += [(r, (r.first if r.first is not None else end_s) - r.arrived) for r in cut]
+    ttft = [t for _, t in measured]
     e2e = [(r.done or 0.0) - r.arrived for r in middle]
     per_adapter: defaultdict[str, list[float]] = defaultdict(list)
-    for r in middle:
-        per_adapter[r.key or "(base)"].append((r.first or 0.0) - r.arrived)
+    for r, t in measured:
+        per_adapter[r.key or "(base)"].append(t)
     base_p99 = percentile(per_adapter.get("(base)", []), 99)
     adapter_p99 = {k: percentile(v, 99) for k, v in per_adapter.items() if k != "(base)" and len(v) >= 5}
     worst = max(adapter_p99.values(), default=math.nan)
+    busy = sum(e.busy_s for e in engines.values())
+    load_times = [t for e in engines.values() for t in e.load_times]
     return {
         "placement": placement,
         "requests": len(done),
         "failed": len(failed),
+        "cut": len(cut or ()),
         "requests_per_s": len(middle) / span if span else math.nan,
         "output_tokens_per_s": sum(r.output for r in middle) / span if span else math.nan,
         "ttft_p50_s": percentile(ttft, 50),
@@ -474,14 +531,14 @@ def summarize(
         "worst_vs_base": worst / base_p99 if base_p99 else math.nan,
         "adapter_ttft_p99_s": dict(sorted(adapter_p99.items())),  # adapters with at least 5 measured requests
         "loads": sum(e.loads for e in engines.values()),
+        "load_p50_s": percentile(load_times, 50),
         "evictions": sum(e.evictions for e in engines.values()),
         "stalled_s": sum(e.stalled_s for e in engines.values()),
-        "mean_batch": sum(e.seq_s for e in engines.values()) / max(sum(e.busy_s for e in engines.values()), 1e-9),
-        "mean_distinct": sum(e.lora_s for e in engines.values()) / max(sum(e.busy_s for e in engines.values()), 1e-9),
-        "busy_fraction": sum(e.busy_s for e in engines.values()) / max(len(engines) * (ordered[-1].done or 1.0), 1e-9)
-        if ordered
-        else 0.0,
-        "simulated_s": (ordered[-1].done or 0.0) if ordered else 0.0,
+        "mean_batch": sum(e.seq_s for e in engines.values()) / max(busy, 1e-9),
+        "mean_distinct": sum(e.lora_s for e in engines.values()) / max(busy, 1e-9),
+        "busy_fraction": busy / max(len(engines) * end_s, 1e-9),
+        "simulated_s": end_s,
+        "last_sent_s": max((r.arrived for r, _ in measured), default=math.nan),
         "wall_s": wall_s,
     }
 
@@ -493,7 +550,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     rr = next((r for r in rows if r["placement"] == "round-robin"), None)
     head = (
         f"{'placement':13} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p99':>8} "
-        f"{'worst/base':>10} {'loads':>7} {'x RR tput':>9} {'RR/p99':>7} {'failed':>6}"
+        f"{'worst/base':>10} {'loads':>7} {'load p50':>8} {'x RR tput':>9} {'RR/p99':>7} {'failed':>6} {'cut':>5}"
     )
     lines = [head]
     for r in rows:
@@ -502,7 +559,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['placement']:13} {r['requests_per_s']:8.1f} {r['output_tokens_per_s']:9.0f} {r['ttft_p50_s']:9.3f} "
             f"{r['ttft_p99_s']:9.3f} {r['e2e_p99_s']:8.2f} {r['worst_vs_base']:10.1f} {r['loads']:7d} "
-            f"{tput:9.2f} {p99:7.2f} {r['failed']:6d}"
+            f"{r['load_p50_s']:8.3f} {tput:9.2f} {p99:7.2f} {r['failed']:6d} {r['cut']:5d}"
         )
     return "\n".join(lines)
 
@@ -524,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="32-128", help="output tokens, A-B (uniform)")
     parser.add_argument("--placements", default=",".join(PLACEMENTS))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--duration-s", type=float, help="send for this long, cut what is unanswered --drain-s later")
+    parser.add_argument("--drain-s", type=float, default=20.0)
+    parser.add_argument("--engines-per-device", type=int, default=1, help="engines sharing one GPU")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     costs = PROFILES[args.profile]
@@ -541,12 +601,15 @@ def main(argv: list[str] | None = None) -> int:
         zipf=args.zipf,
         base_share=args.base_share,
         clients=args.clients,
-        requests=args.requests or 30 * args.clients,
+        requests=args.requests or (100_000 if args.duration_s else 30 * args.clients),
         prompt_tokens=span(args.prompt),
         output_tokens=span(args.output),
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         seed=args.seed,
+        duration_s=args.duration_s,
+        drain_s=args.drain_s,
+        engines_per_device=args.engines_per_device,
     )
     unknown = set(args.placements.split(",")) - set(PLACEMENTS)
     if unknown:
@@ -558,7 +621,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{scenario.engines} engines x (max_loras {scenario.max_loras}, max_cpu_loras {scenario.max_cpu_loras}), "
         f"{scenario.adapters} adapters Zipf({scenario.zipf}) + {scenario.base_share:.0%} base, {scenario.clients} "
-        f"closed-loop clients, {scenario.requests} requests, profile {args.profile} (load {costs.load_s * 1000:.0f} ms)"
+        f"closed-loop clients, "
+        + (
+            f"{scenario.duration_s:g} s runs (cut {scenario.drain_s:g} s later)"
+            if scenario.duration_s
+            else f"{scenario.requests} requests"
+        )
+        + f", profile {args.profile} (load {costs.load_s * 1000:.0f} ms"
+        + (f", {scenario.engines_per_device} engines a device)" if scenario.engines_per_device > 1 else ")")
     )
     print(table(rows))
     if args.json:

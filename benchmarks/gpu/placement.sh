@@ -22,7 +22,7 @@ start)
     VLLM_PLUGINS=lora_filesystem_resolver VLLM_LORA_RESOLVER_CACHE_DIR=$LORAS setsid python3 -m \
       vllm.entrypoints.openai.api_server --model $MODEL --served-model-name $NAME --dtype bfloat16 \
       --max-model-len 2048 --port $p --enable-lora --max-lora-rank 16 --max-loras 4 --max-cpu-loras 16 \
-      --gpu-memory-utilization 0.15 --kv-cache-memory-bytes 17179869184 --disable-uvicorn-access-log \
+      --gpu-memory-utilization 0.15 --kv-cache-memory-bytes ${KV_BYTES:-8589934592} --disable-uvicorn-access-log \
       > $R/engine3b_$p.log 2>&1 < /dev/null &
   done
   rm -rf $REG; rm -f $R/register3b_end

@@ -1,0 +1,75 @@
+"""The placement simulator's own rules (benchmarks/sim_placement.py): a run of limited duration measured as
+`loragate bench` measures one, and loads slowed by the other engines on the same device."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def sim() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sim_placement", ROOT / "benchmarks" / "sim_placement.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sim_placement"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def scenario(sim: ModuleType, **changes: object) -> object:
+    base = sim.Scenario(engines=2, adapters=8, clients=8, requests=400, prompt_tokens=(16, 16), output_tokens=(8, 8))
+    return replace(base, **changes)
+
+
+COSTS = dict(step_s=0.01, per_seq_s=0.001, per_lora_s=0.002, prefill_token_s=0.0, load_s=0.5, max_num_seqs=256)
+
+
+def test_a_window_sends_nothing_after_its_duration_and_cuts_what_is_left(sim: ModuleType) -> None:
+    costs = sim.Costs(**COSTS)
+    # one slot and one CPU slot per engine over 8 adapters: round-robin loads before nearly every batch, so requests
+    # are still waiting when the drain ends
+    window = scenario(sim, duration_s=3.0, drain_s=0.5, max_loras=1, max_cpu_loras=1, requests=10_000)
+    row = sim.simulate("round-robin", window, costs)
+    assert row["cut"] > 0
+    assert row["last_sent_s"] < 3.0
+    unbounded = sim.simulate("round-robin", replace(window, duration_s=None, requests=400), costs)
+    assert unbounded["last_sent_s"] > 3.5  # the same clients keep sending without a window
+    assert row["simulated_s"] == pytest.approx(3.5)
+    assert row["requests_per_s"] == pytest.approx(row["requests"] / 3.5)
+    # a cut request's TTFT counts the time it waited, up to the cut: the p99 reaches the drain's end
+    assert row["ttft_p99_s"] > 0.5
+
+
+def test_a_window_that_drains_in_time_ends_at_the_last_answer(sim: ModuleType) -> None:
+    costs = sim.Costs(**COSTS)
+    row = sim.simulate("round-robin", scenario(sim, duration_s=2.0, drain_s=30.0, base_share=1.0), costs)
+    assert row["cut"] == 0 and row["loads"] == 0
+    assert 2.0 <= row["simulated_s"] < 2.5  # the last batch started before 2 s ends 8 steps later
+
+
+def test_loads_slow_with_busy_neighbours_on_the_device(sim: ModuleType) -> None:
+    costs = sim.Costs(**COSTS, load_neighbour_s=0.1, load_neighbour_lora_s=1.0)
+    alone = sim.simulate("round-robin", scenario(sim, engines_per_device=1, requests=200), costs)
+    shared = sim.simulate("round-robin", scenario(sim, engines_per_device=2, requests=200), costs)
+    assert alone["load_p50_s"] == pytest.approx(0.5)
+    assert shared["load_p50_s"] > 0.5
+    assert shared["requests_per_s"] < alone["requests_per_s"]
+
+
+def test_a_load_is_priced_by_what_each_neighbour_runs(sim: ModuleType) -> None:
+    costs = sim.Costs(**COSTS, load_neighbour_s=0.1, load_neighbour_lora_s=1.0)
+    engines = [sim.Engine(sim.Sim(), f"e{i}", costs, scenario(sim), lambda request: None) for i in range(3)]
+    engine, base, lora = engines
+    engine.neighbours = [base, lora]
+    assert engine.load_time() == pytest.approx(0.5)  # neighbours idle
+    base.batch = [sim.Request(0, 0, None, 16, 8)]
+    lora.batch = [sim.Request(1, 0, "adapter-00001", 16, 8), sim.Request(2, 0, None, 16, 8)]
+    assert engine.load_time() == pytest.approx(0.5 + 0.1 + 1.0)
