@@ -550,18 +550,29 @@ def table(rows: list[dict[str, Any]]) -> str:
     rr = next((r for r in rows if r["placement"] == "round-robin"), None)
     head = (
         f"{'placement':13} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p99':>8} "
-        f"{'worst/base':>10} {'loads':>7} {'load p50':>8} {'x RR tput':>9} {'RR/p99':>7} {'failed':>6} {'cut':>5}"
+        f"{'worst/base':>10} {'loads':>7} {'load p50':>8} {'x RR tput':>9} {'RR/p99':>7} {'>RR':>7} {'failed':>6} "
+        f"{'cut':>5}"
     )
     lines = [head]
     for r in rows:
         tput = r["requests_per_s"] / rr["requests_per_s"] if rr else math.nan
         p99 = rr["ttft_p99_s"] / r["ttft_p99_s"] if rr and r["ttft_p99_s"] else math.nan
+        worse = worse_than(r, rr) if rr else None
         lines.append(
             f"{r['placement']:13} {r['requests_per_s']:8.1f} {r['output_tokens_per_s']:9.0f} {r['ttft_p50_s']:9.3f} "
             f"{r['ttft_p99_s']:9.3f} {r['e2e_p99_s']:8.2f} {r['worst_vs_base']:10.1f} {r['loads']:7d} "
-            f"{r['load_p50_s']:8.3f} {tput:9.2f} {p99:7.2f} {r['failed']:6d} {r['cut']:5d}"
+            f"{r['load_p50_s']:8.3f} {tput:9.2f} {p99:7.2f} {f'{worse[0]}/{worse[1]}' if worse else '-':>7} "
+            f"{r['failed']:6d} {r['cut']:5d}"
         )
     return "\n".join(lines)
+
+
+def worse_than(row: dict[str, Any], reference: dict[str, Any]) -> tuple[int, int]:
+    """Of the adapters measured in both (at least 5 requests each), how many have a higher p99 TTFT in `row` than
+    in `reference` (round-robin): an adapter a placement serves worse than no placement at all is starved by it."""
+    mine, theirs = row["adapter_ttft_p99_s"], reference["adapter_ttft_p99_s"]
+    common = [k for k in mine if k in theirs]
+    return sum(mine[k] > theirs[k] for k in common), len(common)
 
 
 def main(argv: list[str] | None = None) -> int:
