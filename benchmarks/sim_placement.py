@@ -495,11 +495,13 @@ def summarize(
     ordered = sorted(done, key=lambda r: r.done or 0.0)
     measured: list[tuple[Request, float]]
     if cut is None:
-        # The first and last tenth are the ramp: measure the middle of the run.
+        # The first and last tenth of the answers are the ramp: throughput over the middle, and latency over the
+        # middle's requests sent after it began (a request of the cold start that ends late is still the ramp's)
         skip = len(ordered) // 10
         middle = ordered[skip : len(ordered) - skip] or ordered
         span = (middle[-1].done or 0.0) - (middle[0].done or 0.0) if len(middle) > 1 else math.nan
-        measured = [(r, (r.first or 0.0) - r.arrived) for r in middle]
+        began = middle[0].done or 0.0
+        measured = [(r, (r.first or 0.0) - r.arrived) for r in middle if r.arrived >= began]
     else:
         # as loragate bench reports a run of limited duration: successes over the run's duration, and TTFT over
         # successes and cut requests (a cut one with its first token's time or, when none came, the time it waited)
@@ -507,7 +509,7 @@ def summarize(
         measured = [(r, (r.first or 0.0) - r.arrived) for r in ordered]
         measured += [(r, (r.first if r.first is not None else end_s) - r.arrived) for r in cut]
     ttft = [t for _, t in measured]
-    e2e = [(r.done or 0.0) - r.arrived for r in middle]
+    e2e = [(r.done or 0.0) - r.arrived for r, _ in measured if r.done is not None]
     per_adapter: defaultdict[str, list[float]] = defaultdict(list)
     for r, t in measured:
         per_adapter[r.key or "(base)"].append(t)
