@@ -255,6 +255,8 @@ def calibrate(urls: Sequence[str], names: Sequence[str], args: argparse.Namespac
         "per_lora_s": round(per_lora, 6),
         "prefill_token_s": round(prefill, 7),
         "load_s": round(statistics.median(loads), 4),
+        # the first token's time alone on an idle engine beyond its prefill and one step: the way in
+        "request_s": round(max(rows[1]["ttft_s"] - rows[1]["tpot_s"] - prefill * 32, 0.0), 4),
     }
     print(f"calibrate: {n} adapters in a batch of 4 {two}; loads {[round(x, 3) for x in loads]}", file=sys.stderr)
     return costs

@@ -59,6 +59,9 @@ class Costs:
     # while it is stepping a base-model batch, and while its batch holds adapters
     load_neighbour_s: float = 0.0
     load_neighbour_lora_s: float = 0.0
+    # a request's way into the engine before its scheduler sees it (HTTP, the API server's template and tokenizer),
+    # which delays it without stalling the engine: the first token's time on an idle engine less a step
+    request_s: float = 0.0
 
 
 # Calibrations (what each was fitted to is in the README's placement section).
@@ -172,6 +175,12 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         request.engine = self.id
+        if self.costs.request_s:
+            self.sim.at(self.sim.now + self.costs.request_s, lambda: self._enqueue(request))
+        else:
+            self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         self.queue.append(request)
         self._kick()
 

@@ -73,3 +73,11 @@ def test_a_load_is_priced_by_what_each_neighbour_runs(sim: ModuleType) -> None:
     base.batch = [sim.Request(0, 0, None, 16, 8)]
     lora.batch = [sim.Request(1, 0, "adapter-00001", 16, 8), sim.Request(2, 0, None, 16, 8)]
     assert engine.load_time() == pytest.approx(0.5 + 0.1 + 1.0)
+
+
+def test_a_request_s_way_in_delays_its_first_token_without_stalling_the_engine(sim: ModuleType) -> None:
+    quick = sim.simulate("round-robin", scenario(sim, base_share=1.0, clients=2, requests=40), sim.Costs(**COSTS))
+    slow_in = sim.Costs(**COSTS, request_s=0.3)
+    slow = sim.simulate("round-robin", scenario(sim, base_share=1.0, clients=2, requests=40), slow_in)
+    assert slow["ttft_p50_s"] == pytest.approx(quick["ttft_p50_s"] + 0.3)
+    assert slow["e2e_p99_s"] == pytest.approx(quick["e2e_p99_s"] + 0.3)
