@@ -11,6 +11,10 @@ running request per step; at most `max_loras` distinct adapters in a batch (a wa
 be one more is skipped, as vLLM skips it); an adapter must be in the engine's CPU cache of `max_cpu_loras` (LRU)
 to run, and getting it there stalls the whole engine for `load_s` (vLLM adds an adapter inside its engine loop);
 a step takes `step_s + per_seq_s x running + per_lora_s x distinct adapters + prefill_token_s x new prompt tokens`.
+With `--engines-per-device K` engines share a GPU and a load there costs more for each neighbour that is stepping
+(`load_neighbour_s`, `load_neighbour_lora_s`). A run of `--requests` is measured over its middle (the ramps left
+out); with `--duration-s` it is measured as `loragate bench --duration-s` measures one (every request, cut ones
+included).
 
 Placements, over the same engines and the same request sequence:
 - `round-robin`: what a Kubernetes Service in front of vLLM pods does; each engine loads adapters on demand (vLLM's
