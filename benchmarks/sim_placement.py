@@ -572,7 +572,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         tput = r["requests_per_s"] / rr["requests_per_s"] if rr else math.nan
         p99 = rr["ttft_p99_s"] / r["ttft_p99_s"] if rr and r["ttft_p99_s"] else math.nan
-        worse = worse_than(r, rr) if rr else None
+        worse = worse_than(r, rr) if rr and r is not rr else None
         lines.append(
             f"{r['placement']:13} {r['requests_per_s']:8.1f} {r['output_tokens_per_s']:9.0f} {r['ttft_p50_s']:9.3f} "
             f"{r['ttft_p99_s']:9.3f} {r['e2e_p99_s']:8.2f} {r['worst_vs_base']:10.1f} {r['loads']:7d} "
