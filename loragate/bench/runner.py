@@ -185,6 +185,8 @@ async def _cut_at(
 ) -> None:
     """Wait for `sending` until `cut_at`, then cancel it and record what was still in flight as cut."""
     done, _ = await asyncio.wait([sending], timeout=max(cut_at - time.perf_counter(), 0.0))
+    while not done and time.perf_counter() < cut_at:  # the loop's timers may fire up to its clock resolution early
+        done, _ = await asyncio.wait([sending], timeout=cut_at - time.perf_counter())
     if done:
         sending.result()
         return

@@ -369,15 +369,19 @@ def test_a_run_of_limited_duration_sends_nothing_late_and_cuts_what_is_unanswere
         result = run_bench(config)
         document = result.to_json()
     records = result.runs[0].records
-    by_index = {r.index: r for r in records}
-    assert by_index[0].status == "cut" and by_index[0].ttft_s is None
-    assert by_index[1].status == "cut" and by_index[1].ttft_s is not None and by_index[1].ttft_s < 0.4
-    assert all(r.ok for r in records if r.index > 1)
-    assert 2 < len(records) < 2000 and max(r.sent_s for r in records) < 0.4
+    # the fake engine takes its script in the order requests reach it, which concurrent sends need not keep: the
+    # hung and the streamed request are told apart by what they received, not by their index
+    cut = [r for r in records if r.status == "cut"]
+    hung = [r for r in cut if r.ttft_s is None]
+    streamed = [r for r in cut if r.ttft_s is not None]
+    assert len(hung) == 1 and len(streamed) == 1 and streamed[0].ttft_s is not None and streamed[0].ttft_s < 0.4
+    assert all(r.ok for r in records if r.status != "cut")
+    # sent_s is read when the request goes out, a few microseconds after the runner checked the deadline
+    assert 2 < len(records) < 2000 and max(r.sent_s for r in records) < 0.4 + 0.005
     assert 0.7 <= result.runs[0].duration_s < 5
     overall = document["targets"]["t"]["overall"]
     assert overall["failures"] == {"cut": 2}
     assert overall["ttft_s"]["p99"] is not None and max(r.e2e_s or 0 for r in records) >= 0.6
-    assert by_index[0].e2e_s is not None and by_index[0].e2e_s >= 0.6
+    assert hung[0].e2e_s is not None and hung[0].e2e_s >= 0.6
     assert document["config"]["duration_s"] == 0.4
     assert "at most 0.4 s each, cut 0.3 s later" in render_text(document).splitlines()[0]
