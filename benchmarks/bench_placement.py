@@ -47,7 +47,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.engine_process import EngineProcess, EngineSpec, free_port  # noqa: E402
+from gateway.engine_process import EngineProcess, EngineSpec, free_port, with_cpu_binding  # noqa: E402
 from loragate.bench.config import BenchConfig, Target  # noqa: E402
 from loragate.bench.report import render_text, to_json  # noqa: E402
 from loragate.bench.runner import run_bench  # noqa: E402
@@ -105,7 +105,7 @@ def engines(model: Path, resolver: Path, work: Path, args: argparse.Namespace) -
                 max_loras=args.max_loras,
                 max_cpu_loras=args.max_cpu_loras,
                 max_lora_rank=8,
-                extra_env=env,
+                extra_env=with_cpu_binding(env, i, args.engines),
             )
             engine = EngineProcess(spec, work / f"engine-{i}.log")
             engine.start()

@@ -226,6 +226,41 @@ def engine_env(spec: EngineSpec, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def cpu_binding(index: int, count: int, cpus: list[int] | None = None) -> str | None:
+    """The cores engine `index` of `count` on one CPU host binds its OpenMP threads to (vLLM's CPU build reads
+    them from VLLM_CPU_OMP_THREADS_BIND), or None for one engine, which vLLM binds itself.
+
+    vLLM's own "auto" binding gives every instance the same cores: on a host of 2 cores, two engines both computed
+    on core 0 and left core 1 to the rest. Each engine gets a contiguous share of the host's cores instead, all but
+    the last of it when the share has 2 or more (the one left runs that engine's scheduler and API server, as
+    vLLM's auto binding leaves one); with fewer cores than engines, engines share a core in turn.
+    """
+    if count <= 1:
+        return None
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    if len(cpus) < count:
+        return str(cpus[index % len(cpus)])
+    share = len(cpus) // count
+    mine = cpus[index * share : (index + 1) * share]
+    if len(mine) >= 2:
+        mine = mine[:-1]
+    return ",".join(str(cpu) for cpu in mine)
+
+
+def with_cpu_binding(env: Mapping[str, str], index: int, count: int) -> dict[str, str]:
+    """`env` with engine `index`'s share of the host's cores (cpu_binding), unless `env` or this process's
+    environment already says how vLLM should bind."""
+    merged = dict(env)
+    binding = cpu_binding(index, count)
+    if (
+        binding is not None
+        and "VLLM_CPU_OMP_THREADS_BIND" not in merged
+        and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    ):
+        merged["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    return merged
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

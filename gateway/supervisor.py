@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.engine_metrics import parse_engine_metrics
-from gateway.engine_process import EngineProcess, engine_spec, free_port
+from gateway.engine_process import EngineProcess, engine_spec, free_port, with_cpu_binding
 from gateway.settings import Settings
 from gateway.upstream import ERRORS, Upstream
 
@@ -101,11 +101,22 @@ class Supervisor:
             log_dir = s.engines.log_dir or Path.home() / ".loragate" / "logs"
             shared = engine_spec(s.engines, model=self.model_path, served_model_name=self.served_name, port=0)
             for index in range(s.engines.count):
-                spec = replace(shared, port=free_port())
+                spec = replace(
+                    shared,
+                    port=free_port(),
+                    extra_env=with_cpu_binding(shared.extra_env, index, s.engines.count),
+                )
                 process = EngineProcess(spec, log_dir / f"engine-{index}-{spec.port}.log")
                 process.start()
                 log.info(
-                    "engine-%s: started vLLM pid %s on %s (log %s)", index, process.pid, spec.url, process.log_path
+                    "engine-%s: started vLLM pid %s on %s (log %s%s)",
+                    index,
+                    process.pid,
+                    spec.url,
+                    process.log_path,
+                    f", cores {spec.extra_env['VLLM_CPU_OMP_THREADS_BIND']}"
+                    if "VLLM_CPU_OMP_THREADS_BIND" in spec.extra_env
+                    else "",
                 )
                 self._add(
                     Engine(

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engine_process import EngineProcess, EngineSpec, EngineStartError, engine_command, engine_env
+from gateway.engine_process import (
+    EngineProcess,
+    EngineSpec,
+    EngineStartError,
+    cpu_binding,
+    engine_command,
+    engine_env,
+    with_cpu_binding,
+)
 
 
 def test_command_carries_lora_flags() -> None:
@@ -29,6 +37,35 @@ def test_runtime_updating_only_in_child_env() -> None:
     assert env["PATH"] == "/bin"
     off = engine_env(EngineSpec(model="/m", served_model_name="m", port=1, enable_lora=False), {})
     assert off["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("index", "count", "cpus", "expected"),
+    [
+        (0, 1, [0, 1], None),  # one engine: vLLM's own binding
+        (0, 2, [0, 1], "0"),  # the host of this project's CI: one core each (vLLM's auto gave both core 0)
+        (1, 2, [0, 1], "1"),
+        (0, 3, [0, 1], "0"),  # fewer cores than engines: in turn
+        (1, 3, [0, 1], "1"),
+        (2, 3, [0, 1], "0"),
+        (0, 4, list(range(16)), "0,1,2"),  # a share of 4: the last one left to the engine's scheduler
+        (3, 4, list(range(16)), "12,13,14"),
+        (1, 3, list(range(8)), "2"),  # 8 // 3 = 2 each (one computes), cores 6 and 7 unused
+        (1, 2, [4, 2, 7, 5], "5"),  # the affinity set, sorted, whatever its numbers
+    ],
+)
+def test_cpu_binding_splits_the_hosts_cores(index: int, count: int, cpus: list[int], expected: str | None) -> None:
+    assert cpu_binding(index, count, cpus) == expected
+
+
+def test_with_cpu_binding_keeps_what_the_operator_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert with_cpu_binding({"A": "1"}, 1, 2) == {"A": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert with_cpu_binding({}, 0, 1) == {}
+    assert with_cpu_binding({"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, 1, 2) == {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    assert with_cpu_binding({}, 1, 2) == {}
 
 
 def _script(tmp_path: Path, body: str) -> str:
