@@ -176,10 +176,22 @@ def gateway(port: int, target: str, engine_urls: Sequence[str], work: Path, args
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the gateway did not become ready; see {log}")
             time.sleep(0.2)
+        started, cpu = time.monotonic(), cpu_seconds(process.pid)
         yield
+        wall, used = time.monotonic() - started, cpu_seconds(process.pid) - cpu
+        print(f"{target}: gateway CPU {used:.1f} s over {wall:.1f} s ({used / wall:.0%} of a core)", file=sys.stderr)
     finally:
         process.terminate()
         process.wait(60)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (Linux /proc; 0.0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(
