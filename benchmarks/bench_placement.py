@@ -128,9 +128,10 @@ def empty(engine_urls: Sequence[str], base: str = BASE) -> None:
                 reply.raise_for_status()
 
 
-def settle(engine_urls: Sequence[str], timeout_s: float = 300.0) -> float:
-    """Wait until no engine has a request running or waiting (a run that was cut may leave requests behind a load
-    on an engine, which would stall the next run); the seconds it took."""
+def settle(engine_urls: Sequence[str], base: str = BASE, timeout_s: float = 300.0) -> float:
+    """Wait until no engine has a request running or waiting and each answers a one-token base-model request (a run
+    that was cut may leave requests behind a load, or loads its resolver had queued, in an engine's loop: on the
+    GPU those held the next run's engines for 95-135 s while the gauges read 0); the seconds it took."""
     from prometheus_client.parser import text_string_to_metric_families
 
     started = time.monotonic()
@@ -149,6 +150,10 @@ def settle(engine_urls: Sequence[str], timeout_s: float = 300.0) -> float:
         if busy == 0:
             break
         time.sleep(1)
+    for url in engine_urls:
+        left = max(timeout_s - (time.monotonic() - started), 1.0)
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{url}/v1/completions", json={"model": base, "prompt": "settle", "max_tokens": 1}, timeout=left)
     return time.monotonic() - started
 
 
@@ -449,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         @contextlib.asynccontextmanager
         async def around(target: Target, round_: int) -> AsyncIterator[None]:
-            waited = settle(engine_urls)
+            waited = settle(engine_urls, args.base)
             print(f"round {round_}: engines idle {waited:.1f} s before {target.name}", file=sys.stderr)
             empty(engine_urls, args.base)
             before = loads_logged(logs)
