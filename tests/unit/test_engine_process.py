@@ -108,3 +108,50 @@ def test_stop_kills_the_whole_group(tmp_path: Path) -> None:
     assert pgid is not None and len(group_members(pgid)) == 3  # sh and two sleeps
     engine.stop(grace_s=0.5)
     assert not group_alive(pgid)
+
+
+def test_managed_engines_on_one_host_each_get_their_share_of_its_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor hands each managed engine its own cores (vLLM's own binding gave every engine the same ones)."""
+    import asyncio
+
+    from gateway import supervisor
+    from gateway.settings import load_settings
+
+    started: list[EngineSpec] = []
+
+    class Recorded:
+        def __init__(self, spec: EngineSpec, log_path: Path) -> None:
+            self.spec, self.log_path, self.pid = spec, log_path, 0
+
+        def start(self) -> None:
+            started.append(self.spec)
+
+        def stop(self) -> None:
+            pass
+
+    async def idle(self: supervisor.Supervisor, engine: object) -> None:
+        await asyncio.Event().wait()
+
+    async def hook(engine: object) -> None:
+        pass
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(supervisor, "EngineProcess", Recorded)
+    monkeypatch.setattr(supervisor.Supervisor, "_watch", idle)
+    settings = load_settings(base="tiny", engines={"count": 2, "log_dir": tmp_path, "extra_env": {"A": "1"}})
+
+    async def run() -> None:
+        sup = supervisor.Supervisor(
+            settings, None, model_path=str(tmp_path), served_name="tiny", on_ready=hook, on_down=hook, on_tick=hook
+        )
+        await sup.start()
+        await sup.stop()
+
+    asyncio.run(run())
+    assert [dict(spec.extra_env) for spec in started] == [
+        {"A": "1", "VLLM_CPU_OMP_THREADS_BIND": "0,1,2"},
+        {"A": "1", "VLLM_CPU_OMP_THREADS_BIND": "4,5,6"},
+    ]
