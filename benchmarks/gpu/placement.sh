@@ -9,7 +9,7 @@
 # (gateway-v2, gateway-v2-again as the noise row, round-robin last, since a round-robin run that was cut leaves the
 # engines stalled behind loads; each run starts on idle, emptied engines; 128 clients, Zipf 1.1; each run at most
 # DURATION s, cut DRAIN s later) and
-# leaves placement.json, placement.txt and the engines' log tails in $OUT.
+# leaves placement${TAG}_all.tgz in $OUT (placement.json, .txt, .log, the gateways' and the engines' logs).
 R=$HOME/res; MODEL=$HOME/models/llama3b-rand; NAME=llama3b-rand; LORAS=$HOME/loras3b; REG=$HOME/reg3b
 PORTS="8300 8301 8302 8303"
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
@@ -54,7 +54,11 @@ run)
     --work $HOME/pwork --json $OUT/placement${TAG:-}.json > $OUT/placement${TAG:-}.txt 2> $OUT/placement${TAG:-}.log
   log "bench_placement rc=$?"; cat $OUT/placement${TAG:-}.txt; tail -30 $OUT/placement${TAG:-}.log
   for p in $PORTS; do grep -E "ERROR|Traceback" $R/engine3b_$p.log | head -3; done
-  cd $HOME/pwork 2>/dev/null && tar czf $OUT/pwork_logs${TAG:-}.tgz *.log 2>/dev/null
-  cd $R && tar czf $OUT/engines3b_logs${TAG:-}.tgz engine3b_*.log register3b.log b3.log 2>/dev/null ;;
+  # one file per invocation: the device returns only so many files from a call, and several invocations in one call
+  # (one per target) otherwise lost the last ones' results
+  (cd $HOME/pwork 2>/dev/null && tar czf $OUT/pwork_logs${TAG:-}.tgz *.log 2>/dev/null)
+  (cd $R && tar czf $OUT/engines3b_logs${TAG:-}.tgz engine3b_*.log register3b.log b3.log 2>/dev/null)
+  cd $OUT && F="placement${TAG:-}.json placement${TAG:-}.txt placement${TAG:-}.log pwork_logs${TAG:-}.tgz engines3b_logs${TAG:-}.tgz" \
+    && tar czf placement${TAG:-}_all.tgz $F 2>/dev/null && rm -f $F ;;
 *) echo "usage: placement.sh start REPO | run"; exit 2 ;;
 esac
