@@ -12,9 +12,10 @@ be one more is skipped, as vLLM skips it); an adapter must be in the engine's CP
 to run, and getting it there stalls the whole engine for `load_s` (vLLM adds an adapter inside its engine loop);
 a step takes `step_s + per_seq_s x running + per_lora_s x distinct adapters + prefill_token_s x new prompt tokens`.
 With `--engines-per-device K` engines share a GPU and a load there costs more for each neighbour that is stepping
-(`load_neighbour_s`, `load_neighbour_lora_s`). A run of `--requests` is measured over its middle (the ramps left
-out); with `--duration-s` it is measured as `loragate bench --duration-s` measures one (every request, cut ones
-included).
+(`load_neighbour_s`, `load_neighbour_lora_s`). With `--prewarm` every engine starts holding the adapters whose
+rendezvous home it is (most popular first, up to its CPU slots), what warming engines before traffic would give.
+A run of `--requests` is measured over its middle (the ramps left out); with `--duration-s` it is measured as
+`loragate bench --duration-s` measures one (every request, cut ones included).
 
 Placements, over the same engines and the same request sequence:
 - `round-robin`: what a Kubernetes Service in front of vLLM pods does; each engine loads adapters on demand (vLLM's
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.dispatch import Ask, Decision, Dispatcher
 from gateway.ledger import ResidencyLedger
-from gateway.routing import Placement, Policy, Refusal
+from gateway.routing import Placement, Policy, Refusal, rendezvous_order
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class Scenario:
     duration_s: float | None = None
     drain_s: float = 20.0
     engines_per_device: int = 1  # engines sharing one GPU (and its host), in order: e000-e003 on the first
+    # every engine starts holding the adapters whose rendezvous home it is, most popular first, up to its CPU slots
+    # (what warming each engine before it takes traffic would give); False: every engine starts empty
+    prewarm: bool = False
 
 
 @dataclass
@@ -343,6 +347,8 @@ class Gateway(Placer):
         self.ledger = ResidencyLedger()
         for engine in engines.values():
             self.ledger.add_engine(engine.id, engine.cpu_slots)
+            for key in engine.cache:  # what the engine already holds (Scenario.prewarm), as the first scrape shows it
+                self.ledger.record_loaded(engine.id, key)
         self.dispatcher = Dispatcher(self.ledger, policy, lambda: list(self.engines.values()), lambda: self.sim.now)
         self.held: defaultdict[tuple[str, str], list[Request]] = defaultdict(list)
         self.failed: Callable[[Request], None] = lambda request: None
@@ -418,10 +424,15 @@ def zipf_weights(n: int, alpha: float) -> list[float]:
     return [w / total for w in weights]
 
 
+def adapter_names(scenario: Scenario) -> list[str]:
+    """The adapters, most popular first."""
+    return [f"adapter-{i:05d}" for i in range(scenario.adapters)]
+
+
 def workload(scenario: Scenario) -> list[tuple[str | None, int, int]]:
     """The request sequence (adapter, prompt tokens, output tokens), the same for every placement."""
     rng = random.Random(scenario.seed)
-    names = [f"adapter-{i:05d}" for i in range(scenario.adapters)]
+    names = adapter_names(scenario)
     weights = zipf_weights(scenario.adapters, scenario.zipf)
     keys = rng.choices(names, weights, k=scenario.requests)
     out: list[tuple[str | None, int, int]] = []
@@ -459,6 +470,11 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
     for i, engine_id in enumerate(ids):
         device = ids[i // per * per : i // per * per + per]
         engines[engine_id].neighbours = [engines[other] for other in device if other != engine_id]
+    if scenario.prewarm:
+        for name in adapter_names(scenario):  # most popular first
+            home = engines[rendezvous_order(ids, name)[0]]
+            if len(home.cache) < home.cpu_slots:
+                home.cache[name] = None
     if placement == "round-robin":
         placer = RoundRobin(sim, engines)
     elif placement == "least-loaded":
@@ -617,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, help="send for this long, cut what is unanswered --drain-s later")
     parser.add_argument("--drain-s", type=float, default=20.0)
     parser.add_argument("--engines-per-device", type=int, default=1, help="engines sharing one GPU")
+    parser.add_argument(
+        "--prewarm", action="store_true", help="engines start holding their rendezvous share, most popular first"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     costs = PROFILES[args.profile]
@@ -643,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration_s,
         drain_s=args.drain_s,
         engines_per_device=args.engines_per_device,
+        prewarm=args.prewarm,
     )
     unknown = set(args.placements.split(",")) - set(PLACEMENTS)
     if unknown:
@@ -662,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + f", profile {args.profile} (load {costs.load_s * 1000:.0f} ms"
         + (f", {scenario.engines_per_device} engines a device)" if scenario.engines_per_device > 1 else ")")
+        + (", engines prewarmed" if scenario.prewarm else "")
     )
     print(table(rows))
     if args.json:

@@ -81,3 +81,41 @@ def test_a_request_s_way_in_delays_its_first_token_without_stalling_the_engine(s
     slow = sim.simulate("round-robin", scenario(sim, base_share=1.0, clients=2, requests=40), slow_in)
     assert slow["ttft_p50_s"] == pytest.approx(quick["ttft_p50_s"] + 0.3)
     assert slow["e2e_p99_s"] == pytest.approx(quick["e2e_p99_s"] + 0.3)
+
+
+@pytest.mark.parametrize("placement", ["v2", "affinity"])
+def test_prewarmed_engines_hold_their_rendezvous_share_and_load_less(sim: ModuleType, placement: str) -> None:
+    costs = sim.Costs(**COSTS)
+    # 8 adapters over 2 engines of 4 CPU slots each: a prewarmed engine holds its share from the start
+    cold = scenario(sim, max_loras=2, max_cpu_loras=4, requests=200)
+    warm = replace(cold, prewarm=True)
+    cold_row, warm_row = sim.simulate(placement, cold, costs), sim.simulate(placement, warm, costs)
+    assert warm_row["loads"] < cold_row["loads"]
+    assert warm_row["requests_per_s"] > cold_row["requests_per_s"]
+
+
+def test_prewarm_fills_each_home_most_popular_first_up_to_its_cpu_slots(
+    sim: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.routing import rendezvous_order
+
+    warm = scenario(sim, engines=2, adapters=40, max_cpu_loras=3, prewarm=True)
+    names = sim.adapter_names(warm)
+    ids = ["e000", "e001"]
+    held: dict[str, list[str]] = {engine: [] for engine in ids}
+    for name in names:
+        home = rendezvous_order(ids, name)[0]
+        if len(held[home]) < 3:
+            held[home].append(name)
+    # the simulated engines after set-up (round-robin adds nothing before its first request)
+    captured: dict[str, list[str]] = {}
+    original = sim.RoundRobin.__init__
+
+    def spy(self: object, clock: object, engines: dict[str, ModuleType]) -> None:
+        captured.update({engine_id: list(engine.cache) for engine_id, engine in engines.items()})
+        original(self, clock, engines)
+
+    monkeypatch.setattr(sim.RoundRobin, "__init__", spy)
+    sim.simulate("round-robin", replace(warm, requests=10), sim.Costs(**COSTS))
+    assert captured == held
+    assert all(len(cache) == 3 for cache in captured.values())
