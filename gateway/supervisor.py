@@ -109,14 +109,12 @@ class Supervisor:
                 process = EngineProcess(spec, log_dir / f"engine-{index}-{spec.port}.log")
                 process.start()
                 log.info(
-                    "engine-%s: started vLLM pid %s on %s (log %s%s)",
+                    "engine-%s: started vLLM pid %s on %s (log %s, CPU cores %s)",
                     index,
                     process.pid,
                     spec.url,
                     process.log_path,
-                    f", cores {spec.extra_env['VLLM_CPU_OMP_THREADS_BIND']}"
-                    if "VLLM_CPU_OMP_THREADS_BIND" in spec.extra_env
-                    else "",
+                    spec.extra_env.get("VLLM_CPU_OMP_THREADS_BIND", "vLLM's own"),
                 )
                 self._add(
                     Engine(
