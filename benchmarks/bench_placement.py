@@ -47,6 +47,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_loadgen import cpu_seconds  # noqa: E402 (this folder: the script's own)
+
 from gateway.engine_process import EngineProcess, EngineSpec, free_port, with_cpu_binding  # noqa: E402
 from loragate.bench.config import BenchConfig, Target  # noqa: E402
 from loragate.bench.report import render_text, to_json  # noqa: E402
@@ -188,15 +190,6 @@ def gateway(port: int, target: str, engine_urls: Sequence[str], work: Path, args
     finally:
         process.terminate()
         process.wait(60)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process `pid` has used (Linux /proc; 0.0 where it cannot be read)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(
