@@ -18,6 +18,10 @@ vLLM's `lora_filesystem_resolver` loads from. Targets, each sent the same seeded
 Before every run the engines are left to finish what they still run (a cut run's requests) and emptied of adapters
 (vLLM's unload API), and a gateway target starts as a fresh process, so no run inherits another's residency or
 backlog. Loads per run are counted from the engines' logs (see LOADED).
+With `--prewarm`, every run starts warm: a gateway target runs with `--prewarm` over the adapters, most popular
+first (each engine loads its rendezvous share into its CPU cache before the gateway is ready), and round-robin's
+engines each load the `--max-cpu-loras` most popular ones (what a warm pool behind a Service would best hold, as
+every engine there sees every adapter); those loads are not counted in the run's.
 `--calibrate` first measures the simulator's costs on the same engines (benchmarks/sim_placement.py Costs);
 `--load-timing K` first times K adapter loads on the first engine idle, with that engine busy, and with every engine
 busy (base-model requests in a closed loop), since a load runs inside the engine's loop. Not a test.
@@ -130,6 +134,19 @@ def empty(engine_urls: Sequence[str], base: str = BASE) -> None:
                 reply.raise_for_status()
 
 
+def warm_round_robin(engine_urls: Sequence[str], names: Sequence[str], resolver: Path, slots: int) -> float:
+    """Load the `slots` most popular adapters (`names` is in popularity order) into every engine, as round-robin's
+    engines would hold them once warm; the seconds it took."""
+    started = time.monotonic()
+    for url in engine_urls:
+        for name in names[:slots]:
+            reply = httpx.post(
+                f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(resolver / name)}, timeout=600
+            )
+            reply.raise_for_status()
+    return time.monotonic() - started
+
+
 def settle(engine_urls: Sequence[str], base: str = BASE, timeout_s: float = 300.0) -> float:
     """Wait until no engine has a request running or waiting and each answers a one-token base-model request (a run
     that was cut may leave requests behind a load, or loads its resolver had queued, in an engine's loop: on the
@@ -171,11 +188,13 @@ def gateway(port: int, target: str, engine_urls: Sequence[str], work: Path, args
     argv += ["--max-lora-rank", str(args.max_lora_rank)]
     for url in engine_urls:
         argv += ["--engine-url", url]
+    for name in args.prewarm_names:  # most popular first
+        argv += ["--prewarm", name]
     env = {**os.environ, **GATEWAYS[target], "LORAGATE_HEALTH_INTERVAL_S": "1"}
     log = work / f"{target}-{port}.log"
     process = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 120 + (600 if args.prewarm_names else 0)
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
@@ -403,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calibrate-batches", default="1,4,16", help="requests per engine the step time is fitted at")
     parser.add_argument("--load-timing", type=int, default=0, metavar="K", help="time K loads idle and busy first")
     parser.add_argument("--probe", action="store_true", help="time a load's host-side steps idle and busy first (GPU)")
+    parser.add_argument("--prewarm", action="store_true", help="every run starts warm (see the module docstring)")
     parser.add_argument("--duration-s", type=float, default=None, help="each run sends for at most this long")
     parser.add_argument("--drain-s", type=float, default=30.0, help="then what is unanswered after this is cut")
     parser.add_argument(
@@ -431,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.registry = work / "registry"
         running = _urls(engines(model, args.resolver, work, args))
         logs = [work / f"engine-{i}.log" for i in range(args.engines)]
+    args.prewarm_names = list(names) if args.prewarm else []
     wanted = [t for t in args.targets.split(",") if t]
     ports = {name: free_port() for name in wanted if name in GATEWAYS}
     loads: dict[str, list[int]] = {name: [] for name in wanted}
@@ -450,10 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             waited = settle(engine_urls, args.base)
             print(f"round {round_}: engines idle {waited:.1f} s before {target.name}", file=sys.stderr)
             empty(engine_urls, args.base)
-            before = loads_logged(logs)
             with contextlib.ExitStack() as stack:
                 if target.name in GATEWAYS:
                     stack.enter_context(gateway(ports[target.name], target.name, engine_urls, work, args))
+                elif args.prewarm:
+                    took = warm_round_robin(engine_urls, names, args.resolver, args.max_cpu_loras)
+                    print(f"round {round_}: {target.name} engines warmed in {took:.1f} s", file=sys.stderr)
+                before = loads_logged(logs)  # after the gateway is ready: its prewarm loads are not the run's
                 yield
             loads[target.name].append(loads_logged(logs) - before)
             print(f"round {round_}: {target.name} done, {loads[target.name][-1]} loads", file=sys.stderr)
@@ -488,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "probe": probed,
         "max_loras": args.max_loras,
         "max_cpu_loras": args.max_cpu_loras,
+        "prewarm": args.prewarm,
         "loads_per_run": loads,
         "calibrated_costs": costs,
     }

@@ -8,7 +8,9 @@ wait on it. The ledger changes only after vLLM accepted a load or confirmed an u
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
+import math
 import re
 import time
 from collections import Counter, defaultdict
@@ -31,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.ledger import ResidencyLedger
 from gateway.resolver import Resolver
-from gateway.routing import Placement, Policy, Refusal
+from gateway.routing import Placement, Policy, Refusal, rendezvous_order
 from gateway.supervisor import Engine
 from gateway.upstream import ERRORS, Reply, Upstream
 
@@ -147,6 +149,8 @@ class AdapterManager:
         materialize: bool = True,
         pinned: list[str] | None = None,
         resolve_ttl_s: float = 2.0,
+        prewarm: list[str] | None = None,
+        prewarm_timeout_s: float = 300.0,
     ) -> None:
         self.registry = registry
         self.resolver = Resolver(registry, ttl_s=resolve_ttl_s)
@@ -163,6 +167,9 @@ class AdapterManager:
         # ref -> engine name once resolved (None: not yet, e.g. before any engine told its max_lora_rank)
         self.pinned_refs: dict[str, str | None] = dict.fromkeys(pinned or [])
         self.pin_problems: dict[str, str] = {}  # ref -> why it is not pinned yet
+        self.prewarm_refs = list(prewarm or [])  # references or glob patterns over adapter names, most wanted first
+        self.prewarm_timeout_s = prewarm_timeout_s
+        self._warm_gate: asyncio.Semaphore | None = None
         self._paths: dict[str, Path] = {}
         self._loading: Counter[str] = Counter()
         self.dispatcher = Dispatcher(self.ledger, policy, lambda: list(self.engines.values()))
@@ -556,6 +563,120 @@ class AdapterManager:
                 await self.ensure_loaded(engine, manifest)
             except Exception as exc:
                 log.error("%s: could not re-load %s: %s", engine.id, manifest.ref, exc)
+        await self.prewarm(engine)
+
+    # -- prewarm -----------------------------------------------------------------------------------------------------
+    async def prewarm_targets(self, refs: list[str] | None = None, *, strict: bool = False) -> list[AdapterManifest]:
+        """The versions `refs` (default: the configured `prewarm` list) name, in their order: a reference resolves
+        as a request's `model` would; a glob pattern (`*`, `team-*`) stands for the adapter names it matches, in
+        name order. What cannot be served here is left out with a warning (`strict`: a reference given by name
+        raises its error; a pattern's matches are still skipped)."""
+        entries = self.prewarm_refs if refs is None else refs
+        names: list[str] | None = None
+        expanded: list[str] = []
+        named: set[str] = set()
+        for entry in entries:
+            if any(char in entry for char in "*?["):
+                if names is None:
+                    try:
+                        names = sorted(await asyncio.to_thread(self.registry.adapter_names))
+                    except RegistryError as exc:
+                        log.warning("prewarm: the registry cannot list its adapters (%s); %s skipped", exc, entry)
+                        continue
+                expanded += [name for name in names if fnmatch.fnmatchcase(name, entry)]
+            else:
+                expanded.append(entry)
+                named.add(entry)
+        manifests: dict[str, AdapterManifest] = {}
+        for ref in dict.fromkeys(expanded):
+            try:
+                target = await self.resolve(ref)
+            except GatewayError as exc:
+                if strict and ref in named:
+                    raise
+                log.warning("prewarm: %s skipped: %s", ref, exc.message)
+                continue
+            if target.manifest is not None:
+                manifests.setdefault(target.manifest.engine_name, target.manifest)
+        return list(manifests.values())
+
+    async def prewarm(self, engine: Engine, wanted: list[AdapterManifest] | None = None) -> list[str]:
+        """Fill `engine`'s free CPU slots (never evicting) with the versions `wanted` (default: the configured
+        prewarm list's, `prewarm_targets`) whose rendezvous home it is over every engine the gateway knows, healthy
+        or not (but not given up), and that no engine holds yet, most wanted first; the refs it loaded.
+
+        Called before a (re)started or joining engine takes traffic, so the loads (each a stall of the whole engine
+        in vLLM) happen while nothing runs there. Placement then finds each adapter on its home, as several gateway
+        replicas do without talking (they warm the same homes); an adapter already served elsewhere stays there (a
+        joining engine moves nothing already loaded). At most `max_loading_fraction` of the engines warm at once;
+        no load starts after `prewarm_timeout_s`."""
+        if wanted is None and not self.prewarm_refs:
+            return []
+        started = time.monotonic()
+        deadline = started + self.prewarm_timeout_s
+        if wanted is None:
+            try:
+                wanted = await self.prewarm_targets()
+            except Exception:
+                log.exception("%s: prewarm could not list its adapters", engine.id)
+                return []
+        known = [e.id for e in self.engines.values() if not e.gave_up and e.id in self.ledger.engines()]
+        homed = [m for m in wanted if engine.id in known and rendezvous_order(known, m.engine_name)[0] == engine.id]
+        loaded: list[str] = []
+        engine.warming = bool(homed)
+        try:
+            await self._prewarm_homed(engine, homed, deadline, loaded)
+        finally:
+            engine.warming = False
+        if homed:
+            log.info(
+                "%s: prewarmed %d of the %d adapters homed here in %.1fs",
+                engine.id,
+                len(loaded),
+                len(homed),
+                time.monotonic() - started,
+            )
+        return loaded
+
+    async def _prewarm_homed(
+        self, engine: Engine, homed: list[AdapterManifest], deadline: float, loaded: list[str]
+    ) -> None:
+        for manifest in homed:
+            if len(self.ledger.resident(engine.id)) >= self.ledger.slots(engine.id):
+                break
+            if time.monotonic() >= deadline:
+                log.warning("%s: prewarm stopped after %.0fs (prewarm_timeout_s)", engine.id, self.prewarm_timeout_s)
+                break
+            if self.ledger.holders(manifest.engine_name):
+                continue
+            async with self._warm_slot():
+                try:
+                    if await self._load_into_free_slot(engine, manifest):
+                        loaded.append(manifest.ref)
+                except Exception as exc:  # one adapter that fails to load does not keep the engine from the others
+                    why = getattr(exc, "message", exc)
+                    log.error("%s: prewarm could not load %s: %s", engine.id, manifest.ref, why)
+
+    def _warm_slot(self) -> asyncio.Semaphore:
+        if self._warm_gate is None:
+            self._warm_gate = asyncio.Semaphore(
+                max(1, math.floor(len(self.ledger.engines()) * self.policy.max_loading_fraction))
+            )
+        return self._warm_gate
+
+    async def _load_into_free_slot(self, engine: Engine, manifest: AdapterManifest) -> bool:
+        """Load `manifest` into `engine` if it has a free CPU slot (True: it holds it now); never evicts."""
+        lora_name = manifest.engine_name
+        self.manifests[lora_name] = manifest
+        async with self._version_locks[(engine.id, lora_name)]:
+            if self.ledger.has(engine.id, lora_name):
+                return False
+            path = await self._local_path(manifest)
+            async with self._engine_locks[engine.id]:
+                if len(self.ledger.resident(engine.id)) >= self.ledger.slots(engine.id):
+                    return False
+                await self._load(engine, lora_name, path)
+        return True
 
     async def on_engine_down(self, engine: Engine) -> None:
         log.warning(

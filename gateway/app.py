@@ -112,6 +112,8 @@ async def build_gateway(
             materialize=settings.adapters.materialize,
             pinned=settings.adapters.pinned,
             resolve_ttl_s=settings.adapters.resolve_ttl_s,
+            prewarm=settings.adapters.prewarm,
+            prewarm_timeout_s=settings.adapters.prewarm_timeout_s,
         )
         watch = RolloutWatch(
             lambda: gateway.registry,

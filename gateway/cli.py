@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--pin", action="append", default=[], metavar="REF", help="pinned adapter (repeatable)")
     parser.add_argument(
+        "--prewarm",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="adapter (or glob over names, '*' for all) each engine loads its share of before traffic (repeatable)",
+    )
+    parser.add_argument(
         "--engine-url",
         action="append",
         default=[],
@@ -111,7 +118,11 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "mode": "external" if (args.engine_url or args.discovery_dns or args.discovery_file) else None,
         "engines": {k: v for k, v in engines.items() if v is not None} or None,
         "external": {k: v for k, v in external.items() if v is not None} or None,
-        "adapters": {"pinned": args.pin} if args.pin else None,
+        "adapters": {
+            **({"pinned": args.pin} if args.pin else {}),
+            **({"prewarm": args.prewarm} if getattr(args, "prewarm", None) else {}),
+        }
+        or None,
         "workers": getattr(args, "workers", None),
     }
     return result
@@ -168,6 +179,9 @@ def serve(args: argparse.Namespace) -> int:
         )
     for ref in settings.adapters.pinned:  # a pin of a version that does not exist, likewise
         registry.resolve(ref)
+    for ref in settings.adapters.prewarm:  # and a prewarm reference (a glob pattern may match nothing yet)
+        if not any(char in ref for char in "*?["):
+            registry.resolve_split(ref)
     # Local mode (no API keys in the registry's store) stays on loopback unless security.allow_open_bind is set.
     host, warning = choose_bind(settings.security, registry.store, settings.host)
     if warning:

@@ -111,6 +111,11 @@ class AdapterSettings(BaseModel):
     # engine pod): the gateway then only names the folder, instead of downloading every version it routes to a disk
     # of its own that nothing reads.
     materialize: bool = True
+    # Adapters each engine loads before it takes traffic (when it starts, restarts or joins): references, or glob
+    # patterns over adapter names ("*": every one), most wanted first. An engine loads those whose rendezvous home it
+    # is and that no engine holds yet, into its free CPU slots, never evicting (gateway.adapters.prewarm).
+    prewarm: list[str] = []
+    prewarm_timeout_s: float = Field(default=300.0, ge=0, description="no prewarm load starts after this long")
 
 
 class UpstreamSettings(BaseModel):

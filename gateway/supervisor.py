@@ -46,6 +46,7 @@ class Engine:
     running: int = 0
     restarts: int = 0
     gave_up: bool = False
+    warming: bool = False  # loading its share of the prewarm adapters before it takes traffic
     last_error: str | None = None
     gpu_adapters: frozenset[str] | None = None  # engine names vLLM reports as running (None: not reported)
     started_at: float = field(default_factory=time.monotonic)

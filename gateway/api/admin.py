@@ -38,6 +38,10 @@ class AdapterAction(BaseModel):
     engine: str | None = None
 
 
+class PrewarmAction(BaseModel):
+    models: list[str] | None = None  # references or glob patterns; default: the configured adapters.prewarm
+
+
 class PolicyIn(RolloutPolicy):
     """A rollout policy as the admin API takes it: a mistyped rule is refused, not ignored."""
 
@@ -92,6 +96,7 @@ def engine_view(gateway: Gateway, engine_id: str) -> dict[str, Any]:
         "id": engine.id,
         "url": engine.url,
         "healthy": engine.healthy,
+        "warming": engine.warming,
         "pid": engine.process.pid if engine.process else None,
         "restarts": engine.restarts,
         "gave_up": engine.gave_up,
@@ -135,6 +140,21 @@ async def load_adapter(action: AdapterAction, request: Request, gateway: Gateway
         lease.release()
         engine_id = lease.engine.id
     return {"model": action.model, "ref": target.manifest.ref, "engine_name": target.lora_name, "engine": engine_id}
+
+
+@router.post("/adapters/prewarm")
+async def prewarm_adapters(gateway: GatewayDep, action: PrewarmAction | None = None) -> dict[str, Any]:
+    """Warm every healthy engine now with its share of `models` (or of `adapters.prewarm`): the versions whose
+    rendezvous home it is and that no engine holds yet, into free CPU slots only (each load stalls that engine)."""
+    models = action.models if action is not None and action.models is not None else None
+    if models is None and not gateway.adapters.prewarm_refs:
+        raise InvalidRequest("nothing to prewarm: give `models` or set adapters.prewarm", param="models")
+    if models is not None and not all(models):
+        raise InvalidRequest("`models` must be a list of non-empty strings", param="models")
+    wanted = await gateway.adapters.prewarm_targets(models, strict=True)
+    engines = [engine for engine in gateway.supervisor.engines.values() if engine.healthy]
+    loaded = await asyncio.gather(*(gateway.adapters.prewarm(engine, wanted) for engine in engines))
+    return {"loaded": {engine.id: refs for engine, refs in zip(engines, loaded, strict=True)}}
 
 
 @router.post("/adapters/unload")
@@ -383,7 +403,8 @@ async def readyz(request: Request, gateway: GatewayDep) -> JSONResponse:
     problems = []
     healthy = [engine for engine in gateway.supervisor.engines.values() if engine.healthy]
     if not healthy:
-        problems.append("no healthy engine")
+        warming = [engine.id for engine in gateway.supervisor.engines.values() if engine.warming]
+        problems.append("no healthy engine" + (f" ({', '.join(warming)} warming adapters)" if warming else ""))
     for engine in gateway.supervisor.engines.values():
         if engine.gave_up:
             problems.append(f"{engine.id}: restart budget spent ({engine.last_error})")

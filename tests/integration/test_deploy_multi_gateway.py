@@ -151,6 +151,7 @@ def start_gateway(registry: Path, discovery_file: Path, log: Path) -> GatewayPro
     cmd += ["--discovery-file", str(discovery_file), "--base-name", "tiny"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--registry", str(registry)]
     cmd += ["--max-loras", "2", "--max-cpu-loras", "8", "--max-lora-rank", "16"]
+    cmd += ["--prewarm", "team-*"]  # each engine loads its rendezvous share before it takes traffic
     env = {
         **os.environ,
         "LORAGATE_EXTERNAL__DISCOVERY_INTERVAL_S": "0.5",
@@ -219,6 +220,27 @@ def cluster(
             stop_gateway(gateway)
         for engine in engines:
             engine.stop()
+
+
+def engine_adapters(url: str) -> set[str]:
+    """What the engine itself lists (vLLM's /v1/models: the cards with a parent)."""
+    cards = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    return {card["id"] for card in cards if card.get("parent")}
+
+
+def test_each_engine_holds_its_rendezvous_share_before_it_takes_traffic(cluster: Cluster) -> None:
+    """Both gateways run with `--prewarm team-*`. Before any request, each engine holds exactly the adapters whose
+    home it is (once each, though two gateways warmed them), and a gateway calls an engine healthy only after."""
+    homes = {name: rendezvous_order(cluster.urls[:2], key)[0] for name, key in cluster.keys.items()}
+    for url in cluster.urls[:2]:
+        assert engine_adapters(url) == {cluster.keys[n] for n, home in homes.items() if home == url}, url
+    assert engine_adapters(cluster.urls[2]) == set()  # not published yet: no gateway knows it
+    for gateway in cluster.gateways:
+        log = gateway.log.read_text(errors="replace")
+        for url in cluster.urls[:2]:
+            homed = sum(1 for home in homes.values() if home == url)
+            assert f"{url}: prewarmed " in log and f"of the {homed} adapters homed here" in log, gateway.log_tail()
+            assert log.index(f"{url}: prewarmed ") < log.index(f"{url}: healthy at"), gateway.log_tail()
 
 
 def test_both_gateways_send_each_adapter_to_its_rendezvous_engine(cluster: Cluster) -> None:

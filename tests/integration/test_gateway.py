@@ -22,6 +22,7 @@ import pytest
 
 from adapters_registry.manifest import AdapterManifest
 from gateway.engine_process import group_members
+from gateway.routing import rendezvous_order
 from tests.fixtures.gateway import GatewayUnderTest, derive_adapter
 from tests.harness import wait_until
 from training.tiny_model import build_random_adapter
@@ -449,6 +450,57 @@ def test_pinned_adapter_is_resident_everywhere_and_gates_readiness(gateway: Gate
         unpinned = httpx.post(f"{gateway.url}/admin/adapters/unpin", json={"model": "a0@1"}, timeout=10)
     assert unpinned.status_code == 200
     assert httpx.get(f"{gateway.url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_prewarm_fills_each_engines_free_slots_with_its_rendezvous_share(
+    gateway: GatewayUnderTest, pushed: Any
+) -> None:
+    _, many = pushed
+    for engine in gateway.engines():  # nothing is in flight between tests: free every slot the registry can name
+        for resident in engine["resident"]:
+            if resident["ref"] is not None and not resident["pinned"]:
+                body = {"model": resident["ref"], "engine": engine["id"]}
+                assert httpx.post(f"{gateway.url}/admin/adapters/unload", json=body, timeout=60).status_code == 200
+    engines = gateway.engines()
+    free = {e["id"]: e["slots"] - len(e["resident"]) for e in engines}
+    assert all(free.values()), free
+    ids = [e["id"] for e in engines]
+    expected = {
+        engine_id: [m.ref for m in many if rendezvous_order(ids, m.engine_name)[0] == engine_id][: free[engine_id]]
+        for engine_id in ids
+    }
+    assert all(expected.values()), expected  # ten adapters over two engines: each is home to some
+
+    warmed = httpx.post(f"{gateway.url}/admin/adapters/prewarm", json={"models": ["many-*", "tiny"]}, timeout=300)
+    assert warmed.status_code == 200, warmed.text
+    assert warmed.json() == {"loaded": expected}
+    for engine in gateway.engines():
+        listed = httpx.get(f"{engine['url']}/v1/models", timeout=10).json()["data"]
+        on_engine = {card["id"] for card in listed if card.get("parent")}
+        in_ledger = {r["ref"] for r in engine["resident"]}
+        assert set(expected[engine["id"]]) <= in_ledger
+        assert {m.engine_name for m in many if m.ref in expected[engine["id"]]} <= on_engine
+        assert not engine["warming"]
+    # Full now (or held elsewhere): a second pass loads nothing and evicts nothing
+    again = httpx.post(f"{gateway.url}/admin/adapters/prewarm", json={"models": ["many-*"]}, timeout=300)
+    assert again.json() == {"loaded": {engine_id: [] for engine_id in ids}}
+    raw = client(gateway).chat.completions.with_raw_response.create(
+        model=expected[ids[0]][0], messages=HELLO, max_tokens=4, temperature=0
+    )
+    assert raw.headers["x-loragate-engine"] == ids[0]  # placement finds it on its home
+
+    before = {e["id"]: [r["ref"] for r in e["resident"]] for e in gateway.engines()}
+    cases = [
+        ({"models": ["no-such-adapter"]}, 404, "model_not_found"),
+        ({"models": ["many-*", ""]}, 400, "invalid_request_error"),
+        ({}, 400, "invalid_request_error"),  # no list given and none configured
+    ]
+    for body, status, kind in cases:
+        reply = httpx.post(f"{gateway.url}/admin/adapters/prewarm", json=body, timeout=60)
+        error = reply.json()["error"]
+        assert reply.status_code == status, (body, reply.text)
+        assert kind in (error["code"], error["type"]) and "\n" not in error["message"], error
+    assert {e["id"]: [r["ref"] for r in e["resident"]] for e in gateway.engines()} == before  # nothing loaded
 
 
 def test_adapter_unloaded_behind_the_gateways_back_is_reloaded(gateway: GatewayUnderTest, pushed: Any) -> None:

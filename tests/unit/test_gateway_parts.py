@@ -240,6 +240,16 @@ def test_serve_refuses_an_unknown_base_in_one_line(tmp_path: Path, capsys: pytes
     assert "invalid settings (engines.count): Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_prewarm_reference_that_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loragate.cli import main
+
+    common = ["serve", "--engine-url", "http://127.0.0.1:9", "--base-name", "tiny", "--registry", str(tmp_path / "r")]
+    assert main([*common, "--prewarm", "team-*", "--prewarm", "no-such:prod"]) == 2
+    assert capsys.readouterr().err == "error: no-such:prod: 'no-such' has no alias 'prod'\n"
+
+
 def test_serve_refuses_a_metrics_port_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from loragate.cli import main
 
