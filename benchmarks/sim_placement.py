@@ -12,8 +12,13 @@ be one more is skipped, as vLLM skips it); an adapter must be in the engine's CP
 to run, and getting it there stalls the whole engine for `load_s` (vLLM adds an adapter inside its engine loop);
 a step takes `step_s + per_seq_s x running + per_lora_s x distinct adapters + prefill_token_s x new prompt tokens`.
 With `--engines-per-device K` engines share a GPU and a load there costs more for each neighbour that is stepping
-(`load_neighbour_s`, `load_neighbour_lora_s`). With `--prewarm` every engine starts holding the adapters whose
-rendezvous home it is (most popular first, up to its CPU slots), what warming engines before traffic would give.
+(`load_neighbour_s`, `load_neighbour_lora_s`). With `--prewarm` engines start warm: under v1, v2 and affinity each
+holds the adapters whose rendezvous home it is (most popular first, up to its CPU slots), what the gateway's
+`adapters.prewarm` loads (for the affinity scorer, which has no homes, the partition is the better of the two
+warm starts: the most popular everywhere made it load more in the unit test's case); under round-robin and
+least-loaded each holds the most popular adapters up to its CPU slots (what a warm pool behind a Service holds, as
+every engine there sees every adapter, and what `benchmarks/bench_placement.py --prewarm` loads into round-robin's
+engines).
 A run of `--requests` is measured over its middle (the ramps left out); with `--duration-s` it is measured as
 `loragate bench --duration-s` measures one (every request, cut ones included).
 
@@ -470,7 +475,11 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
     for i, engine_id in enumerate(ids):
         device = ids[i // per * per : i // per * per + per]
         engines[engine_id].neighbours = [engines[other] for other in device if other != engine_id]
-    if scenario.prewarm:
+    if scenario.prewarm and placement in ("round-robin", "least-loaded"):
+        for engine in engines.values():  # the most popular, everywhere
+            for name in adapter_names(scenario)[: engine.cpu_slots]:
+                engine.cache[name] = None
+    elif scenario.prewarm:
         for name in adapter_names(scenario):  # most popular first
             home = engines[rendezvous_order(ids, name)[0]]
             if len(home.cache) < home.cpu_slots:
@@ -634,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-s", type=float, default=20.0)
     parser.add_argument("--engines-per-device", type=int, default=1, help="engines sharing one GPU")
     parser.add_argument(
-        "--prewarm", action="store_true", help="engines start holding their rendezvous share, most popular first"
+        "--prewarm",
+        action="store_true",
+        help="engines start warm: their rendezvous share (v1, v2, affinity), else the most popular",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -150,9 +150,10 @@ class _Openings:
         self.taking.add(engine.id)
         stall = max(dispatcher.load_s.get(engine.id, 0.0), dispatcher.policy.min_load_s) * (engine.running + 1)
         promised = dispatcher.promised.get(engine.id)
-        if len(busy) >= engine.max_loras or promised is not None:
+        slots = engine.max_loras + dispatcher.policy.working_set_slack
+        if len(busy) >= slots or promised is not None:
             self.full[engine.id] = stall
-            if promised is not None and len(busy) < engine.max_loras:
+            if promised is not None and len(busy) < slots:
                 self.joinable.add(promised)
             return
         self.joinable.update(dispatcher.ledger.resident(engine.id))
@@ -371,7 +372,7 @@ class Dispatcher:
                 e.healthy and e.id not in exclude,
                 e.inflight + e.waiting,
                 e.running,
-                e.max_loras,
+                e.max_loras + self.policy.working_set_slack,
                 frozenset(self.busy[e.id]),
                 frozenset(self.closing[e.id]),
                 self.loading.get(e.id),

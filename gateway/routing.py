@@ -56,6 +56,7 @@ class Policy:
     max_loading_fraction: float = 0.5  # v2: engines loading an adapter at once, as a fraction of the engines
     stall_bucket_s: float = 1.0  # v2: load prices (seconds x requests stalled) within this tie
     working_set_cap: bool = True  # v2: at most max_loras adapters with calls in flight per engine
+    working_set_slack: int = 0  # v2: ... plus this many, whose requests wait in vLLM's queue, ready for a free slot
     spill: bool = True  # v2: when every candidate is full, an engine beyond them with room
     min_load_s: float = 0.1  # v2: the load time assumed of an engine that has not loaded anything yet
     evict: str = "lru"  # which resident adapter a load evicts: "lru", or "demand" (least wanted lately, then LRU)

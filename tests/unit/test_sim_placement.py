@@ -84,9 +84,9 @@ def test_a_request_s_way_in_delays_its_first_token_without_stalling_the_engine(s
 
 
 @pytest.mark.parametrize("placement", ["v2", "affinity"])
-def test_prewarmed_engines_hold_their_rendezvous_share_and_load_less(sim: ModuleType, placement: str) -> None:
+def test_prewarmed_engines_load_less_and_serve_more(sim: ModuleType, placement: str) -> None:
     costs = sim.Costs(**COSTS)
-    # 8 adapters over 2 engines of 4 CPU slots each: a prewarmed engine holds its share from the start
+    # 8 adapters over 2 engines of 4 CPU slots each: a prewarmed engine holds some from the start
     cold = scenario(sim, max_loras=2, max_cpu_loras=4, requests=200)
     warm = replace(cold, prewarm=True)
     cold_row, warm_row = sim.simulate(placement, cold, costs), sim.simulate(placement, warm, costs)
@@ -94,9 +94,12 @@ def test_prewarmed_engines_hold_their_rendezvous_share_and_load_less(sim: Module
     assert warm_row["requests_per_s"] > cold_row["requests_per_s"]
 
 
-def test_prewarm_fills_each_home_most_popular_first_up_to_its_cpu_slots(
-    sim: ModuleType, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("placement", "placer"), [("v2", "Gateway"), ("round-robin", "RoundRobin")])
+def test_prewarm_fills_each_home_or_every_engine_most_popular_first_up_to_its_cpu_slots(
+    sim: ModuleType, monkeypatch: pytest.MonkeyPatch, placement: str, placer: str
 ) -> None:
+    """The gateway's placements start with each engine holding its rendezvous share (what adapters.prewarm loads);
+    round-robin with every engine holding the most popular (what a warm pool behind a Service holds)."""
     from gateway.routing import rendezvous_order
 
     warm = scenario(sim, engines=2, adapters=40, max_cpu_loras=3, prewarm=True)
@@ -107,15 +110,17 @@ def test_prewarm_fills_each_home_most_popular_first_up_to_its_cpu_slots(
         home = rendezvous_order(ids, name)[0]
         if len(held[home]) < 3:
             held[home].append(name)
-    # the simulated engines after set-up (round-robin adds nothing before its first request)
+    expected = held if placement == "v2" else {engine: names[:3] for engine in ids}
+    # the simulated engines after set-up, before the first request
     captured: dict[str, list[str]] = {}
-    original = sim.RoundRobin.__init__
+    cls = getattr(sim, placer)
+    original = cls.__init__
 
-    def spy(self: object, clock: object, engines: dict[str, ModuleType]) -> None:
+    def spy(self: object, clock: object, engines: dict[str, ModuleType], *rest: object) -> None:
         captured.update({engine_id: list(engine.cache) for engine_id, engine in engines.items()})
-        original(self, clock, engines)
+        original(self, clock, engines, *rest)
 
-    monkeypatch.setattr(sim.RoundRobin, "__init__", spy)
-    sim.simulate("round-robin", replace(warm, requests=10), sim.Costs(**COSTS))
-    assert captured == held
+    monkeypatch.setattr(cls, "__init__", spy)
+    sim.simulate(placement, replace(warm, requests=10), sim.Costs(**COSTS))
+    assert captured == expected
     assert all(len(cache) == 3 for cache in captured.values())
