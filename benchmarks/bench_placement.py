@@ -74,7 +74,7 @@ GATEWAYS = {
 }
 # targets whose gateway counts more CPU slots per engine than the engines have (`--max-cpu-loras` times this): it
 # then evicts less than vLLM's own LRU cache does, which reloads a registered adapter by itself
-GATEWAY_SLOTS = {"gateway-v2-registered": 8}
+GATEWAY_SLOTS = {"gateway-v2-registered": 8, "gateway-v2-registered-nocap": 8}
 # v2 letting this many adapters beyond max_loras have calls in flight on an engine (queued in vLLM, ready)
 for _slack in (1, 2, 4):
     GATEWAYS[f"gateway-v2-slack{_slack}"] = {
@@ -82,6 +82,9 @@ for _slack in (1, 2, 4):
         "LORAGATE_ROUTING__WORKING_SET_SLACK": str(_slack),
     }
 GATEWAYS["gateway-v2-registered"] = {"LORAGATE_ROUTING__PLACEMENT": "v2"}
+# v2 without the working-set cap: vLLM's scheduler alone keeps a batch within max_loras
+GATEWAYS["gateway-v2-nocap"] = {"LORAGATE_ROUTING__PLACEMENT": "v2", "LORAGATE_ROUTING__WORKING_SET_CAP": "false"}
+GATEWAYS["gateway-v2-registered-nocap"] = GATEWAYS["gateway-v2-nocap"]
 
 
 def build_adapters(work: Path, count: int) -> tuple[Path, Path, list[str]]:

@@ -81,6 +81,9 @@ class RoutingSettings(BaseModel):
     replica_hold_s: float = Field(default=10.0, ge=0, description="v2: at most one engine fewer this often")
     slot_wait_s: float = Field(default=0.5, ge=0, description="v2: a GPU-slot wait this long gets one handed over")
     max_loading_fraction: float = Field(default=0.5, gt=0, le=1, description="v2: engines loading at once")
+    working_set_cap: bool = Field(
+        default=True, description="v2: hold requests in the gateway past max_loras adapters in flight per engine"
+    )
     working_set_slack: int = Field(
         default=0, ge=0, description="v2: adapters in flight per engine beyond max_loras (queued in vLLM, ready)"
     )
@@ -100,6 +103,7 @@ class RoutingSettings(BaseModel):
             replica_hold_s=self.replica_hold_s,
             slot_wait_s=self.slot_wait_s,
             max_loading_fraction=self.max_loading_fraction,
+            working_set_cap=self.working_set_cap,
             working_set_slack=self.working_set_slack,
             evict=self.evict,
         )

@@ -45,6 +45,8 @@ run)
   # simulator's costs on these engines first (--calibrate, at 1, 4, 16 and 32 requests per engine)
   EXTRA=""; [ "${PROBE:-0}" = 1 ] && EXTRA="$EXTRA --probe"
   [ "${CALIBRATE:-0}" = 1 ] && EXTRA="$EXTRA --calibrate --calibrate-batches 1,4,16,32"
+  # PREWARM=1: every run starts warm (the gateway's adapters.prewarm; round-robin's engines hold the 16 most popular)
+  [ "${PREWARM:-0}" = 1 ] && EXTRA="$EXTRA --prewarm"
   ARGS=""; for p in $PORTS; do ARGS="$ARGS --engine-url http://127.0.0.1:$p --engine-log $R/engine3b_$p.log"; done
   python3 benchmarks/bench_placement.py $ARGS --base $NAME --registry $REG --resolver $LORAS --max-lora-rank 16 \
     --adapters 64 --max-loras 4 --max-cpu-loras 16 --zipf 1.1 --base-share 0.05 --concurrency 128 \

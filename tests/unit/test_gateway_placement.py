@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -300,6 +300,23 @@ def test_a_cold_adapter_is_not_starved_by_a_hot_one_on_its_engine() -> None:
     assert h.order() == ["h0", "h1", "c0", "h2"]
 
 
+@pytest.mark.parametrize(
+    ("policy", "in_flight"),
+    [
+        (POLICY, 2),  # the cap: max_loras adapters in flight on an engine; the next waits in the gateway
+        (replace(POLICY, working_set_slack=1), 3),  # one more may be in flight (its requests wait in vLLM's queue)
+        (replace(POLICY, working_set_cap=False), 4),  # no cap: vLLM's scheduler alone keeps a batch to max_loras
+    ],
+)
+def test_the_working_set_cap_its_slack_and_none(policy: Policy, in_flight: int) -> None:
+    h = Harness(engines=1, gpu_slots=2, policy=policy)
+    placed = [isinstance(h.ask(key, f"{key}0"), Placement) for key in "abcd"]
+    assert placed == [True] * in_flight + [False] * (4 - in_flight)
+    if in_flight < 4:
+        h.done("e0", "a")  # a call ends: the first waiting adapter takes its place
+        assert h.order() == [f"{key}0" for key in "abcd"[: in_flight + 1]]
+
+
 def test_waiting_adapters_are_served_in_turn() -> None:
     """One slot, adapters x (3 waiting) and y (1 waiting, queued after them): y is served second, not fourth."""
     h = Harness(engines=1, gpu_slots=1)
@@ -554,6 +571,7 @@ def test_the_pass_prefilter_holds_exactly_what_placement_would_hold(monkeypatch:
             max_loading_fraction=rng.choice([0.25, 0.5, 1.0]),
             spill=rng.random() < 0.8,
             min_load_s=rng.choice([0.1, 1.0]),
+            working_set_slack=rng.choice([0, 0, 1, 2]),
         )
         engines = {f"e{i}": FakeEngine(f"e{i}", max_loras=gpu_slots) for i in range(n)}
         residency = ResidencyLedger()
