@@ -72,6 +72,11 @@ class Costs:
     # a request's way into the engine before its scheduler sees it (HTTP, the API server's template and tokenizer),
     # which delays it without stalling the engine: the first token's time on an idle engine less a step
     request_s: float = 0.0
+    # one runtime-API call of the gateway's (a load, an unload, the listing after it) beyond the engine's stall: the
+    # HTTP round trip through a busy API server and the wait for the engine loop to take it. A gateway load with k
+    # evictions ends (1 + 2k) x this after the stall; vLLM's own reload of a registered adapter inside a step pays
+    # only the stall (`load_s`)
+    api_call_s: float = 0.0
 
 
 # Calibrations (what each was fitted to is in the README's placement section).
@@ -415,7 +420,8 @@ class Gateway(Placer):
             for held in self.held.pop((engine.id, key), []):
                 engine.submit(held)
 
-        engine.add_lora(key, evict, loaded)
+        calls = (1 + 2 * len(evict)) * engine.costs.api_call_s
+        engine.add_lora(key, evict, (lambda: self.sim.at(self.sim.now + calls, loaded)) if calls else loaded)
 
     def finished(self, request: Request) -> None:
         engine = self.engines[request.engine]

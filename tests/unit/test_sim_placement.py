@@ -124,3 +124,16 @@ def test_prewarm_fills_each_home_or_every_engine_most_popular_first_up_to_its_cp
     sim.simulate(placement, replace(warm, requests=10), sim.Costs(**COSTS))
     assert captured == expected
     assert all(len(cache) == 3 for cache in captured.values())
+
+
+def test_the_gateways_api_calls_delay_its_loads_without_stalling_the_engine(sim: ModuleType) -> None:
+    """`api_call_s`: each runtime-API call of a gateway load (the load, and an unload plus a listing per eviction)
+    adds wall time after the engine's stall; the engine stalls for `load_s` alone, as for round-robin's in-step loads.
+    One engine, one client, two adapters taking turns in one CPU slot: every request is a load with one eviction."""
+    one = scenario(sim, engines=1, adapters=2, zipf=0.0, base_share=0.0, clients=1, requests=200, max_cpu_loras=1)
+    plain = sim.simulate("v2", one, sim.Costs(**COSTS))
+    slow = sim.simulate("v2", one, sim.Costs(**COSTS, api_call_s=0.1))
+    assert slow["loads"] == plain["loads"] > 50
+    assert slow["stalled_s"] == pytest.approx(plain["stalled_s"])
+    assert slow["ttft_p99_s"] == pytest.approx(plain["ttft_p99_s"] + 0.3, abs=0.01)  # (1 + 2 x 1 eviction) calls
+    assert slow["requests_per_s"] < plain["requests_per_s"]
