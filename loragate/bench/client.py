@@ -35,6 +35,7 @@ class Record:
     prompt_tokens: int | None = None
     output_tokens: int | None = None  # from the usage, else the content chunks counted
     error: str | None = None
+    engine: str | None = None  # the engine a gateway says answered (x-loragate-engine); None from anything else
 
     @property
     def ok(self) -> bool:
@@ -70,6 +71,7 @@ async def send(
     done = False
     try:
         async with session.post(url, data=body, headers=headers) as response:
+            record.engine = response.headers.get("x-loragate-engine")
             if response.status != 200:
                 record.status, record.error = str(response.status), _error_message(await response.read())
                 record.e2e_s = time.perf_counter() - start

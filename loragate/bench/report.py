@@ -25,7 +25,18 @@ from loragate.bench.scrape import Counters
 from loragate.bench.workload import BenchRequest
 
 SCHEMA = "loragate-bench/1"
-RECORD_FIELDS = ("index", "url", "status", "sent_s", "late_s", "ttft_s", "e2e_s", "prompt_tokens", "output_tokens")
+RECORD_FIELDS = (
+    "index",
+    "url",
+    "engine",
+    "status",
+    "sent_s",
+    "late_s",
+    "ttft_s",
+    "e2e_s",
+    "prompt_tokens",
+    "output_tokens",
+)
 
 
 @dataclass
@@ -193,8 +204,12 @@ def target_summary(result: BenchResult, name: str) -> dict[str, Any]:
     for record in records:
         if not record.ok and record.status not in examples:
             examples[record.status] = record.error or ""
+    urls = list(next(t.urls for t in config.targets if t.name == name))
+    # which engine answered: the gateway's header, else (a list of engine URLs taking turns) the URL it went to
+    engines = Counter(r.engine if r.engine is not None else urls[r.url] for r in records if len(urls) > 1 or r.engine)
     return {
-        "urls": list(next(t.urls for t in config.targets if t.name == name)),
+        "urls": urls,
+        "requests_by_engine": dict(sorted(engines.items())),
         "overall": overall,
         "per_adapter": per_adapter,
         "worst_adapter": _worst(per_adapter),
@@ -348,6 +363,9 @@ def render_text(document: Mapping[str, Any], show_adapters: int = 8) -> str:
             notes.append(
                 f"{name}: worst p99 TTFT {worst['adapter']} (rank {worst['rank']}) {secs(worst['ttft_p99_s'])}{ratio}"
             )
+        by_engine = t.get("requests_by_engine") or {}
+        if len(by_engine) > 1:
+            notes.append(f"{name}: requests by engine " + ", ".join(f"{e} {n}" for e, n in by_engine.items()))
         g = t["gateway"]
         if g and g["loads_by_engine"]:
             notes.append(f"{name}: loads by engine " + ", ".join(f"{e} {n}" for e, n in g["loads_by_engine"].items()))

@@ -40,6 +40,7 @@ SUMMARY_KEYS = {
 }
 TARGET_KEYS = {
     "urls",
+    "requests_by_engine",
     "overall",
     "per_adapter",
     "worst_adapter",
@@ -60,7 +61,18 @@ ROUND_KEYS = {
     "gateway_series",
     "records",
 }
-RECORD_KEYS = {"index", "url", "status", "sent_s", "late_s", "ttft_s", "e2e_s", "prompt_tokens", "output_tokens"}
+RECORD_KEYS = {
+    "index",
+    "url",
+    "engine",
+    "status",
+    "sent_s",
+    "late_s",
+    "ttft_s",
+    "e2e_s",
+    "prompt_tokens",
+    "output_tokens",
+}
 GATEWAY_KEYS = {
     "loads",
     "evictions",
@@ -137,6 +149,7 @@ def test_two_targets_get_the_same_sequence_and_a_url_list_takes_turns() -> None:
 
     rr, single = document["targets"]["rr"], document["targets"]["one"]
     assert rr["urls"] == [left.url, right.url]
+    assert rr["requests_by_engine"] == {left.url: 40, right.url: 40} and single["requests_by_engine"] == {}
     assert (rr["overall"]["requests"], rr["overall"]["ok"], rr["overall"]["failures"]) == (80, 80, {})
     assert (single["overall"]["ok"], single["overall"]["failures"]) == (79, {"503": 1})
     assert single["failure_examples"] == {"503": "engines busy"}
@@ -210,6 +223,8 @@ def test_a_gateway_target_reports_its_loads_and_evictions_over_the_run(registry:
     assert (gateway["loads"], gateway["evictions"], gateway["load_failures"]) == (switches, switches - 1, 0)
     assert gateway["hit_ratio"] == pytest.approx(1 - switches / len(adapter_sequence))
     assert list(gateway["loads_by_engine"].values()) == [switches]
+    assert result.to_json()["targets"]["gw"]["requests_by_engine"] == {engine.url: 30}  # the gateway's header
+    assert {record.engine for record in result.runs[0].records} == {engine.url}
     series = [point.values["loads"] for _, point in result.runs[0].series]
     assert series == sorted(series) and all(loads <= switches for loads in series)
 
