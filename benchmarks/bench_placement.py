@@ -72,8 +72,8 @@ GATEWAYS = {
     # v2 with every engine allowed to load at once (the default lets half of them)
     "gateway-v2-loads-all": {"LORAGATE_ROUTING__PLACEMENT": "v2", "LORAGATE_ROUTING__MAX_LOADING_FRACTION": "1"},
 }
-# targets whose gateway counts more CPU slots per engine than the engines have (`--max-cpu-loras` times this): it
-# then evicts less than vLLM's own LRU cache does, which reloads a registered adapter by itself
+# targets whose gateway keeps more adapters registered per engine than vLLM's CPU cache holds (`--max-cpu-loras`
+# times this, `--max-registered-loras`): vLLM's own LRU cache drops and reloads them inside its steps
 GATEWAY_SLOTS = {"gateway-v2-registered": 8, "gateway-v2-registered-nocap": 8}
 # v2 letting this many adapters beyond max_loras have calls in flight on an engine (queued in vLLM, ready)
 for _slack in (1, 2, 4):
@@ -199,8 +199,9 @@ def loads_logged(logs: Sequence[Path]) -> int:
 @contextlib.contextmanager
 def gateway(port: int, target: str, engine_urls: Sequence[str], work: Path, args: argparse.Namespace) -> Iterator[None]:
     argv = [sys.executable, "-m", "gateway", "--base-name", args.base, "--registry", str(args.registry)]
-    slots = args.max_cpu_loras * GATEWAY_SLOTS.get(target, 1)
-    argv += ["--port", str(port), "--max-loras", str(args.max_loras), "--max-cpu-loras", str(slots)]
+    argv += ["--port", str(port), "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras)]
+    if target in GATEWAY_SLOTS:
+        argv += ["--max-registered-loras", str(args.max_cpu_loras * GATEWAY_SLOTS[target])]
     argv += ["--max-lora-rank", str(args.max_lora_rank)]
     for url in engine_urls:
         argv += ["--engine-url", url]

@@ -641,6 +641,12 @@ class AdapterManager:
     async def _prewarm_homed(
         self, engine: Engine, homed: list[AdapterManifest], deadline: float, loaded: list[str]
     ) -> None:
+        free = self.ledger.slots(engine.id) - len(self.ledger.resident(engine.id))
+        if engine.cpu_slots and free > engine.cpu_slots:
+            # More will be registered than vLLM's CPU cache holds: the last loaded stay in it (its LRU), so load the
+            # most wanted last (the choice of which to load stays the most wanted first)
+            unheld = [m for m in homed if not self.ledger.holders(m.engine_name)]
+            homed = list(reversed(unheld[:free]))
         for manifest in homed:
             if len(self.ledger.resident(engine.id)) >= self.ledger.slots(engine.id):
                 break

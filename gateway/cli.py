@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--engines", type=int, dest="engine_count", metavar="N", help="number of managed vLLM engines")
     parser.add_argument("--max-loras", type=int, help="adapters per batch in each engine")
     parser.add_argument("--max-cpu-loras", type=int, help="adapters resident per engine (default: --max-loras)")
+    parser.add_argument(
+        "--max-registered-loras",
+        type=int,
+        help="adapters kept registered per engine (default: --max-cpu-loras; above it vLLM's own cache reloads them)",
+    )
     parser.add_argument("--max-lora-rank", type=int, help="largest adapter rank the engines accept")
     parser.add_argument(
         "--max-model-len",
@@ -93,6 +98,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "count": args.engine_count,
         "max_loras": args.max_loras,
         "max_cpu_loras": args.max_cpu_loras,
+        "max_registered_loras": args.max_registered_loras,
         "max_lora_rank": args.max_lora_rank,
         "max_model_len": args.max_model_len,
         "tool_call_parser": args.tool_call_parser,
@@ -106,7 +112,12 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "discovery_file": args.discovery_file,
     }
     if args.engine_url or args.discovery_dns or args.discovery_file:
-        external.update(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank)
+        external.update(
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_registered_loras=args.max_registered_loras,
+            max_lora_rank=args.max_lora_rank,
+        )
         engines = {}
     result: dict[str, Any] = {
         "base": args.base,
@@ -120,7 +131,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "external": {k: v for k, v in external.items() if v is not None} or None,
         "adapters": {
             **({"pinned": args.pin} if args.pin else {}),
-            **({"prewarm": args.prewarm} if getattr(args, "prewarm", None) else {}),
+            **({"prewarm": args.prewarm} if args.prewarm else {}),
         }
         or None,
         "workers": getattr(args, "workers", None),

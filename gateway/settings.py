@@ -27,6 +27,10 @@ class EngineSettings(BaseModel):
     enable_lora: bool = True
     max_loras: int = Field(default=4, ge=1)
     max_cpu_loras: int | None = Field(default=None, ge=1)
+    # Adapters the gateway keeps registered on an engine (loaded through vLLM's runtime API, not unloaded). None: its
+    # CPU slots. Above them vLLM's own LRU CPU cache drops and reloads registered adapters inside its steps, with no
+    # runtime-API call (see "Registered beyond the CPU cache" in the README).
+    max_registered_loras: int | None = Field(default=None, ge=1)
     max_lora_rank: int = Field(default=16, ge=1)
     # None: the base model's own context length (config.json `max_position_embeddings`), at most max_model_len_cap,
     # which keeps a long-context base within a small KV cache.
@@ -51,8 +55,13 @@ class EngineSettings(BaseModel):
     log_dir: Path | None = None
 
     @property
-    def slots(self) -> int:
+    def cpu_slots(self) -> int:
         return self.max_cpu_loras or self.max_loras
+
+    @property
+    def slots(self) -> int:
+        """Adapters the gateway keeps registered on each engine (its residency ledger's capacity)."""
+        return max(self.max_registered_loras or 0, self.cpu_slots)
 
 
 class ExternalSettings(BaseModel):
@@ -66,7 +75,16 @@ class ExternalSettings(BaseModel):
     discovery_interval_s: float = 10.0
     max_loras: int = 4
     max_cpu_loras: int | None = None
+    max_registered_loras: int | None = Field(default=None, ge=1)  # as engines.max_registered_loras
     max_lora_rank: int = 16
+
+    @property
+    def cpu_slots(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+    @property
+    def slots(self) -> int:
+        return max(self.max_registered_loras or 0, self.cpu_slots)
 
 
 class RoutingSettings(BaseModel):

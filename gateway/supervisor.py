@@ -37,7 +37,7 @@ class Engine:
     id: str
     url: str
     max_loras: int
-    slots: int
+    slots: int  # adapters the gateway keeps registered there (engines.max_registered_loras, else its CPU slots)
     max_lora_rank: int
     process: EngineProcess | None = None
     healthy: bool = False
@@ -48,6 +48,7 @@ class Engine:
     gave_up: bool = False
     warming: bool = False  # loading its share of the prewarm adapters before it takes traffic
     last_error: str | None = None
+    cpu_slots: int = 0  # vLLM's --max-cpu-loras (0: the same as slots)
     gpu_adapters: frozenset[str] | None = None  # engine names vLLM reports as running (None: not reported)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -125,6 +126,7 @@ class Supervisor:
                         s.engines.slots,
                         s.engines.max_lora_rank,
                         process=process,
+                        cpu_slots=s.engines.cpu_slots,
                     )
                 )
         else:
@@ -136,7 +138,7 @@ class Supervisor:
 
     def _external_engine(self, url: str) -> Engine:
         ext = self.settings.external
-        return Engine(url, url, ext.max_loras, ext.max_cpu_loras or ext.max_loras, ext.max_lora_rank)
+        return Engine(url, url, ext.max_loras, ext.slots, ext.max_lora_rank, cpu_slots=ext.cpu_slots)
 
     def _add(self, engine: Engine) -> None:
         self.engines[engine.id] = engine

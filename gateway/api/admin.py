@@ -106,6 +106,7 @@ def engine_view(gateway: Gateway, engine_id: str) -> dict[str, Any]:
         "waiting": engine.waiting,
         "max_loras": engine.max_loras,
         "slots": engine.slots,
+        "cpu_slots": engine.cpu_slots or engine.slots,
         "resident": resident,
     }
 

@@ -61,6 +61,7 @@ def test_cli_flags_become_nested_overrides() -> None:
         engine_count=2,
         max_loras=3,
         max_cpu_loras=None,
+        max_registered_loras=None,
         max_lora_rank=None,
         max_model_len=None,
         tool_call_parser=None,
@@ -68,6 +69,7 @@ def test_cli_flags_become_nested_overrides() -> None:
         chat_template=None,
         workers=4,
         pin=["a:prod"],
+        prewarm=["team-*"],
         engine_url=[],
         discovery_dns=None,
         discovery_port=None,
@@ -76,6 +78,7 @@ def test_cli_flags_become_nested_overrides() -> None:
     settings = load_settings(**overrides(args))  # type: ignore[arg-type]
     assert (settings.mode, settings.engines.count, settings.engines.max_loras) == ("managed", 2, 3)
     assert settings.adapters.pinned == ["a:prod"] and settings.registry == "/r"
+    assert settings.adapters.prewarm == ["team-*"]
     assert (settings.port, settings.metrics_port, settings.workers) == (8001, 9101, 4)
     args.engine_url, args.base, args.base_name = ["http://e:8000"], None, "tiny"
     external = load_settings(**overrides(args))  # type: ignore[arg-type]
@@ -302,3 +305,44 @@ def test_without_materializing_the_gateway_names_the_folder_the_engines_sidecar_
     assert not named.exists()  # nothing downloaded or assembled on the gateway's disk
     assert asyncio.run(path_of(materialize=True)) == named  # the folder a sync pass (or the gateway) assembles
     assert {p.name for p in named.iterdir()} == set(manifest.files)
+
+
+def test_registered_adapters_default_to_the_cpu_slots_and_never_fall_below_them(tmp_path: Path) -> None:
+    common: dict[str, Any] = {"mode": "external", "base_name": "tiny", "registry": str(tmp_path)}
+    ext = {"urls": ["http://e"], "max_loras": 2, "max_cpu_loras": 4}
+    assert load_settings(**common, external=ext).external.slots == 4
+    assert load_settings(**common, external={**ext, "max_registered_loras": 16}).external.slots == 16
+    assert load_settings(**common, external={**ext, "max_registered_loras": 2}).external.slots == 4
+    managed = load_settings(base="tiny", registry=str(tmp_path), engines={"max_loras": 2, "max_registered_loras": 9})
+    assert (managed.engines.cpu_slots, managed.engines.slots) == (2, 9)
+    args = ["serve", "--engine-url", "http://e", "--max-cpu-loras", "4", "--max-registered-loras", "32"]
+    from loragate.cli import make_parser
+
+    external = overrides(make_parser().parse_args(args))["external"]
+    assert (external["max_cpu_loras"], external["max_registered_loras"]) == (4, 32)
+
+
+@pytest.mark.parametrize(("slots", "cpu_slots", "order"), [(4, 4, [0, 1, 2]), (6, 2, [2, 1, 0])])
+def test_prewarm_loads_the_most_wanted_last_when_more_are_registered_than_vllm_caches(
+    registry_template: Path, adapter_dirs: list[Path], tmp_path: Path, slots: int, cpu_slots: int, order: list[int]
+) -> None:
+    """vLLM's CPU cache keeps the adapters loaded last (LRU): with more registered than it holds, the prewarm
+    loads its choice (the most wanted first) in reverse, so the most wanted are the ones cached."""
+    shutil.copytree(registry_template, tmp_path / "registry")
+    registry = open_registry(tmp_path / "registry")
+    wanted = [registry.push(adapter_dirs[i % 2], f"w{i}", "tiny") for i in range(3)]
+    engine = Engine("e0", "http://e0", 2, slots, 16, cpu_slots=cpu_slots)
+    manager = AdapterManager(
+        registry, Upstream(UpstreamSettings()), {"e0": engine}, base_name="tiny", policy=Policy(), load_timeout_s=1
+    )
+    manager.ledger.add_engine("e0", slots)
+    loaded: list[str] = []
+
+    async def load(engine: Engine, manifest: Any) -> bool:  # the engine's side is test_deploy_multi_gateway's
+        loaded.append(manifest.name)
+        manager.ledger.record_loaded(engine.id, manifest.engine_name)
+        return True
+
+    manager._load_into_free_slot = load  # type: ignore[method-assign]
+    assert asyncio.run(manager.prewarm(engine, wanted)) == [f"w{i}@1" for i in order]
+    assert loaded == [f"w{i}" for i in order]
