@@ -64,27 +64,25 @@ BASE = "tiny"  # the locally built model's served name; --base for engines alrea
 # LRU) of an adapter the API server already knows is not logged, so round-robin's count is a lower bound
 LOADED = ("Loaded new LoRA adapter", "Resolved and loaded LoRA adapter")
 # target -> the gateway's settings (environment) beside its defaults
+V2 = {"LORAGATE_ROUTING__PLACEMENT": "v2"}
+NO_CAP = {**V2, "LORAGATE_ROUTING__WORKING_SET_CAP": "false"}  # vLLM's scheduler alone keeps a batch to max_loras
 GATEWAYS = {
     "gateway-v1": {"LORAGATE_ROUTING__PLACEMENT": "v1"},
-    "gateway-v2": {"LORAGATE_ROUTING__PLACEMENT": "v2"},
-    "gateway-v2-again": {"LORAGATE_ROUTING__PLACEMENT": "v2"},
-    "gateway-v2-demand": {"LORAGATE_ROUTING__PLACEMENT": "v2", "LORAGATE_ROUTING__EVICT": "demand"},
-    # v2 with every engine allowed to load at once (the default lets half of them)
-    "gateway-v2-loads-all": {"LORAGATE_ROUTING__PLACEMENT": "v2", "LORAGATE_ROUTING__MAX_LOADING_FRACTION": "1"},
+    "gateway-v2": V2,
+    "gateway-v2-again": V2,
+    "gateway-v2-demand": {**V2, "LORAGATE_ROUTING__EVICT": "demand"},
+    # every engine allowed to load at once (the default lets half of them)
+    "gateway-v2-loads-all": {**V2, "LORAGATE_ROUTING__MAX_LOADING_FRACTION": "1"},
+    "gateway-v2-nocap": NO_CAP,
+    # this many adapters beyond max_loras may have calls in flight on an engine (queued in vLLM, ready)
+    **{f"gateway-v2-slack{n}": {**V2, "LORAGATE_ROUTING__WORKING_SET_SLACK": str(n)} for n in (1, 2, 4)},
+    "gateway-v2-registered": V2,
+    "gateway-v2-registered-again": V2,
+    "gateway-v2-registered-nocap": NO_CAP,
 }
 # targets whose gateway keeps more adapters registered per engine than vLLM's CPU cache holds (`--max-cpu-loras`
 # times this, `--max-registered-loras`): vLLM's own LRU cache drops and reloads them inside its steps
-GATEWAY_SLOTS = {"gateway-v2-registered": 8, "gateway-v2-registered-nocap": 8}
-# v2 letting this many adapters beyond max_loras have calls in flight on an engine (queued in vLLM, ready)
-for _slack in (1, 2, 4):
-    GATEWAYS[f"gateway-v2-slack{_slack}"] = {
-        "LORAGATE_ROUTING__PLACEMENT": "v2",
-        "LORAGATE_ROUTING__WORKING_SET_SLACK": str(_slack),
-    }
-GATEWAYS["gateway-v2-registered"] = {"LORAGATE_ROUTING__PLACEMENT": "v2"}
-# v2 without the working-set cap: vLLM's scheduler alone keeps a batch within max_loras
-GATEWAYS["gateway-v2-nocap"] = {"LORAGATE_ROUTING__PLACEMENT": "v2", "LORAGATE_ROUTING__WORKING_SET_CAP": "false"}
-GATEWAYS["gateway-v2-registered-nocap"] = GATEWAYS["gateway-v2-nocap"]
+GATEWAY_SLOTS = {name: 8 for name in GATEWAYS if "-registered" in name}
 
 
 def build_adapters(work: Path, count: int) -> tuple[Path, Path, list[str]]:
