@@ -122,6 +122,10 @@ class Scenario:
     # every engine starts holding the adapters whose rendezvous home it is, most popular first, up to its CPU slots
     # (what warming each engine before it takes traffic would give); False: every engine starts empty
     prewarm: bool = False
+    # v1, v2: the gateway keeps this many adapters registered per engine (engines.max_registered_loras), more than
+    # the engine's CPU cache holds; the engine drops and reloads registered adapters inside its steps (None: the
+    # CPU slots, the gateway's default)
+    max_registered_loras: int | None = None
 
 
 @dataclass
@@ -170,6 +174,7 @@ class Engine:
         self.queue: deque[Request] = deque()
         self.batch: list[Request] = []
         self.cache: OrderedDict[str, None] = OrderedDict()
+        self.registered: list[str] = []  # what the gateway's prewarm registered beyond the cache (Scenario)
         self.explicit: deque[tuple[str, tuple[str, ...], Callable[[], None]]] = deque()
         self.stepping = False
         self.loads = 0
@@ -355,9 +360,10 @@ class Gateway(Placer):
     def __init__(self, sim: Sim, engines: dict[str, Engine], policy: Policy, scenario: Scenario) -> None:
         super().__init__(sim, engines)
         self.ledger = ResidencyLedger()
+        registered = max(scenario.max_registered_loras or 0, scenario.max_cpu_loras)
         for engine in engines.values():
-            self.ledger.add_engine(engine.id, engine.cpu_slots)
-            for key in engine.cache:  # what the engine already holds (Scenario.prewarm), as the first scrape shows it
+            self.ledger.add_engine(engine.id, registered)
+            for key in [*engine.registered, *engine.cache]:  # what the engine holds (Scenario.prewarm), LRU first
                 self.ledger.record_loaded(engine.id, key)
         self.dispatcher = Dispatcher(self.ledger, policy, lambda: list(self.engines.values()), lambda: self.sim.now)
         self.held: defaultdict[tuple[str, str], list[Request]] = defaultdict(list)
@@ -486,10 +492,13 @@ def simulate(placement: str, scenario: Scenario, costs: Costs, policy: Policy | 
             for name in adapter_names(scenario)[: engine.cpu_slots]:
                 engine.cache[name] = None
     elif scenario.prewarm:
+        registered = max(scenario.max_registered_loras or 0, scenario.max_cpu_loras)
         for name in adapter_names(scenario):  # most popular first
             home = engines[rendezvous_order(ids, name)[0]]
             if len(home.cache) < home.cpu_slots:
                 home.cache[name] = None
+            elif len(home.cache) + len(home.registered) < registered and placement in ("v1", "v2", "v2-demand"):
+                home.registered.append(name)  # registered, not cached: the engine loads it in a step when asked
     if placement == "round-robin":
         placer = RoundRobin(sim, engines)
     elif placement == "least-loaded":
@@ -653,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="engines start warm: their rendezvous share (v1, v2, affinity), else the most popular",
     )
+    parser.add_argument(
+        "--max-registered-loras", type=int, help="v1/v2: adapters the gateway keeps registered per engine"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     costs = PROFILES[args.profile]
@@ -680,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_s=args.drain_s,
         engines_per_device=args.engines_per_device,
         prewarm=args.prewarm,
+        max_registered_loras=args.max_registered_loras,
     )
     unknown = set(args.placements.split(",")) - set(PLACEMENTS)
     if unknown:

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,28 @@ def test_the_gateways_api_calls_delay_its_loads_without_stalling_the_engine(sim:
     assert slow["stalled_s"] == pytest.approx(plain["stalled_s"])
     assert slow["ttft_p99_s"] == pytest.approx(plain["ttft_p99_s"] + 0.3, abs=0.01)  # (1 + 2 x 1 eviction) calls
     assert slow["requests_per_s"] < plain["requests_per_s"]
+
+
+def test_registered_beyond_the_cpu_cache_the_gateway_holds_more_than_the_engine_caches(
+    sim: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`max_registered_loras`: the prewarmed gateway's ledger holds each engine's share up to the registered count,
+    the engine's cache only its CPU slots (the most popular); a request for one registered but not cached is loaded
+    inside the engine's step, so the engine loads more than when the gateway knows its cache exactly."""
+    warm = scenario(sim, engines=2, adapters=40, max_loras=2, max_cpu_loras=3, prewarm=True, requests=600)
+    registered = replace(warm, max_registered_loras=8)
+    captured: dict[str, tuple[list[str], list[str]]] = {}
+    original = sim.Gateway.__init__
+
+    def spy(self: Any, clock: object, engines: dict[str, Any], *rest: object) -> None:
+        original(self, clock, engines, *rest)
+        captured.update({e.id: (list(e.cache), self.ledger.resident(e.id)) for e in engines.values()})
+
+    monkeypatch.setattr(sim.Gateway, "__init__", spy)
+    row = sim.simulate("v2", registered, sim.Costs(**COSTS))
+    for cache, resident in captured.values():
+        assert len(cache) == 3 and len(resident) == 8 and set(cache) <= set(resident)
+        assert resident[-3:] == cache  # the cached ones are the most recently used in the ledger
+    monkeypatch.setattr(sim.Gateway, "__init__", original)
+    exact = sim.simulate("v2", warm, sim.Costs(**COSTS))
+    assert row["loads"] > exact["loads"]
