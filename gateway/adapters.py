@@ -622,10 +622,9 @@ class AdapterManager:
                 return []
         known = [e.id for e in self.engines.values() if not e.gave_up and e.id in self.ledger.engines()]
         homed = [m for m in wanted if engine.id in known and rendezvous_order(known, m.engine_name)[0] == engine.id]
-        loaded: list[str] = []
         engine.warming = bool(homed)
         try:
-            await self._prewarm_homed(engine, homed, deadline, loaded)
+            loaded = await self._prewarm_homed(engine, homed, deadline)
         finally:
             engine.warming = False
         if homed:
@@ -638,9 +637,10 @@ class AdapterManager:
             )
         return loaded
 
-    async def _prewarm_homed(
-        self, engine: Engine, homed: list[AdapterManifest], deadline: float, loaded: list[str]
-    ) -> None:
+    async def _prewarm_homed(self, engine: Engine, homed: list[AdapterManifest], deadline: float) -> list[str]:
+        """Load `homed` (most wanted first) into `engine`'s free slots until it is full or `deadline`; the refs
+        loaded."""
+        loaded: list[str] = []
         free = self.ledger.slots(engine.id) - len(self.ledger.resident(engine.id))
         if engine.cpu_slots and free > engine.cpu_slots:
             # More will be registered than vLLM's CPU cache holds: the last loaded stay in it (its LRU), so load the
@@ -662,6 +662,7 @@ class AdapterManager:
                 except Exception as exc:  # one adapter that fails to load does not keep the engine from the others
                     why = getattr(exc, "message", exc)
                     log.error("%s: prewarm could not load %s: %s", engine.id, manifest.ref, why)
+        return loaded
 
     def _warm_slot(self) -> asyncio.Semaphore:
         if self._warm_gate is None:
