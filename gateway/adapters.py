@@ -358,8 +358,9 @@ class AdapterManager:
                     raise from_registry_error(exc, manifest.ref) from exc
             return self._paths[lora_name]
 
-    async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest) -> bool:
-        """Load `manifest` into `engine` (evicting the least wanted adapters); False when no slot can be freed now."""
+    async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest, *, evict: bool = True) -> bool:
+        """Load `manifest` into `engine` (evicting the least wanted adapters; with `evict` False, only into a free
+        slot); False when no slot can be freed now."""
         lora_name = manifest.engine_name
         self.manifests[lora_name] = manifest
         async with self._version_locks[(engine.id, lora_name)]:
@@ -368,10 +369,10 @@ class AdapterManager:
             path = await self._local_path(manifest)
             async with self._engine_locks[engine.id]:
                 busy, wanted = self.dispatcher.active(engine.id), self.dispatcher.wanted()
-                evict = self.ledger.plan_admit(engine.id, lora_name, busy, wanted, self.dispatcher.eviction_weight())
-                if evict is None or (evict and not await self._idle_elsewhere(engine, evict)):
+                victims = self.ledger.plan_admit(engine.id, lora_name, busy, wanted, self.dispatcher.eviction_weight())
+                if victims is None or (victims and (not evict or not await self._idle_elsewhere(engine, victims))):
                     return False
-                for victim in evict:
+                for victim in victims:
                     await self._unload(engine, victim, evicted=True)
                 await self._load(engine, lora_name, path)
         return True
@@ -657,7 +658,7 @@ class AdapterManager:
                 continue
             async with self._warm_slot():
                 try:
-                    if await self._load_into_free_slot(engine, manifest):
+                    if await self.ensure_loaded(engine, manifest, evict=False):
                         loaded.append(manifest.ref)
                 except Exception as exc:  # one adapter that fails to load does not keep the engine from the others
                     why = getattr(exc, "message", exc)
@@ -670,20 +671,6 @@ class AdapterManager:
                 max(1, math.floor(len(self.ledger.engines()) * self.policy.max_loading_fraction))
             )
         return self._warm_gate
-
-    async def _load_into_free_slot(self, engine: Engine, manifest: AdapterManifest) -> bool:
-        """Load `manifest` into `engine` if it has a free CPU slot (True: it holds it now); never evicts."""
-        lora_name = manifest.engine_name
-        self.manifests[lora_name] = manifest
-        async with self._version_locks[(engine.id, lora_name)]:
-            if self.ledger.has(engine.id, lora_name):
-                return False
-            path = await self._local_path(manifest)
-            async with self._engine_locks[engine.id]:
-                if len(self.ledger.resident(engine.id)) >= self.ledger.slots(engine.id):
-                    return False
-                await self._load(engine, lora_name, path)
-        return True
 
     async def on_engine_down(self, engine: Engine) -> None:
         log.warning(

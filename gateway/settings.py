@@ -20,11 +20,11 @@ from gateway.routing import Policy
 from gateway.security import SecuritySettings
 
 
-class EngineSettings(BaseModel):
-    """Managed mode: how the vLLM children are started and kept alive."""
+class AdapterSlots(BaseModel):
+    """The engines' adapter capacity, managed or external: vLLM's --max-loras (distinct adapters in one batch),
+    --max-cpu-loras (its LRU CPU cache; default max_loras) and --max-lora-rank, and what the gateway keeps
+    registered on each."""
 
-    count: int = Field(default=1, ge=1)
-    enable_lora: bool = True
     max_loras: int = Field(default=4, ge=1)
     max_cpu_loras: int | None = Field(default=None, ge=1)
     # Adapters the gateway keeps registered on an engine (loaded through vLLM's runtime API, not unloaded). None: its
@@ -32,6 +32,22 @@ class EngineSettings(BaseModel):
     # runtime-API call (see "Registered beyond the CPU cache" in the README).
     max_registered_loras: int | None = Field(default=None, ge=1)
     max_lora_rank: int = Field(default=16, ge=1)
+
+    @property
+    def cpu_slots(self) -> int:
+        return self.max_cpu_loras or self.max_loras
+
+    @property
+    def slots(self) -> int:
+        """Adapters the gateway keeps registered on each engine (its residency ledger's capacity)."""
+        return max(self.max_registered_loras or 0, self.cpu_slots)
+
+
+class EngineSettings(AdapterSlots):
+    """Managed mode: how the vLLM children are started and kept alive."""
+
+    count: int = Field(default=1, ge=1)
+    enable_lora: bool = True
     # None: the base model's own context length (config.json `max_position_embeddings`), at most max_model_len_cap,
     # which keeps a long-context base within a small KV cache.
     max_model_len: int | None = Field(default=None, ge=16)
@@ -54,17 +70,8 @@ class EngineSettings(BaseModel):
     max_restarts: int = Field(default=5, ge=0)
     log_dir: Path | None = None
 
-    @property
-    def cpu_slots(self) -> int:
-        return self.max_cpu_loras or self.max_loras
 
-    @property
-    def slots(self) -> int:
-        """Adapters the gateway keeps registered on each engine (its residency ledger's capacity)."""
-        return max(self.max_registered_loras or 0, self.cpu_slots)
-
-
-class ExternalSettings(BaseModel):
+class ExternalSettings(AdapterSlots):
     """External mode: engines that someone else runs (pods), by URL and/or a DNS name that lists them."""
 
     urls: list[str] = []
@@ -73,18 +80,6 @@ class ExternalSettings(BaseModel):
     discovery_port: int = 8000
     discovery_scheme: str = "http"
     discovery_interval_s: float = 10.0
-    max_loras: int = 4
-    max_cpu_loras: int | None = None
-    max_registered_loras: int | None = Field(default=None, ge=1)  # as engines.max_registered_loras
-    max_lora_rank: int = 16
-
-    @property
-    def cpu_slots(self) -> int:
-        return self.max_cpu_loras or self.max_loras
-
-    @property
-    def slots(self) -> int:
-        return max(self.max_registered_loras or 0, self.cpu_slots)
 
 
 class RoutingSettings(BaseModel):

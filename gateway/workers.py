@@ -428,7 +428,7 @@ class WorkerAdapters(AdapterManager):
         self.ledger.record_loaded(placed.id, manifest.engine_name)
         return placed
 
-    async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest) -> bool:
+    async def ensure_loaded(self, engine: Engine, manifest: AdapterManifest, *, evict: bool = True) -> bool:
         raise AssertionError("workers never load adapters themselves")
 
 

@@ -338,11 +338,12 @@ def test_prewarm_loads_the_most_wanted_last_when_more_are_registered_than_vllm_c
     manager.ledger.add_engine("e0", slots)
     loaded: list[str] = []
 
-    async def load(engine: Engine, manifest: Any) -> bool:  # the engine's side is test_deploy_multi_gateway's
+    async def load(engine: Engine, manifest: Any, *, evict: bool = True) -> bool:  # the engine's side is tested
+        assert not evict  # in test_deploy_multi_gateway; a prewarm never evicts
         loaded.append(manifest.name)
         manager.ledger.record_loaded(engine.id, manifest.engine_name)
         return True
 
-    manager._load_into_free_slot = load  # type: ignore[method-assign]
+    manager.ensure_loaded = load  # type: ignore[method-assign]
     assert asyncio.run(manager.prewarm(engine, wanted)) == [f"w{i}@1" for i in order]
     assert loaded == [f"w{i}" for i in order]
